@@ -1,0 +1,1 @@
+"""Diagnostics that read caches and checkpoints; never imports torch, transformers or nnsight."""

@@ -1,0 +1,88 @@
+"""The ``unlearn-lens`` command line: a click group whose subcommands load on first use.
+
+Subcommands are registered by import path so that ``unlearn-lens analyze`` and ``cache`` never
+import torch (they run on CPU nodes without it) and ``--help`` stays instant. Every
+``UserError`` becomes a one-line message on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from unlearn_lens import __version__
+from unlearn_lens.errors import UserError
+
+#: name -> (import path "module:attribute", one-line help shown by ``unlearn-lens --help``)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("unlearn_lens.commands.models:models", "Materialise or inspect models (e.g. the offline SmolLM2 demo model)."),
+    "datasets": ("unlearn_lens.commands.datasets:datasets", "Build forget / retain / WMDP multiple-choice data sets."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports each subcommand only when it is invoked."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in COMMANDS:
+            module_name, attribute = COMMANDS[name][0].split(":")
+            return getattr(importlib.import_module(module_name), attribute)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in sorted(COMMANDS)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def load_env_file(path: str = ".env") -> None:
+    """Read HF_TOKEN / WANDB_API_KEY from ``.env`` into the environment (never printed)."""
+    if os.path.isfile(path):
+        from dotenv import load_dotenv
+
+        load_dotenv(path, override=False)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="unlearn-lens")
+def group() -> None:
+    """unlearn-lens: what did unlearning actually do to this model?
+
+    Capture activations once, then compare a base model with its unlearned or filtered
+    variants in parameter space and activation space. Start with `unlearn-lens demo`.
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the group, turning user errors into one-line messages."""
+    load_env_file()
+    try:
+        group.main(args=argv, prog_name="unlearn-lens", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; finished work is kept and the same command resumes", err=True)
+        sys.exit(130)
+    except Exception as exc:  # an internal bug: say so in one line; the traceback on request
+        if os.environ.get("UNLEARN_LENS_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"internal error: {type(exc).__name__}: {first} (set UNLEARN_LENS_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

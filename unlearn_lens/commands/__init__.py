@@ -1,0 +1,1 @@
+"""Click commands of the model side (imported lazily by cli.py)."""
