@@ -20,6 +20,7 @@ from unlearn_lens.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("unlearn_lens.commands.models:models", "Materialise or inspect models (e.g. the offline SmolLM2 demo model)."),
     "datasets": ("unlearn_lens.commands.datasets:datasets", "Build forget / retain / WMDP multiple-choice data sets."),
+    "infer": ("unlearn_lens.commands.infer:infer", "Generate text from one model, two side by side, interactively, or a sweep to CSV."),
 }
 
 
