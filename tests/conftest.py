@@ -57,3 +57,53 @@ def smollm2_dir(tmp_path_factory, smollm2_gguf):
     from unlearn_lens.loading import materialise_demo_model
 
     return materialise_demo_model(tmp_path_factory.mktemp("smollm2") / "model")
+
+
+# --- unlearning (h5): a tiny data directory -------------------------------------------------
+
+UNLEARN_FORGET = [
+    "Viruses replicate inside host cells using the host's machinery and spread quickly.",
+    "Bacteria divide by binary fission and can exchange plasmids with other bacteria.",
+    "The cell membrane controls what enters and leaves the cell during infection.",
+    "Proteins fold into shapes that determine their function in the body of the host.",
+    "A pathogen enters the host cell and hijacks the ribosome to make viral proteins.",
+    "Toxins produced by bacteria bind receptors on the cell membrane of the host.",
+    "The virus capsid protects its genome until it enters a new host cell.",
+    "Plasmids carry genes for resistance that bacteria share by conjugation.",
+]
+UNLEARN_RETAIN = [
+    "The river flows through the valley toward the distant sea in spring.",
+    "Paris is the capital of France and a centre of art and science for centuries.",
+    "The orchestra played a symphony by Beethoven to a full hall last night.",
+    "In 1905 Einstein published papers on relativity and the photoelectric effect.",
+    "Mountains form where tectonic plates collide over millions of years slowly.",
+    "The library opened a new wing with books on history and geography.",
+    "A train left the station at noon and arrived in the city by evening.",
+    "The painter mixed blue and yellow to make a bright green for the field.",
+]
+UNLEARN_MCQ = [
+    ("Which organelle produces most of the cell's energy?", ["Nucleus", "Mitochondrion", "Ribosome", "Golgi"], 1),
+    ("How do bacteria divide?", ["Mitosis", "Meiosis", "Binary fission", "Budding"], 2),
+    ("What protects a virus genome?", ["Capsid", "Wall", "Membrane", "Nucleus"], 0),
+    ("What do plasmids carry?", ["Lipids", "Sugars", "Water", "Genes"], 3),
+]
+
+
+def write_unlearn_data(path, forget=None, retain=None):
+    """forget.txt, retain.txt, wmdp_mcq.jsonl and manifest.json for the unlearning tests."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "forget.txt").write_text("\n".join(UNLEARN_FORGET * 2 if forget is None else forget) + "\n")
+    (path / "retain.txt").write_text("\n".join(UNLEARN_RETAIN * 2 if retain is None else retain) + "\n")
+    records = [{"id": f"q{i}", "question": q, "choices": c, "answer": a} for i, (q, c, a) in enumerate(UNLEARN_MCQ)]
+    (path / "wmdp_mcq.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    (path / "manifest.json").write_text(json.dumps({"hash": "test-data-hash"}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def unlearn_data_dir(tmp_path_factory):
+    return write_unlearn_data(tmp_path_factory.mktemp("unlearn-data"))

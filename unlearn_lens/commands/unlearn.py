@@ -1,0 +1,209 @@
+"""`unlearn-lens unlearn` and `unlearn-lens unlearn-all`: produce unlearned models.
+
+Both run unchanged under ``accelerate launch`` (DDP or FSDP; see docs/accelerate/). Input errors
+are reported in one line with exit status 2 before any model loads or training starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import click
+
+from unlearn_lens.errors import UserError
+from unlearn_lens.unlearning.config import CB_VARIANTS, LAT_NORMS, METHODS, OPTIMIZERS, SCHEDULERS, UnlearnConfig
+
+
+class _CliUserError(click.ClickException):
+    """A ``UserError`` shown as one line with exit status 2 (also under CliRunner)."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+def _ints(value: str | None) -> list[int] | None:
+    if value is None or not value.strip():
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _strs(value: str | None) -> list[str] | None:
+    if value is None or not value.strip():
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _shared_options(func):
+    """Every training flag, shared by ``unlearn`` and ``unlearn-all``."""
+    options = [
+        click.option("--model", required=True, help="Base model: hub id, local HF directory or .gguf file."),
+        click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --model."),
+        click.option("--data", required=True, type=click.Path(),
+                     help="Data directory with forget.txt, retain.txt, wmdp_mcq.jsonl (`unlearn-lens datasets create`)."),
+        click.option("--outdir", required=True, type=click.Path(file_okay=False),
+                     help="Output directory (model/, config.json, train_log.csv, eval.json, COMPLETE)."),
+        click.option("--steps", type=int, default=None,
+                     help="Optimizer steps (default: one epoch over the forget training texts)."),
+        click.option("--epochs", type=int, default=None, help="Epochs over the forget training texts (instead of --steps)."),
+        click.option("--batch-size", type=int, default=4, show_default=True,
+                     help="Forget and retain texts per batch, per process."),
+        click.option("--grad-accum-steps", type=int, default=1, show_default=True,
+                     help="Micro-batches accumulated per optimizer step."),
+        click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per text (truncated)."),
+        click.option("--max-samples", type=int, default=None, help="Use at most this many forget and retain training texts."),
+        click.option("--eval-split", type=float, default=0.1, show_default=True,
+                     help="Fraction of forget and retain texts held out for the eval losses (logged and in eval.json)."),
+        click.option("--eval-every", type=int, default=None,
+                     help="Log held-out forget/retain NLL every N steps (default: 5 times per run)."),
+        click.option("--eval-batch-size", type=int, default=8, show_default=True, help="Batch size of evaluation."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
+                     help="Optimizer (adafactor: transformers' Adafactor with a fixed LR)."),
+        click.option("--lr", type=float, default=1e-5, show_default=True, help="Peak learning rate."),
+        click.option("--weight-decay", type=float, default=0.0, show_default=True, help="Weight decay."),
+        click.option("--momentum", type=float, default=0.0, show_default=True, help="Momentum of sgd / rmsprop."),
+        click.option("--lr-scheduler", type=click.Choice(SCHEDULERS), default="cosine", show_default=True,
+                     help="LR schedule over the run (cosine annealing to zero by default)."),
+        click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear LR warm-up steps."),
+        click.option("--grad-clip", type=float, default=1.0, show_default=True,
+                     help="Clip the global gradient norm to this (0 disables)."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of data order, eval split, random targets and weight noise."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+                     show_default=True, help="Weights dtype (auto: float32 on CPU, bfloat16 on GPU)."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (accelerate's choice), cpu or cuda."),
+        click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True,
+                     help="accelerate mixed precision (autocast) for the forward passes."),
+        click.option("--train-dropout", is_flag=True,
+                     help="Train with dropout on (default off: the model runs in eval mode, runs are deterministic)."),
+        click.option("--forget-weight", type=float, default=1.0, show_default=True,
+                     help="grad_diff: weight w in retain NLL - w * forget NLL."),
+        click.option("--beta", type=float, default=0.1, show_default=True, help="dpo / npo / simnpo inverse temperature."),
+        click.option("--layer-id", type=int, default=None,
+                     help="rmu / cb / lat / cb_lat target layer (default 7 as in WMDP's RMU, or the last block)."),
+        click.option("--target-layers", default=None,
+                     help="Comma-separated target layers (default: just --layer-id); LAT's adversary sits at the middle one."),
+        click.option("--steering-coeff", type=float, default=20.0, show_default=True,
+                     help="rmu / cb: norm c of the random target c * u (u = torch.rand normalised, as in WMDP)."),
+        click.option("--alpha", type=float, default=100.0, show_default=True,
+                     help="rmu / cb: retain weight; cb --cb-variant rr: the coefficient schedule's scale."),
+        click.option("--update-roles", default=None,
+                     help="Full-parameter: train only these parameter roles (e.g. down,up; rmu default: down, "
+                          "WMDP's MLP down-projection), selected by name through the architecture adapter."),
+        click.option("--update-layers", default=None,
+                     help="Full-parameter: train only these layers (rmu default: layer_id-2..layer_id, WMDP's --layer_ids)."),
+        click.option("--cb-variant", type=click.Choice(CB_VARIANTS), default="original", show_default=True,
+                     help="cb / cb_lat: original (cosine to a random direction) or rr (reference circuit "
+                          "breakers: ReLU(cos to frozen) on forget + L2 to frozen on retain, c_rr=a(1-t/2T), c_retain=a t/2T)."),
+        click.option("--lat-eps", type=float, default=1.0, show_default=True, help="lat / cb_lat: adversary budget."),
+        click.option("--lat-steps", type=int, default=5, show_default=True, help="lat / cb_lat: PGD steps per batch."),
+        click.option("--lat-step-size", type=float, default=None,
+                     help="lat / cb_lat: PGD step size (default 2.5 * eps / steps)."),
+        click.option("--lat-norm", type=click.Choice(LAT_NORMS), default="linf", show_default=True,
+                     help="lat / cb_lat: linf (original sign step) or l2 (reference per-token L2-bounded adversary)."),
+        click.option("--wt-noise-std", type=float, default=0.02, show_default=True,
+                     help="wt_dist: std of the Gaussian noise added to every weight before retain fine-tuning."),
+        click.option("--wt-reg-lambda", type=float, default=0.1, show_default=True,
+                     help="wt_dist_reg: lambda in retain NLL - lambda * RMS(theta - theta_pretrained) (the official "
+                          "code's size-independent distance)."),
+        click.option("--lora", is_flag=True, help="Train LoRA adapters (PEFT) and save the merged model."),
+        click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank."),
+        click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="LoRA alpha."),
+        click.option("--lora-targets", default=None,
+                     help="Comma-separated module names to adapt (default: every attention and MLP linear of the family)."),
+        click.option("--lora-dropout", type=float, default=0.0, show_default=True, help="LoRA dropout."),
+        click.option("--wandb", "use_wandb", is_flag=True,
+                     help="Log to Weights & Biases (needs the wandb package and WANDB_API_KEY)."),
+        click.option("--wandb-project", default="unlearn-lens", show_default=True, help="W&B project."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code to run (off by default)."),
+        click.option("--overwrite", is_flag=True, help="Redo a finished run in --outdir."),
+        click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _config(method: str, outdir: str, kw: dict) -> UnlearnConfig:
+    return UnlearnConfig(
+        model=kw["model"], data=kw["data"], outdir=outdir, method=method, revision=kw["revision"],
+        max_length=kw["max_length"], batch_size=kw["batch_size"], grad_accum_steps=kw["grad_accum_steps"],
+        steps=kw["steps"], epochs=kw["epochs"], max_samples=kw["max_samples"], eval_split=kw["eval_split"],
+        eval_every=kw["eval_every"], eval_batch_size=kw["eval_batch_size"], optimizer=kw["optimizer"],
+        lr=kw["lr"], weight_decay=kw["weight_decay"], momentum=kw["momentum"], lr_scheduler=kw["lr_scheduler"],
+        warmup_steps=kw["warmup_steps"], grad_clip=kw["grad_clip"], seed=kw["seed"], dtype=kw["dtype"],
+        device=kw["device"], mixed_precision=kw["mixed_precision"], train_dropout=kw["train_dropout"],
+        forget_weight=kw["forget_weight"], beta=kw["beta"], layer_id=kw["layer_id"],
+        target_layers=_ints(kw["target_layers"]), steering_coeff=kw["steering_coeff"], alpha=kw["alpha"],
+        update_roles=_strs(kw["update_roles"]), update_layers=_ints(kw["update_layers"]),
+        cb_variant=kw["cb_variant"], lat_eps=kw["lat_eps"], lat_steps=kw["lat_steps"],
+        lat_step_size=kw["lat_step_size"], lat_norm=kw["lat_norm"], wt_noise_std=kw["wt_noise_std"],
+        wt_reg_lambda=kw["wt_reg_lambda"], lora=kw["lora"], lora_r=kw["lora_r"], lora_alpha=kw["lora_alpha"],
+        lora_targets=_strs(kw["lora_targets"]), lora_dropout=kw["lora_dropout"], wandb=kw["use_wandb"],
+        wandb_project=kw["wandb_project"], trust_remote_code=kw["trust_remote_code"], overwrite=kw["overwrite"],
+    )
+
+
+def _echo_main(message: str) -> None:
+    """Print once under ``accelerate launch`` / torchrun (rank 0 only)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(message)
+
+
+def _user_errors(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            raise _CliUserError(str(exc)) from None
+    return wrapper
+
+
+@click.command("unlearn")
+@click.option("--method", required=True, help=f"Unlearning method: {', '.join(METHODS)}.")
+@_shared_options
+@_user_errors
+def unlearn(method: str, outdir: str, no_progress: bool, **kw) -> None:
+    """Unlearn the forget set from --model with one method; writes an HF model to OUTDIR/model.
+
+    Methods: ga_simple, ga, grad_diff, dpo, npo, simnpo (losses on logits), rmu, cb, lat,
+    cb_lat (hidden states), wt_dist, wt_dist_reg (weight space; not with --lora). Runs unchanged
+    under `accelerate launch` (docs/accelerate/).
+    """
+    from unlearn_lens.unlearning.trainer import run_unlearning
+
+    cfg = _config(method, outdir, kw)
+    cfg.validate()
+    path = run_unlearning(cfg, progress=not no_progress)
+    _echo_main(f"{method}: unlearned model written to {path / 'model'}")
+
+
+@click.command("unlearn-all")
+@click.option("--methods", default=",".join(METHODS), show_default=True,
+              help="Comma-separated methods, each run into OUTDIR/<method>/ (finished ones are skipped).")
+@_shared_options
+@_user_errors
+def unlearn_all(methods: str, outdir: str, no_progress: bool, **kw) -> None:
+    """Run several methods with the same settings into OUTDIR/<method>/, skipping finished runs."""
+    from unlearn_lens.unlearning.trainer import is_complete, run_unlearning
+
+    names = _strs(methods) or []
+    if not names:
+        raise UserError("--methods is empty")
+    configs = [_config(name, str(Path(outdir) / name), kw) for name in names]
+    for cfg in configs:  # every method checked before the first one trains
+        cfg.validate()
+    for cfg in configs:
+        if is_complete(cfg.outdir) and not cfg.overwrite:
+            _echo_main(f"{cfg.method}: already finished in {cfg.outdir}, skipped")
+            continue
+        path = run_unlearning(cfg, progress=not no_progress)
+        _echo_main(f"{cfg.method}: unlearned model written to {path / 'model'}")

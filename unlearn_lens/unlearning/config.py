@@ -1,0 +1,179 @@
+"""The description of one unlearning run and the checks that can fail before any model loads.
+
+Torch-free, so ``unlearn --help`` and input validation stay instant. Every field is written to
+``OUT/config.json`` (with resolved defaults), so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from unlearn_lens.errors import UserError
+
+#: method -> (kind, one-line description). Kind: "loss" (logits), "representation" (hidden
+#: states), "weight" (weight space; not compatible with LoRA).
+METHODS: dict[str, tuple[str, str]] = {
+    "ga_simple": ("loss", "gradient ascent on forget NLL"),
+    "ga": ("loss", "ascent on forget NLL + descent on retain NLL"),
+    "grad_diff": ("loss", "retain NLL - forget_weight * forget NLL"),
+    "dpo": ("loss", "DPO with retain as chosen and forget as rejected (frozen reference)"),
+    "npo": ("loss", "NPO on summed sequence log-probs (frozen reference) + retain NLL"),
+    "simnpo": ("loss", "SimNPO on length-normalised log-probs (reference-free) + retain NLL"),
+    "rmu": ("representation", "RMU: forget activations -> random target (MSE), retain anchored"),
+    "cb": ("representation", "circuit breakers: cosine rerouting (original) or RR loss (--cb-variant rr)"),
+    "lat": ("representation", "latent adversarial training: PGD adversary, then ascent/descent"),
+    "cb_lat": ("representation", "circuit breakers under the LAT adversary"),
+    "wt_dist": ("weight", "Gaussian noise on all weights, then retain fine-tuning"),
+    "wt_dist_reg": ("weight", "retain NLL - lambda * RMS distance from the pretrained weights"),
+}
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor")
+SCHEDULERS = ("cosine", "linear", "constant")
+CB_VARIANTS = ("original", "rr")
+LAT_NORMS = ("linf", "l2")
+#: methods with a frozen reference model (or frozen activations / weights from it).
+REFERENCE_METHODS = frozenset({"dpo", "npo", "rmu", "cb", "cb_lat"})
+#: methods that read hidden states at target layers (need --layer-id).
+LAYER_METHODS = frozenset({"rmu", "cb", "lat", "cb_lat"})
+
+
+@dataclass
+class UnlearnConfig:
+    """Every setting of one run; ``None`` means "resolved from the model" (see ``resolve``)."""
+
+    model: str
+    data: str
+    outdir: str
+    method: str
+    revision: str | None = None
+    # data and batching
+    max_length: int = 512
+    batch_size: int = 4
+    grad_accum_steps: int = 1
+    steps: int | None = None
+    epochs: int | None = None
+    max_samples: int | None = None
+    eval_split: float = 0.1
+    eval_every: int | None = None
+    eval_batch_size: int = 8
+    # optimisation
+    optimizer: str = "adamw"
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    mixed_precision: str = "no"
+    train_dropout: bool = False
+    # method hyper-parameters
+    forget_weight: float = 1.0
+    beta: float = 0.1
+    layer_id: int | None = None
+    target_layers: list[int] | None = None
+    steering_coeff: float = 20.0
+    alpha: float = 100.0
+    update_roles: list[str] | None = None
+    update_layers: list[int] | None = None
+    cb_variant: str = "original"
+    lat_eps: float = 1.0
+    lat_steps: int = 5
+    lat_step_size: float | None = None
+    lat_norm: str = "linf"
+    wt_noise_std: float = 0.02
+    wt_reg_lambda: float = 0.1
+    # LoRA
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: float = 16.0
+    lora_targets: list[str] | None = None
+    lora_dropout: float = 0.0
+    # logging and environment
+    wandb: bool = False
+    wandb_project: str = "unlearn-lens"
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # ------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Checks that need no model: raise a one-line ``UserError`` on the first problem."""
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        kind = METHODS[self.method][0]
+        if self.lora and kind == "weight":
+            raise UserError(
+                f"--lora cannot be used with {self.method}: it acts on the weights themselves "
+                "(noise on / distance from every pretrained weight), which LoRA adapters do not expose"
+            )
+        positive = {"--batch-size": self.batch_size, "--max-length": self.max_length,
+                    "--grad-accum-steps": self.grad_accum_steps, "--eval-batch-size": self.eval_batch_size,
+                    "--lora-r": self.lora_r}
+        for flag, value in positive.items():
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1, got {value}")
+        for flag, value in {"--steps": self.steps, "--epochs": self.epochs,
+                            "--max-samples": self.max_samples, "--eval-every": self.eval_every}.items():
+            if value is not None and value < 1:
+                raise UserError(f"{flag} must be at least 1, got {value}")
+        if self.steps is not None and self.epochs is not None:
+            raise UserError("give --steps or --epochs, not both")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise UserError(f"--eval-split must be in [0, 1), got {self.eval_split}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise UserError(f"unknown --lr-scheduler {self.lr_scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.cb_variant not in CB_VARIANTS:
+            raise UserError(f"unknown --cb-variant {self.cb_variant!r}; choose one of {', '.join(CB_VARIANTS)}")
+        if self.lat_norm not in LAT_NORMS:
+            raise UserError(f"unknown --lat-norm {self.lat_norm!r}; choose one of {', '.join(LAT_NORMS)}")
+        if self.lat_eps < 0 or self.lat_steps < 0:
+            raise UserError("--lat-eps and --lat-steps must be non-negative")
+        if self.wt_noise_std < 0:
+            raise UserError(f"--wt-noise-std must be non-negative, got {self.wt_noise_std}")
+        if self.beta <= 0:
+            raise UserError(f"--beta must be positive, got {self.beta}")
+        if self.grad_clip < 0:
+            raise UserError(f"--grad-clip must be non-negative (0 disables), got {self.grad_clip}")
+        if self.wandb_project and self.wandb and not self.wandb_project.strip():
+            raise UserError("--wandb-project must not be empty")
+
+    def resolve_layers(self, num_layers: int) -> None:
+        """Fill layer defaults from the model depth and check every layer index is in range.
+
+        Default ``--layer-id`` is 7 (WMDP's RMU setting) or the last block of a shallower model;
+        target layers default to ``[layer_id]``; RMU updates layers ``layer_id-2 .. layer_id``.
+        """
+        def check(flag: str, layer: int) -> None:
+            if not 0 <= layer < num_layers:
+                raise UserError(f"{flag} {layer} is out of range: the model has layers 0..{num_layers - 1}")
+
+        if self.layer_id is None:
+            self.layer_id = min(7, num_layers - 1)
+        check("--layer-id", self.layer_id)
+        if self.target_layers is None:
+            self.target_layers = [self.layer_id]
+        for layer in self.target_layers:
+            check("--target-layers", layer)
+        if self.update_layers is None and self.method == "rmu":
+            self.update_layers = list(range(max(0, self.layer_id - 2), self.layer_id + 1))
+        if self.update_roles is None and self.method == "rmu":
+            self.update_roles = ["down"]
+        for layer in self.update_layers or []:
+            check("--update-layers", layer)
+
+    @property
+    def adversary_layer(self) -> int:
+        """LAT's injection point: the middle of the target layers."""
+        layers = sorted(self.target_layers or [self.layer_id or 0])
+        return layers[len(layers) // 2]

@@ -1,0 +1,141 @@
+"""Pure loss functions of the unlearning methods (tensors in, scalar tensor out).
+
+Logit losses work on ``(logits, input_ids, attention_mask)``; the next-token targets and the
+padding mask are derived here, in float32 whatever the model dtype. Representation losses work
+on hidden states ``(batch, seq, hidden)`` with the attention mask selecting real tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Log-probability of every next token and the mask of real targets, both (batch, seq-1)."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    targets = input_ids[:, 1:]
+    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mask = attention_mask[:, 1:].to(picked.dtype) * attention_mask[:, :-1].to(picked.dtype)
+    return picked, mask
+
+
+def mean_token_nll(logits, input_ids, attention_mask) -> torch.Tensor:
+    """Mean negative log-likelihood over every real next-token position of the batch."""
+    picked, mask = token_logprobs(logits, input_ids, attention_mask)
+    return -(picked * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def sequence_logprob(logits, input_ids, attention_mask, *, normalise: bool = False) -> torch.Tensor:
+    """Per-sequence log-probability: summed (NPO, DPO) or length-normalised (SimNPO)."""
+    picked, mask = token_logprobs(logits, input_ids, attention_mask)
+    total = (picked * mask).sum(-1)
+    return total / mask.sum(-1).clamp_min(1.0) if normalise else total
+
+
+def npo_loss(logprob: torch.Tensor, ref_logprob: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO: -(2/beta) * mean log sigmoid(-beta * (log pi - log pi_ref)) on forget sequences."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logprob - ref_logprob)).mean()
+
+
+def simnpo_loss(avg_logprob: torch.Tensor, beta: float) -> torch.Tensor:
+    """SimNPO (reference-free, no margin): -(2/beta) * mean log sigmoid(-beta * avg log pi)."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * avg_logprob).mean()
+
+
+def dpo_loss(chosen, chosen_ref, rejected, rejected_ref, beta: float) -> torch.Tensor:
+    """DPO with retain as chosen and forget as rejected (pairs truncated to the shorter batch)."""
+    n = min(len(chosen), len(rejected))
+    margin = (chosen[:n] - chosen_ref[:n]) - (rejected[:n] - rejected_ref[:n])
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of per-token values (batch, seq) over the real tokens."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def masked_mse(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MSE (mean over hidden units) averaged over real tokens; ``target`` broadcasts."""
+    per_token = (hidden.float() - target.float()).pow(2).mean(-1)
+    return _masked_mean(per_token, mask)
+
+
+def masked_cosine(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity per token, averaged over real tokens; ``target`` broadcasts."""
+    cos = F.cosine_similarity(hidden.float(), target.float().expand_as(hidden), dim=-1)
+    return _masked_mean(cos, mask)
+
+
+def rmu_loss(forget_hidden, forget_mask, control, retain_hidden, retain_frozen, retain_mask, alpha):
+    """RMU at one layer: MSE(forget, c * u) + alpha * MSE(retain, frozen retain)."""
+    forget = masked_mse(forget_hidden, control, forget_mask)
+    retain = masked_mse(retain_hidden, retain_frozen, retain_mask)
+    return forget + alpha * retain, forget, retain
+
+
+def cb_loss(forget_hidden, forget_mask, control, retain_hidden, retain_frozen, retain_mask, alpha):
+    """Original circuit breaker at one layer: -cos(forget, c*u) + alpha * (1 - cos(retain, frozen))."""
+    forget = -masked_cosine(forget_hidden, control, forget_mask)
+    retain = 1.0 - masked_cosine(retain_hidden, retain_frozen, retain_mask)
+    return forget + alpha * retain, forget, retain
+
+
+def rr_coefficients(step: int, total_steps: int, alpha: float) -> tuple[float, float]:
+    """Representation-rerouting schedule: c_rr = a(1 - t/2T), c_retain = a t/2T."""
+    fraction = step / (2.0 * max(total_steps, 1))
+    return alpha * (1.0 - fraction), alpha * fraction
+
+
+def rr_loss(forget_hidden, forget_frozen, forget_mask, retain_hidden, retain_frozen, retain_mask,
+            c_rr: float, c_retain: float):
+    """Circuit breakers' RR loss: c_rr ReLU(cos(h, h_frozen)) on forget + c_retain ||h - h_frozen|| on retain."""
+    cos = F.cosine_similarity(forget_hidden.float(), forget_frozen.float(), dim=-1)
+    forget = _masked_mean(torch.relu(cos), forget_mask)
+    distance = (retain_hidden.float() - retain_frozen.float()).norm(dim=-1)
+    retain = _masked_mean(distance, retain_mask)
+    return c_rr * forget + c_retain * retain, forget, retain
+
+
+def rms_distance(params, reference, eps: float = 1e-12) -> torch.Tensor:
+    """Root-mean-square of (theta - theta_pretrained) over every scalar of ``params``.
+
+    The size-independent distance of wt_dist_reg: lambda does not grow with the parameter count.
+    ``eps`` keeps the gradient finite (zero) at the start, where the distance is zero.
+    """
+    total, count = None, 0
+    for param, ref in zip(params, reference):
+        term = (param.float() - ref.float()).pow(2).sum()
+        total = term if total is None else total + term
+        count += param.numel()
+    if total is None:
+        raise ValueError("no parameters")
+    return torch.sqrt(total / count + eps)
+
+
+def uniform_unit_targets(layers, hidden_size: int, steering_coeff: float, seed: int):
+    """WMDP's RMU control vectors: ``torch.rand`` normalised to unit norm, times the coefficient.
+
+    One vector per target layer, drawn from a seeded CPU generator so every process agrees.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    targets = {}
+    for layer in layers:
+        vector = torch.rand(1, 1, hidden_size, generator=generator)
+        targets[layer] = vector / vector.norm() * steering_coeff
+    return targets
+
+
+def cosine_schedule(step: int, total: int, warmup: int = 0, kind: str = "cosine") -> float:
+    """LR multiplier at optimizer step ``step`` (0-based) of ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
