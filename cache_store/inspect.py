@@ -1,0 +1,142 @@
+"""Describe and check a cache without loading any model: provenance, sizes, integrity."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from cache_store import store as stores
+from cache_store.layout import SplitLayout
+from unlearn_lens.errors import UserError
+
+TOKEN_ACTIVATIONS = ("resid", "mlp_in")
+
+
+def describe(url: str) -> dict[str, Any]:
+    """Provenance and, per split, variables, sizes on disk and compression ratio."""
+    root = stores.open_root(url, consolidated=False)
+    report: dict[str, Any] = {"url": str(url), "provenance": dict(root.attrs), "splits": {}}
+    for split in sorted(root.group_keys()):
+        group = root[split]
+        attrs = dict(group.attrs)
+        variables, stored, raw = {}, 0, 0
+        real_share = int(attrs.get("n_tokens_real", 0)) / max(1, int(attrs.get("n_tokens_stored", 1)))
+        for name, array in sorted(group.arrays()):
+            nbytes_stored = int(array.nbytes_stored())
+            dims = list(array.metadata.dimension_names or ())
+            real_bytes = int(array.nbytes * (real_share if "token" in dims else 1))  # slack excluded
+            variables[name] = {"dims": dims, "shape": list(array.shape), "dtype": str(array.dtype),
+                               "chunks": list(array.chunks), "bytes_stored": nbytes_stored,
+                               "bytes_real": real_bytes}
+            stored += nbytes_stored
+            raw += real_bytes
+        done = np.asarray(group["block_done"][...]) if "block_done" in group.array_keys() else np.zeros(0)
+        real = int(attrs.get("n_tokens_real", 0))
+        per_token = {}
+        for name in TOKEN_ACTIVATIONS:
+            if name in variables and real:
+                layers = variables[name]["shape"][0]
+                per_token[name] = variables[name]["bytes_stored"] / real / layers
+        report["splits"][split] = {
+            "complete": bool(attrs.get("complete")), "blocks_done": f"{int(done.sum())}/{len(done)}",
+            "samples": attrs.get("n_samples"), "tokens_real": real, "tokens_stored": attrs.get("n_tokens_stored"),
+            "bytes_stored": stored, "bytes_uncompressed_real": raw,
+            "compression_ratio": raw / stored if stored else float("nan"),
+            "bytes_per_real_token_per_layer": per_token, "variables": variables,
+        }
+    return report
+
+
+def verify(url: str, progress: Callable | None = None) -> list[str]:
+    """Every problem found in a cache (empty when it is complete and sound).
+
+    Checks completeness, that every chunk exists and decodes, that offsets, masks and sample
+    ids agree with the layout, that activations are finite, and that ``last`` is the state at
+    each sample's last token.
+    """
+    root = stores.open_root(url, consolidated=False)
+    splits = sorted(root.group_keys())
+    if not splits:
+        return [f"{url}: no splits"]
+    problems: list[str] = []
+    for split in splits:
+        try:
+            problems += _verify_split(root[split], split, progress)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure to read is a finding
+            problems.append(f"{split}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    return problems
+
+
+def _verify_split(group, split: str, progress: Callable | None) -> list[str]:
+    attrs = dict(group.attrs)
+    problems = []
+    if not attrs.get("complete"):
+        problems.append(f"{split}: not complete (capture interrupted or still running)")
+    done = np.asarray(group["block_done"][...])
+    if not done.all():
+        problems.append(f"{split}: {int((~done.astype(bool)).sum())} of {len(done)} blocks not written")
+    for name, array in sorted(group.arrays()):
+        if array.nchunks_initialized != array.nchunks:
+            problems.append(f"{split}/{name}: {array.nchunks - array.nchunks_initialized} of {array.nchunks} chunks missing")
+    lengths = np.asarray(group["sample_length"][...])
+    try:
+        layout = SplitLayout(lengths, int(attrs["block_samples"]), int(attrs["token_chunk"]))
+    except (UserError, KeyError, ValueError) as exc:
+        return problems + [f"{split}: inconsistent layout ({exc})"]
+    offset_problems = _check_offsets(group, split, layout)
+    if offset_problems:
+        return problems + offset_problems
+    last = np.asarray(group["last"][...]) if "last" in group.array_keys() else None
+    last_token = layout.offsets + layout.lengths - 1
+    for name in TOKEN_ACTIVATIONS:
+        problems += _check_activations(group[name], f"{split}/{name}", layout, last if name == "resid" else None,
+                                       last_token, progress)
+    for name, array in sorted(group.arrays()):
+        if name not in TOKEN_ACTIVATIONS and array.dtype.kind == "f":
+            values = np.asarray(array[...])
+            if not np.isfinite(values).all():
+                problems.append(f"{split}/{name}: non-finite values")
+    return problems
+
+
+def _check_offsets(group, split: str, layout: SplitLayout) -> list[str]:
+    problems = []
+    offsets = np.asarray(group["sample_offset"][...])
+    if not np.array_equal(offsets, layout.offsets):
+        problems.append(f"{split}: sample_offset disagrees with the layout")
+    for name, expected in layout.token_arrays().items():
+        values = np.asarray(group[name][...])
+        if values.shape != expected.shape or not np.array_equal(values, expected):
+            problems.append(f"{split}: {name} disagrees with sample offsets and lengths")
+    for name in ("resid", "mlp_in", "input_ids"):
+        if name in group.array_keys() and group[name].shape[-2 if name != "input_ids" else 0] != layout.n_tokens:
+            problems.append(f"{split}/{name}: token axis has the wrong length")
+    return problems
+
+
+def _check_activations(array, where: str, layout: SplitLayout, last, last_token: np.ndarray,
+                       progress: Callable | None) -> list[str]:
+    problems = []
+    chunk = array.chunks[1]
+    steps = range(0, array.shape[1], chunk)
+    for layer in range(array.shape[0]):
+        for start in steps:
+            stop = min(start + chunk, array.shape[1])
+            try:
+                values = np.asarray(array[layer, start:stop])
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"{where}: chunk (layer {layer}, tokens {start}:{stop}) unreadable "
+                                f"({type(exc).__name__})")
+                continue
+            if not np.isfinite(values).all():
+                problems.append(f"{where}: non-finite values in layer {layer}, tokens {start}:{stop}")
+            if last is not None:
+                inside = np.flatnonzero((last_token >= start) & (last_token < stop))
+                if inside.size and not np.array_equal(values[last_token[inside] - start], last[layer, inside]):
+                    problems.append(f"{where}: 'last' disagrees with the residual stream in layer {layer}")
+            if progress:
+                progress()
+    return problems

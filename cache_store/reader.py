@@ -1,0 +1,135 @@
+"""Reading caches as lazy xarray Datasets (the contract in SCHEMA.md), one model or several."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping
+
+import numpy as np
+
+from cache_store import store as stores
+from cache_store.layout import SplitLayout
+from unlearn_lens.errors import UserError
+
+#: Variables that describe the data, identical across models of one comparison (never stacked).
+SHARED_VARIABLES = ("input_ids", "attention_mask", "token_sample", "token_position", "sample_offset",
+                    "sample_length", "answer", "question", "choice_index", "cont_start", "cont_end")
+#: Root attributes that are the same for every split; copied into each split's Dataset.
+_INTERNAL_ATTRS = ("splits", "format_version", "initialised")
+
+
+def list_splits(url: str) -> list[str]:
+    """Names of the split groups in a cache (complete or not)."""
+    root = stores.open_root(url, consolidated=False)
+    return sorted(root.group_keys())
+
+
+def _split_attrs(url: str, split: str) -> dict[str, Any]:
+    root = stores.open_root(url, consolidated=False)
+    if split not in root.group_keys():
+        have = ", ".join(sorted(root.group_keys())) or "none"
+        raise UserError(f"{url}: no split {split!r} in this cache (it has: {have})")
+    return {**dict(root.attrs), **dict(root[split].attrs)}
+
+
+def is_complete(url: str, split: str | None = None) -> bool:
+    """True when ``split`` (default: every split of the cache) finished capturing."""
+    if not stores.exists(url):
+        return False
+    splits = [split] if split else list_splits(url)
+    if not splits:
+        return False
+    root = stores.open_root(url, consolidated=False)
+    return all(s in root.group_keys() and bool(root[s].attrs.get("complete")) for s in splits)
+
+
+def layout_of(attrs: Mapping[str, Any], lengths: np.ndarray) -> SplitLayout:
+    """Rebuild a split's on-disk layout from its attributes and sample lengths."""
+    return SplitLayout(np.asarray(lengths), int(attrs["block_samples"]), int(attrs["token_chunk"]))
+
+
+def open_cache(url: str, split: str, *, allow_incomplete: bool = False, keep_slack: bool = False):
+    """Lazy, dask-backed ``xarray.Dataset`` of one split of a cache (see SCHEMA.md).
+
+    An incomplete cache (capture still running or interrupted) raises ``UserError`` unless
+    ``allow_incomplete``. ``keep_slack`` returns the raw on-disk token axis (with the
+    block-alignment slack, ``attention_mask`` 0) instead of real tokens only.
+    """
+    import xarray as xr
+
+    attrs = _split_attrs(url, split)
+    complete = bool(attrs.get("complete"))
+    if not complete and not allow_incomplete:
+        raise UserError(
+            f"{url}: split {split!r} is incomplete (capture interrupted or still running); rerun the same "
+            "`unlearn-lens capture` command to finish it"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = xr.open_zarr(stores.store_for(url, read_only=True), group=split, chunks={},
+                          consolidated=True if complete else False, zarr_format=3)
+    ds = ds.drop_vars([v for v in ("block_done",) if v in ds.variables])
+    ds.attrs = {k: v for k, v in attrs.items() if k not in _INTERNAL_ATTRS}
+    lengths = ds["sample_length"].values
+    if not keep_slack:
+        ds = _drop_slack(ds, layout_of(attrs, lengths))
+    coords = {"sample": np.arange(ds.sizes["sample"]), "token": np.arange(ds.sizes["token"])}
+    if "layer" in ds.dims:
+        coords["layer"] = np.arange(ds.sizes["layer"])
+    if "mlp_layer" in ds.dims:
+        coords["mlp_layer"] = np.arange(ds.sizes["mlp_layer"])
+    if "choice" in ds.dims:
+        coords["choice"] = np.arange(ds.sizes["choice"])
+    return ds.assign_coords(coords)
+
+
+def _drop_slack(ds, layout: SplitLayout):
+    """Keep real tokens only: offsets then count real tokens, as SCHEMA.md promises."""
+    index = np.concatenate([np.arange(start, stop) for start, stop in layout.real_token_ranges()])
+    if len(index) != ds.sizes["token"]:
+        ds = ds.isel(token=index)
+    offsets = np.concatenate([[0], np.cumsum(layout.lengths)[:-1]]).astype(np.int64)
+    ds["sample_offset"] = ("sample", offsets)
+    ds["attention_mask"] = ds["attention_mask"].astype(np.int8)
+    return ds
+
+
+def open_caches(urls: Mapping[str, str], split: str, *, allow_incomplete: bool = False):
+    """Several models' caches of one split stacked along a leading ``model`` dimension.
+
+    Refuses (``UserError``) unless all were captured from the same data with identical token ids,
+    so that token ``t`` means the same thing in every model. Data-describing variables (token ids,
+    offsets, answers...) are shared; activations, logits and model-specific vectors are stacked.
+    ``attrs["models"]`` holds each model's own attributes.
+    """
+    import xarray as xr
+
+    if not urls:
+        raise UserError("open_caches needs at least one cache")
+    names = list(urls)
+    datasets = [open_cache(urls[name], split, allow_incomplete=allow_incomplete) for name in names]
+    first = datasets[0]
+    for name, ds in zip(names[1:], datasets[1:]):
+        where = f"{urls[names[0]]!s} ({names[0]}) and {urls[name]!s} ({name})"
+        for key in ("data_manifest_hash", "max_length"):
+            if ds.attrs.get(key) != first.attrs.get(key):
+                raise UserError(f"{where} were captured from different data ({key} differs); capture both from the same --data")
+        for key in ("num_layers", "hidden_size"):
+            if ds.attrs.get(key) != first.attrs.get(key):
+                raise UserError(f"{where} have different architectures ({key} differs) and cannot be stacked")
+        if ds.sizes["token"] != first.sizes["token"] or ds.sizes["sample"] != first.sizes["sample"] or not (
+            np.array_equal(ds["input_ids"].values, first["input_ids"].values)
+            and np.array_equal(ds["sample_length"].values, first["sample_length"].values)
+        ):
+            raise UserError(f"{where} hold different token ids (other tokenizer, data or --max-samples); "
+                            "they cannot be compared token by token")
+    shared = [v for v in SHARED_VARIABLES if v in first.variables]
+    stacked = xr.concat([ds.drop_vars(shared) for ds in datasets], dim="model", combine_attrs="drop_conflicts",
+                        coords="minimal", compat="override", join="exact")
+    stacked = stacked.assign_coords(model=names)
+    for name in shared:
+        stacked[name] = first[name]
+    stacked.attrs = {k: v for k, v in first.attrs.items()
+                     if all(ds.attrs.get(k) == v for ds in datasets)}
+    stacked.attrs["models"] = {name: dict(ds.attrs) for name, ds in zip(names, datasets)}
+    return stacked

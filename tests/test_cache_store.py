@@ -1,0 +1,215 @@
+"""The torch-free store: layout alignment, write/read round trips, stacking, verify (no model)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cache_store import CacheWriter, Dynamic, SplitLayout, is_complete, list_splits, open_cache, open_caches
+from unlearn_lens.errors import UserError
+
+LAYERS, HIDDEN = 3, 8
+
+
+def test_layout_aligns_blocks_to_chunks():
+    lengths = np.array([5, 9, 1, 30, 7, 7, 2])
+    layout = SplitLayout(lengths, block_samples=3, token_chunk=8)
+    assert layout.n_blocks == 3
+    assert all(start % 8 == 0 for start in layout.block_starts)
+    assert layout.n_real_tokens == lengths.sum()
+    for block in range(layout.n_blocks):
+        first, stop = layout.block_sample_range(block)
+        t0, t1 = layout.block_token_range(block)
+        assert layout.offsets[first] == t0
+        assert layout.offsets[stop - 1] + lengths[stop - 1] <= t1 < layout.offsets[stop - 1] + lengths[stop - 1] + 8
+    # samples are contiguous and never overlap
+    ends = layout.offsets + lengths
+    assert (layout.offsets[1:] >= ends[:-1]).all()
+    arrays = layout.token_arrays()
+    assert arrays["attention_mask"].sum() == lengths.sum()
+    assert arrays["token_position"][layout.offsets[3] + 29] == 29 and arrays["token_sample"][layout.offsets[3]] == 3
+    shards = [list(layout.shard_blocks(k, 2)) for k in (1, 2)]
+    assert sorted(shards[0] + shards[1]) == [0, 1, 2] and not set(shards[0]) & set(shards[1])
+    with pytest.raises(UserError):
+        SplitLayout(np.array([3, 0]), 2, 8)
+
+
+PROVENANCE = {"family": "llama", "num_layers": LAYERS - 1, "hidden_size": HIDDEN, "weights_fingerprint": "w1",
+              "tokenizer_fingerprint": "t1", "data_manifest_hash": "d1", "max_length": 64, "dtype": "float32",
+              "model_dtype": "float32", "model": "synthetic", "final_norm_kind": "rmsnorm", "final_norm_eps": 1e-5}
+
+
+def synthetic_split(lengths, seed=0, ids_seed=0):
+    rng = np.random.default_rng(seed)
+    ids_rng = np.random.default_rng(ids_seed)
+    token_ids = [ids_rng.integers(0, 100, n).astype(np.int32) for n in lengths]
+    resid = [rng.normal(size=(LAYERS, n, HIDDEN)).astype(np.float32) for n in lengths]
+    mlp = [rng.normal(size=(LAYERS - 1, n, HIDDEN)).astype(np.float32) for n in lengths]
+    return token_ids, resid, mlp
+
+
+def write_synthetic(url, lengths, *, provenance=PROVENANCE, seed=0, ids_seed=0, batch=2, stop_after=None,
+                    overwrite=False, split="forget", block_samples=3, token_chunk=8):
+    """Write a split of random activations the way capture does; returns the inputs."""
+    from cache_store.writer import content_fingerprint
+
+    token_ids, resid, mlp = synthetic_split(lengths, seed, ids_seed)
+    layout = SplitLayout(np.array(lengths), block_samples=block_samples, token_chunk=token_chunk)
+    input_ids = np.zeros(layout.n_tokens, np.int32)
+    for start, ids in zip(layout.offsets, token_ids):
+        input_ids[start:start + len(ids)] = ids
+    static = {"input_ids": (("token",), input_ids),
+              **{k: (("token",), v) for k, v in layout.token_arrays().items()},
+              "sample_offset": (("sample",), layout.offsets), "sample_length": (("sample",), layout.lengths.astype(np.int32))}
+    dynamic = {"resid": Dynamic(("layer", "token", "hidden"), "float32"),
+               "mlp_in": Dynamic(("mlp_layer", "token", "hidden"), "float32"),
+               "last": Dynamic(("layer", "sample", "hidden"), "float32")}
+    sizes = {"layer": LAYERS, "mlp_layer": LAYERS - 1, "hidden": HIDDEN, "token": layout.n_tokens,
+             "sample": layout.n_samples}
+    writer = CacheWriter(url, provenance, overwrite=overwrite).open_split(
+        split, layout, sizes=sizes, static=static, dynamic=dynamic,
+        attrs={"content_fingerprint": content_fingerprint(np.concatenate(token_ids))})
+    writer.start()
+    written = 0
+    for block in writer.pending_blocks():
+        first, stop = layout.block_sample_range(block)
+        for start in range(first, stop, batch):
+            end = min(start + batch, stop)
+            writer.submit(block, {"resid": np.concatenate(resid[start:end], axis=1),
+                                  "mlp_in": np.concatenate(mlp[start:end], axis=1),
+                                  "last": np.stack([r[:, -1] for r in resid[start:end]], axis=1)})
+        writer.end_block(block)
+        written += 1
+        if stop_after is not None and written >= stop_after:
+            writer.close()
+            return token_ids, resid, mlp
+    writer.close()
+    writer.finalize_if_done()
+    return token_ids, resid, mlp
+
+
+LENGTHS = [5, 9, 1, 30, 7, 7, 2, 11]
+
+
+def test_round_trip_drops_slack_and_keeps_values(tmp_path):
+    url = str(tmp_path / "c.zarr")
+    token_ids, resid, mlp = write_synthetic(url, LENGTHS)
+    assert is_complete(url) and list_splits(url) == ["forget"]
+    ds = open_cache(url, "forget")
+    assert ds.sizes == {"layer": LAYERS, "mlp_layer": LAYERS - 1, "token": sum(LENGTHS), "sample": len(LENGTHS),
+                        "hidden": HIDDEN}
+    np.testing.assert_array_equal(ds.resid.values, np.concatenate(resid, axis=1))
+    np.testing.assert_array_equal(ds.mlp_in.values, np.concatenate(mlp, axis=1))
+    np.testing.assert_array_equal(ds.input_ids.values, np.concatenate(token_ids))
+    np.testing.assert_array_equal(ds.sample_offset.values, np.concatenate([[0], np.cumsum(LENGTHS)[:-1]]))
+    assert (ds.attention_mask.values == 1).all()
+    np.testing.assert_array_equal(ds["last"].values, np.stack([r[:, -1] for r in resid], axis=1))
+    assert list(ds.layer.values) == list(range(LAYERS)) and ds.attrs["complete"] is True
+    assert ds.attrs["weights_fingerprint"] == "w1" and ds.attrs["split"] == "forget"
+    # one layer reads only that layer's chunks: the dask chunks are (1, token_chunk-ish, hidden)
+    assert all(c == 1 for c in ds.resid.chunks[0]) and ds.resid.chunks[2] == (HIDDEN,)
+    raw = open_cache(url, "forget", keep_slack=True)
+    assert raw.sizes["token"] > sum(LENGTHS) and int(raw.attention_mask.sum()) == sum(LENGTHS)
+
+
+def test_memory_url_round_trip():
+    url = "memory://store-test/round.zarr"
+    _, resid, _ = write_synthetic(url, LENGTHS)
+    np.testing.assert_array_equal(open_cache(url, "forget").resid.values, np.concatenate(resid, axis=1))
+
+
+def test_incomplete_cache_is_refused_then_resumed(tmp_path):
+    url = str(tmp_path / "c.zarr")
+    write_synthetic(url, LENGTHS, stop_after=1)
+    assert not is_complete(url)
+    with pytest.raises(UserError, match="incomplete"):
+        open_cache(url, "forget")
+    assert open_cache(url, "forget", allow_incomplete=True).attrs["complete"] is False
+    _, resid, _ = write_synthetic(url, LENGTHS)  # resumes the remaining blocks
+    np.testing.assert_array_equal(open_cache(url, "forget").resid.values, np.concatenate(resid, axis=1))
+
+
+def test_other_provenance_needs_overwrite(tmp_path):
+    url = str(tmp_path / "c.zarr")
+    write_synthetic(url, LENGTHS)
+    other = {**PROVENANCE, "weights_fingerprint": "w2"}
+    with pytest.raises(UserError, match="weights_fingerprint.*--overwrite"):
+        write_synthetic(url, LENGTHS, provenance=other)
+    with pytest.raises(UserError, match="--overwrite"):
+        write_synthetic(url, LENGTHS[:-1])
+    write_synthetic(url, LENGTHS, provenance=other, seed=3, overwrite=True)
+    assert open_cache(url, "forget").attrs["weights_fingerprint"] == "w2"
+
+
+def test_open_caches_stacks_models_and_checks_token_ids(tmp_path):
+    base, unlearned, other = (str(tmp_path / f"{n}.zarr") for n in ("base", "unl", "other"))
+    _, resid_a, _ = write_synthetic(base, LENGTHS, seed=0)
+    _, resid_b, _ = write_synthetic(unlearned, LENGTHS, seed=1, provenance={**PROVENANCE, "weights_fingerprint": "w2"})
+    both = open_caches({"base": base, "unlearned": unlearned}, "forget")
+    assert both.resid.dims == ("model", "layer", "token", "hidden")
+    assert list(both.model.values) == ["base", "unlearned"] and both.input_ids.dims == ("token",)
+    np.testing.assert_array_equal(both.resid.sel(model="unlearned").values, np.concatenate(resid_b, axis=1))
+    assert both.attrs["models"]["unlearned"]["weights_fingerprint"] == "w2"
+    write_synthetic(other, LENGTHS, ids_seed=5)
+    with pytest.raises(UserError, match="different token ids"):
+        open_caches({"base": base, "other": other}, "forget")
+    data2 = str(tmp_path / "d2.zarr")
+    write_synthetic(data2, LENGTHS, provenance={**PROVENANCE, "data_manifest_hash": "d2"})
+    with pytest.raises(UserError, match="different data"):
+        open_caches({"base": base, "d2": data2}, "forget")
+
+
+def test_verify_finds_corruption_and_missing_chunks(tmp_path):
+    from cache_store.inspect import describe, verify
+
+    url = tmp_path / "c.zarr"
+    write_synthetic(str(url), LENGTHS)
+    assert verify(str(url)) == []
+    report = describe(str(url))["splits"]["forget"]
+    assert report["complete"] and report["tokens_real"] == sum(LENGTHS) and report["compression_ratio"] > 0
+    chunks = sorted(p for p in (url / "forget" / "resid" / "c").rglob("*") if p.is_file())
+    chunks[1].write_bytes(b"\x00garbage")
+    chunks[2].unlink()
+    problems = verify(str(url))
+    assert any("unreadable" in p for p in problems) and any("missing" in p for p in problems)
+
+
+def test_verify_finds_inconsistent_offsets_and_bad_last(tmp_path):
+    import zarr
+
+    from cache_store.inspect import verify
+
+    url = tmp_path / "c.zarr"
+    write_synthetic(str(url), LENGTHS)
+    group = zarr.open_group(str(url), mode="r+")["forget"]
+    group["last"][0, 0] = np.full(HIDDEN, 7.0, np.float32)
+    assert any("'last' disagrees" in p for p in verify(str(url)))
+    group["token_sample"][3] = 5
+    assert any("token_sample" in p for p in verify(str(url)))
+
+
+def test_store_package_is_torch_free():
+    code = ("import sys, cache_store, cache_store.commands, cache_store.inspect, cache_store.reader; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'nnsight')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_writer_errors_reach_the_producer(tmp_path):
+    """A failure in the writer thread is raised in the capture loop, and the thread still stops."""
+    from cache_store.writer import content_fingerprint
+
+    layout = SplitLayout(np.array([4, 4]), block_samples=2, token_chunk=8)
+    writer = CacheWriter(str(tmp_path / "c.zarr"), PROVENANCE).open_split(
+        "forget", layout, sizes={"layer": LAYERS, "token": layout.n_tokens, "hidden": HIDDEN, "sample": 2},
+        static={}, dynamic={"resid": Dynamic(("layer", "token", "hidden"), "float32")},
+        attrs={"content_fingerprint": content_fingerprint(np.zeros(8))})
+    writer.start()
+    writer.submit(0, {"resid": np.zeros((LAYERS, 20, HIDDEN), np.float32)})  # more tokens than the block holds
+    with pytest.raises(ValueError, match="more tokens"):
+        writer.drain()
+    writer.close()
+    assert writer._thread is None and not writer.done_blocks().any()
