@@ -1,0 +1,1 @@
+"""Click commands of the torch-free analyses (loaded lazily by cli.py)."""

@@ -1,0 +1,128 @@
+"""Atomic output writing shared by every analysis: CSV, JSON, figures and completion markers.
+
+Every file is written to a temporary sibling and renamed into place, so an interrupted run never
+leaves a half-written file that looks finished. A folder counts as finished only once its marker
+(written last, by ``mark_complete``) exists; ``is_complete`` lets a pipeline skip finished steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+#: Name of the completion marker written last into a finished output folder.
+COMPLETE_MARKER = "_COMPLETE"
+
+
+def _atomic_target(path: str | Path) -> tuple[Path, int, str]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return path, fd, tmp
+
+
+def _commit(tmp: str, path: Path) -> None:
+    os.replace(tmp, path)
+
+
+def _plain(value: Any) -> Any:
+    """Turn numpy scalars/arrays into JSON-ready Python values; NaN/inf become None."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (temp file in the same folder, then rename)."""
+    path, fd, tmp = _atomic_target(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        _commit(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically (numpy values converted, NaN written as null)."""
+    return atomic_write_text(path, json.dumps(_plain(data), indent=2, sort_keys=False) + "\n")
+
+
+def _format_cell(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return repr(value)  # full precision, round-trips exactly
+    return value
+
+
+def atomic_write_csv(
+    path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None
+) -> Path:
+    """Write dict rows as a CSV atomically; ``columns`` fixes the column order (default: first row's keys)."""
+    rows = list(rows)
+    if columns is None:
+        columns = list(rows[0].keys()) if rows else []
+    path, fd, tmp = _atomic_target(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            for row in rows:
+                writer.writerow([_format_cell(row.get(column, "")) for column in columns])
+        _commit(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save_figure(figure: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    path, fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+        _commit(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(figure)
+    return path
+
+
+def mark_complete(directory: str | Path, info: Mapping[str, Any] | None = None) -> Path:
+    """Write the completion marker of ``directory`` (call it after every other file is written)."""
+    return atomic_write_json(Path(directory) / COMPLETE_MARKER, dict(info or {}))
+
+
+def is_complete(directory: str | Path) -> bool:
+    """True once ``mark_complete`` has run for ``directory``."""
+    return (Path(directory) / COMPLETE_MARKER).is_file()
+
+
+def clear_complete(directory: str | Path) -> None:
+    """Remove the marker before rewriting a folder, so a crash mid-way leaves it unfinished."""
+    (Path(directory) / COMPLETE_MARKER).unlink(missing_ok=True)
