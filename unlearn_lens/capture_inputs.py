@@ -14,7 +14,7 @@ import numpy as np
 
 from unlearn_lens import data as datasets
 from unlearn_lens.errors import UserError
-from unlearn_lens.prompts import cloze_context, cloze_continuations, letter_prompt
+from unlearn_lens.prompts import cloze_context, cloze_continuations, encode_prompt, letter_prompt
 
 #: Splits the capture command accepts; ``wmdp`` brings ``wmdp_cloze`` with it.
 CAPTURE_SPLITS = ("forget", "retain", "wmdp")
@@ -33,8 +33,9 @@ class SplitInputs:
         return np.array([len(ids) for ids in self.token_ids], dtype=np.int64)
 
 
-def _encode(tokenizer, text: str, special: bool = True) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+def _encode(tokenizer, text: str) -> list[int]:
+    """Plain texts (forget / retain) as the tokenizer encodes them by default (BOS where it adds one)."""
+    return list(tokenizer(text)["input_ids"])
 
 
 def _keep_start(ids: list[int], max_length: int) -> list[int]:
@@ -54,7 +55,7 @@ def text_inputs(tokenizer, texts: list[str], split: str, max_length: int) -> Spl
 
 def letter_inputs(tokenizer, items: list[datasets.MCQItem], max_length: int) -> SplitInputs:
     """wmdp: one lm-eval ``wmdp_bio`` letter prompt per question."""
-    ids = [np.asarray(_keep_end(_encode(tokenizer, letter_prompt(q.question, q.choices)), max_length),
+    ids = [np.asarray(_keep_end(encode_prompt(tokenizer, letter_prompt(q.question, q.choices)), max_length),
                       dtype=np.int32) for q in items]
     return SplitInputs("wmdp", ids, {"answer": np.array([q.answer for q in items], dtype=np.int8)})
 
@@ -63,9 +64,9 @@ def cloze_inputs(tokenizer, items: list[datasets.MCQItem], max_length: int) -> S
     """wmdp_cloze: question context + each choice; context and continuation tokenised apart."""
     ids, question, choice, start, end = [], [], [], [], []
     for index, item in enumerate(items):
-        context = _encode(tokenizer, cloze_context(item.question))
+        context = encode_prompt(tokenizer, cloze_context(item.question))
         for number, continuation in enumerate(cloze_continuations(item.choices)):
-            cont = _encode(tokenizer, continuation, special=False)
+            cont = encode_prompt(tokenizer, continuation)
             if not cont:
                 raise UserError(f"question {item.id}: choice {number} tokenises to nothing")
             cont = cont[:max(1, max_length - 1)]

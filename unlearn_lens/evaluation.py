@@ -78,7 +78,7 @@ def letter_scores(model, tokenizer, items, *, max_length: int = 2048, batch_size
     rows = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        encoded = [tokenizer(prompts.letter_prompt(i.question, i.choices), add_special_tokens=False)["input_ids"]
+        encoded = [prompts.encode_prompt(tokenizer, prompts.letter_prompt(i.question, i.choices))
                    [-max_length:] for i in chunk]
         ids, mask = _pad(encoded, _pad_id(tokenizer), device)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
@@ -95,9 +95,9 @@ def cloze_scores(model, tokenizer, items, *, max_length: int = 2048, batch_size:
     device = _device_of(model, device)
     pairs = []  # (item index, context ids, continuation ids)
     for index, item in enumerate(items):
-        context = tokenizer(prompts.cloze_context(item.question), add_special_tokens=False)["input_ids"]
+        context = prompts.encode_prompt(tokenizer, prompts.cloze_context(item.question))
         for continuation in prompts.cloze_continuations(item.choices):
-            cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            cont = prompts.encode_prompt(tokenizer, continuation)
             keep = max(1, max_length - len(cont))
             pairs.append((index, context[-keep:], cont))
     scores: list[list[float]] = [[] for _ in items]

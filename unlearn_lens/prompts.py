@@ -44,3 +44,13 @@ def letter_token_ids(tokenizer) -> list[int]:
             )
         ids.append(encoded[0])
     return ids
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt or continuation as lm-eval-harness encodes them: no special tokens.
+
+    Capture, evaluation and the lenses all encode through here, so the cached states and a live
+    evaluation see the same tokens (a BOS token would shift every position for Llama-2-style
+    tokenizers).
+    """
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

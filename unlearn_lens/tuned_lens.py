@@ -236,11 +236,11 @@ def letter_data_from_model(model, adapter, tokenizer, items, *, max_length: int,
     """Run the letter prompts (left-truncated to ``max_length``) and keep the last-token states."""
     import torch
 
-    from unlearn_lens.prompts import letter_prompt, letter_token_ids
+    from unlearn_lens.prompts import encode_prompt, letter_prompt, letter_token_ids
 
     letter_ids = letter_token_ids(tokenizer)
     prompts = [letter_prompt(it.question, it.choices) for it in items]
-    tokenized = [_left_truncate(list(tokenizer(p, add_special_tokens=False)["input_ids"]), max_length)[0]
+    tokenized = [_left_truncate(encode_prompt(tokenizer, p), max_length)[0]
                  for p in prompts]
     lasts = []
     for _, chunk in batched(tokenized, batch_size):
@@ -257,13 +257,13 @@ def cloze_sequences(tokenizer, items, max_length: int) -> list[tuple[list[int], 
     Context and continuation are tokenised separately and concatenated, so the boundary is exact
     (the cache's convention); sequences longer than ``max_length`` lose tokens on the left.
     """
-    from unlearn_lens.prompts import cloze_context, cloze_continuations
+    from unlearn_lens.prompts import cloze_context, cloze_continuations, encode_prompt
 
     sequences = []
     for q, item in enumerate(items):
-        context = list(tokenizer(cloze_context(item.question), add_special_tokens=False)["input_ids"])
+        context = encode_prompt(tokenizer, cloze_context(item.question))
         for c, continuation in enumerate(cloze_continuations(item.choices)):
-            cont = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+            cont = encode_prompt(tokenizer, continuation)
             ids, cut = _left_truncate(context + cont, max_length)
             start = max(len(context) - cut, 1)
             sequences.append((ids, start, len(ids), q, c))
