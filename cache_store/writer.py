@@ -297,6 +297,10 @@ class SplitWriter:
         if len(counts) != 1:
             raise ValueError(f"token arrays of one batch disagree in length: {counts}")
         count = counts.pop()
+        if count == 0:  # everything buffered was written in whole chunks already
+            if final and self._pending_start != block_stop:
+                raise ValueError(f"block {self._block} received fewer tokens than its layout holds")
+            return
         if self._pending_start + count > block_stop:
             raise ValueError(f"block {self._block} received more tokens than its layout holds")
         whole = (count // chunk) * chunk

@@ -115,6 +115,16 @@ def test_round_trip_drops_slack_and_keeps_values(tmp_path):
     assert raw.sizes["token"] > sum(LENGTHS) and int(raw.attention_mask.sum()) == sum(LENGTHS)
 
 
+def test_block_filling_whole_chunks_exactly(tmp_path):
+    """A block whose tokens end exactly on a chunk boundary leaves nothing to pad (regression)."""
+    lengths = [4, 4, 8, 3, 5]  # blocks of 2 samples: 8, 8+3=11, 5 tokens; chunk 8
+    url = str(tmp_path / "exact.zarr")
+    token_ids, resid, _ = write_synthetic(url, lengths, batch=1, block_samples=2)
+    ds = open_cache(url, "forget")
+    np.testing.assert_array_equal(ds.resid.values, np.concatenate(resid, axis=1))
+    np.testing.assert_array_equal(ds.input_ids.values, np.concatenate(token_ids))
+
+
 def test_memory_url_round_trip():
     url = "memory://store-test/round.zarr"
     _, resid, _ = write_synthetic(url, LENGTHS)
