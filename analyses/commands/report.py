@@ -1,0 +1,15 @@
+"""`unlearn-lens report`: rebuild OUTDIR/report.html from the outputs already there (torch-free)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("report")
+@click.option("--outdir", type=click.Path(file_okay=False, exists=True), default="outputs", show_default=True,
+              help="Output root holding <base>__to__<name>/ and <model>/ folders.")
+def report(outdir: str) -> None:
+    """Rebuild the self-contained HTML report (plots and mechanistic-signature table)."""
+    from analyses.report import discover, write_report
+
+    click.echo(f"wrote {write_report(discover(outdir))}")
