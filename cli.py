@@ -20,7 +20,20 @@ from unlearn_lens.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("unlearn_lens.commands.models:models", "Materialise or inspect models (e.g. the offline SmolLM2 demo model)."),
     "datasets": ("unlearn_lens.commands.datasets:datasets", "Build forget / retain / WMDP multiple-choice data sets."),
+    "capture": ("unlearn_lens.commands.capture:capture", "Record activations (residuals, MLP inputs, WMDP logits) into a resumable Zarr cache."),
+    "cache": ("cache_store.commands:cache", "Inspect (info) and check (verify) activation caches; no model needed."),
+    "unlearn": ("unlearn_lens.commands.unlearn:unlearn", "Unlearn the forget set with one of 12 methods (full-parameter or LoRA)."),
+    "unlearn-all": ("unlearn_lens.commands.unlearn:unlearn_all", "Run several unlearning methods into OUT/<method>/, skipping finished ones."),
+    "pipeline": ("unlearn_lens.commands.pipeline:pipeline", "Run every step for every comparison base -> NAME, resumably, and write the report."),
+    "demo": ("unlearn_lens.commands.pipeline:demo", "The whole pipeline offline on SmolLM2 with models unlearned here; prints the report path."),
+    "report": ("analyses.commands.report:report", "Rebuild OUTDIR/report.html from existing outputs (no model needed)."),
     "infer": ("unlearn_lens.commands.infer:infer", "Generate text from one model, two side by side, interactively, or a sweep to CSV."),
+    "params": ("analyses.commands.params:params", "Parameter-space diagnostics of dW = W_b - W_a (norms, ranks, subspaces, null space) from checkpoints."),
+    "analyze": ("analyses.commands.analyze:analyze", "Activation diagnostics (norms, separation, covariance, row space, probes, logit lens) from caches."),
+    "lipschitz": ("unlearn_lens.commands.live:lipschitz", "Local Lipschitz, input-gradient norm and output variance of two models, forget vs retain."),
+    "tuned-lens": ("unlearn_lens.commands.live:tuned_lens", "Train a tuned lens and report WMDP accuracy per layer (letter and cloze)."),
+    "eval": ("unlearn_lens.commands.brittleness:eval_command", "Zero-shot WMDP accuracy (letter and cloze), forget NLL and retain perplexity of one model."),
+    "relearn": ("unlearn_lens.commands.brittleness:relearn", "Fine-tuning attack on a few forget texts (and a retain control): steps to recover half the gap to the base."),
 }
 
 

@@ -1,0 +1,41 @@
+"""Open the caches named on the command line (through ``cache_store``'s public API only)."""
+
+from __future__ import annotations
+
+import re
+
+import xarray as xr
+
+from unlearn_lens.errors import UserError
+
+#: Splits analyze reads when a cache has them (forget and retain are required).
+WANTED_SPLITS = ("forget", "retain", "wmdp", "wmdp_cloze")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def parse_compare(values: tuple[str, ...] | list[str], base_name: str) -> dict[str, str]:
+    """``NAME=CACHE`` pairs as an ordered dict; names must be usable as folder names and unique."""
+    pairs: dict[str, str] = {}
+    for value in values:
+        name, sep, url = value.partition("=")
+        if not sep or not name or not url:
+            raise UserError(f"--compare {value!r}: expected NAME=CACHE")
+        if not _NAME.match(name) or "__" in name:
+            raise UserError(f"--compare {value!r}: NAME may use letters, digits, '.', '_' and '-' (no '__')")
+        if name == base_name or name in pairs:
+            raise UserError(f"--compare {value!r}: the name {name!r} is used twice")
+        pairs[name] = url
+    if not pairs:
+        raise UserError("give at least one --compare NAME=CACHE")
+    return pairs
+
+
+def open_model_caches(url: str) -> dict[str, xr.Dataset]:
+    """Every analysable split of one model's cache, lazily (refuses a missing or incomplete cache)."""
+    import cache_store
+    from cache_store import store
+
+    if not store.exists(url):
+        raise UserError(f"{url}: no activation cache here (write one with `unlearn-lens capture`)")
+    splits = cache_store.list_splits(url)
+    return {split: cache_store.open_cache(url, split) for split in WANTED_SPLITS if split in splits}

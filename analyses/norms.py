@@ -1,0 +1,27 @@
+"""Activation norms (steps 4-5): mean per-token L1/L2 norms of each model and of their difference.
+
+Means are over real tokens (attention mask), at every cached layer 0..L, all taken before the
+final norm; the difference dh = h_b - h_a is taken on identical tokens (the caches hold the same
+input_ids, checked before any reduction).
+"""
+
+from __future__ import annotations
+
+from analyses.reductions import Moments
+
+COLUMNS = ["layer", "split", "model_a_norm_L1", "model_a_norm_L2", "model_b_norm_L1", "model_b_norm_L2",
+           "mean_dh_L1", "mean_dh_L2"]
+
+
+def norm_rows(split: str, moments_a: Moments, moments_b: Moments, difference: dict) -> list[dict]:
+    """One row per layer of ``activation_stats.csv`` for one split."""
+    n = max(difference["n"], 1.0)
+    rows = []
+    for layer in range(len(moments_a.l1)):
+        rows.append({
+            "layer": layer, "split": split,
+            "model_a_norm_L1": float(moments_a.mean_l1[layer]), "model_a_norm_L2": float(moments_a.mean_l2[layer]),
+            "model_b_norm_L1": float(moments_b.mean_l1[layer]), "model_b_norm_L2": float(moments_b.mean_l2[layer]),
+            "mean_dh_L1": float(difference["l1"][layer] / n), "mean_dh_L2": float(difference["l2"][layer] / n),
+        })
+    return rows

@@ -1,0 +1,61 @@
+"""Small matplotlib helpers for the activation diagnostics (Agg backend, titled PNGs, atomic saves)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from analyses.io import atomic_save_figure  # noqa: E402
+
+Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]
+
+
+def panel_plot(path: str | Path, title: str, xlabel: str, panels: Sequence[tuple[str, Series, float | None]],
+               log_y: bool = False) -> Path:
+    """One row of panels; each panel is ``(ylabel, {label: (x, y)}, optional reference line)``."""
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for ax, (ylabel, series, reference) in zip(axes[0], panels):
+        for label, (x, y) in series.items():
+            ax.plot(list(x), [float(v) if v is not None else np.nan for v in y], marker="o", markersize=3,
+                    label=label)
+        if reference is not None:
+            ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=f"chance ({reference:g})")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.suptitle(title)
+    figure.subplots_adjust(wspace=0.3, top=0.86, bottom=0.14)  # fixed margins: tight_layout costs seconds
+    return atomic_save_figure(figure, path)
+
+
+def by(rows: Sequence[Mapping], x: str, y: str, **where) -> tuple[list, list]:
+    """``(xs, ys)`` of the rows matching every ``column=value`` in ``where``."""
+    chosen = [row for row in rows if all(row[k] == v for k, v in where.items())]
+    return [row[x] for row in chosen], [row[y] for row in chosen]
+
+
+def spectra_plot(path: str | Path, title: str, spectra: Mapping[str, np.ndarray], layers: Sequence[int]) -> Path:
+    """Eigenvalue spectra (log scale) at a few layers, one panel per layer."""
+    figure, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.6), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        for label, values in spectra.items():
+            v = np.asarray(values[layer])
+            ax.plot(np.arange(1, len(v) + 1), np.where(v > 0, v, np.nan), label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("eigenvalue index")
+        ax.set_ylabel("eigenvalue")
+        ax.set_title(f"layer {layer}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.suptitle(title)
+    figure.subplots_adjust(wspace=0.3, top=0.84, bottom=0.14)
+    return atomic_save_figure(figure, path)
