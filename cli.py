@@ -14,7 +14,6 @@ import sys
 import click
 
 from unlearn_lens import __version__
-from unlearn_lens.errors import UserError
 
 #: name -> (import path "module:attribute", one-line help shown by ``unlearn-lens --help``)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -81,12 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
+    except click.ClickException as exc:  # UserError included: "error: ..." and exit 2
         exc.show()
         sys.exit(exc.exit_code)
-    except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted; finished work is kept and the same command resumes", err=True)
         sys.exit(130)

@@ -101,6 +101,8 @@ def run_command(argv: Sequence[str]) -> None:
 
     try:
         group.main(args=list(argv), prog_name="unlearn-lens", standalone_mode=False)
+    except UserError:
+        raise
     except click.ClickException as exc:
         raise UserError(exc.format_message()) from None
     except SystemExit as exc:
@@ -208,7 +210,7 @@ def run_pipeline(settings: PipelineSettings, echo: Callable[[str], None] = click
         started = time.time()
         try:
             step.run()
-        except (UserError, Exception) as exc:  # noqa: BLE001 - every failure is reported, the run goes on
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, the run goes on
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             status[step.id] = f"failed: {message}"
             echo(f"{prefix}: FAILED: {message}")

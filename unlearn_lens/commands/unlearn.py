@@ -6,7 +6,6 @@ are reported in one line with exit status 2 before any model loads or training s
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -14,15 +13,6 @@ import click
 
 from unlearn_lens.errors import UserError
 from unlearn_lens.unlearning.config import CB_VARIANTS, LAT_NORMS, METHODS, OPTIMIZERS, SCHEDULERS, UnlearnConfig
-
-
-class _CliUserError(click.ClickException):
-    """A ``UserError`` shown as one line with exit status 2 (also under CliRunner)."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.message}", err=True)
 
 
 def _ints(value: str | None) -> list[int] | None:
@@ -157,20 +147,9 @@ def _echo_main(message: str) -> None:
         click.echo(message)
 
 
-def _user_errors(func):
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except UserError as exc:
-            raise _CliUserError(str(exc)) from None
-    return wrapper
-
-
 @click.command("unlearn")
 @click.option("--method", required=True, help=f"Unlearning method: {', '.join(METHODS)}.")
 @_shared_options
-@_user_errors
 def unlearn(method: str, outdir: str, no_progress: bool, **kw) -> None:
     """Unlearn the forget set from --model with one method; writes an HF model to OUTDIR/model.
 
@@ -190,7 +169,6 @@ def unlearn(method: str, outdir: str, no_progress: bool, **kw) -> None:
 @click.option("--methods", default=",".join(METHODS), show_default=True,
               help="Comma-separated methods, each run into OUTDIR/<method>/ (finished ones are skipped).")
 @_shared_options
-@_user_errors
 def unlearn_all(methods: str, outdir: str, no_progress: bool, **kw) -> None:
     """Run several methods with the same settings into OUTDIR/<method>/, skipping finished runs."""
     from unlearn_lens.unlearning.trainer import is_complete, run_unlearning
