@@ -133,7 +133,15 @@ def top_layers(inputs: ReportInputs, name: str) -> str:
     return ", ".join(str(layer) for layer in ranked) if ranked else fmt(None)
 
 
-def _column_stat(folder: str, filename: str, column: str, stat=_median, where=lambda r: True) -> Extractor:
+def _changed(row: dict) -> bool:
+    """Rows of matrices the intervention touched: geometry of an unchanged matrix is not defined."""
+    try:
+        return float(row.get("dW_fro", "nan")) > 0
+    except ValueError:
+        return False
+
+
+def _column_stat(folder: str, filename: str, column: str, stat=_median, where=_changed) -> Extractor:
     def extract(inputs: ReportInputs, name: str) -> str:
         return fmt(stat(_floats(read_rows(inputs.comparison_dir(name) / folder / filename), column, where)))
     return extract
@@ -141,7 +149,7 @@ def _column_stat(folder: str, filename: str, column: str, stat=_median, where=la
 
 def grassmann(inputs: ReportInputs, name: str) -> str:
     rows = read_rows(inputs.comparison_dir(name) / "null_space_analysis" / "null_space_results.csv")
-    return fmt(_mean(_floats(rows, "left_grassmann_distance") + _floats(rows, "right_grassmann_distance")))
+    return fmt(_mean(_floats(rows, "left_grassmann_distance", _changed) + _floats(rows, "right_grassmann_distance", _changed)))
 
 
 def dh_forget_over_retain(inputs: ReportInputs, name: str) -> str:
@@ -236,17 +244,18 @@ SIGNATURE: list[tuple[str, str, Extractor]] = [
     ("Magnitude", "largest relative spectral norm σ1(ΔW)/σ1(W)", max_spectral_rel),
     ("Location", "MLP share of update energy (rest: attention)", mlp_energy_share),
     ("Location", "layers with the largest change", top_layers),
-    ("Geometry", "median stable rank of ΔW", _column_stat("param_stats", "per_matrix.csv", "dW_stable_rank")),
-    ("Geometry", "median empirical rank of ΔW (99% energy)",
+    ("Geometry", "median stable rank of ΔW (changed matrices)", _column_stat("param_stats", "per_matrix.csv", "dW_stable_rank")),
+    ("Geometry", "median empirical rank of ΔW (99% energy, changed matrices)",
      _column_stat("param_stats", "per_matrix.csv", "dW_empirical_rank")),
-    ("Geometry", "top-10 singular values' share of ΔW energy (sampled)",
+    ("Geometry", "top-10 singular values' share of ΔW energy (sampled, changed)",
      _column_stat("null_space_analysis", "null_space_results.csv", "top10_energy_share", _mean)),
-    ("Geometry", "null-space share of MLP updates (output side)",
+    ("Geometry", "null-space share of MLP updates (output side, changed)",
      _column_stat("mlp_nullspace", "mlp_nullspace.csv", "col_null_share", _mean)),
-    ("Geometry", "Grassmann distance of top-k singular subspaces (mean)", grassmann),
+    ("Geometry", "Grassmann distance of top-k singular subspaces (mean, changed)", grassmann),
     ("Activation change", "mean ‖Δh‖2 forget / retain", dh_forget_over_retain),
     ("Selectivity", "covariance Wasserstein selectivity W(forget)/W(retain)",
-     _column_stat("activation_covariance", "covariance_selectivity.csv", "selectivity_ratio", _median)),
+     _column_stat("activation_covariance", "covariance_selectivity.csv", "selectivity_ratio", _median,
+                   lambda r: True)),
     ("Selectivity", "row-space selectivity (forget/retain energy in ΔW's row space)", row_space_selectivity),
     ("Selectivity", "forget/retain separation AUC, modified − base", separation_auc_change),
     ("Stability", "local Lipschitz (logits) modified/base, forget", lipschitz_ratio("forget")),
@@ -272,8 +281,8 @@ def signature_table(inputs: ReportInputs) -> list[dict[str, str]]:
 #: (short column name, SIGNATURE label) of the signature metrics set beside the measured recovery.
 RECOVERY_PREDICTORS: list[tuple[str, str]] = [
     ("update norm", "relative update ‖ΔW‖F / ‖W‖F, all matrices"),
-    ("stable rank", "median stable rank of ΔW"),
-    ("null-space share", "null-space share of MLP updates (output side)"),
+    ("stable rank", "median stable rank of ΔW (changed matrices)"),
+    ("null-space share", "null-space share of MLP updates (output side, changed)"),
     ("row-space selectivity", "row-space selectivity (forget/retain energy in ΔW's row space)"),
     ("probe depth", "best probe selectivity, base → modified"),
     ("logit-lens depth", "logit lens cloze accuracy, best layer"),

@@ -44,7 +44,7 @@ def test_signature_values_are_computed_from_the_outputs(tmp_path):
     rows = {row["metric"]: row["edit"] for row in signature_table(_study(tmp_path))}
     assert rows["relative update ‖ΔW‖F / ‖W‖F, all matrices"] == "0.354"  # sqrt(9+16)/sqrt(200)
     assert rows["MLP share of update energy (rest: attention)"] == "0.36"  # 9 / 25
-    assert rows["median stable rank of ΔW"] == "3"
+    assert rows["median stable rank of ΔW (changed matrices)"] == "3"
     assert rows["mean ‖Δh‖2 forget / retain"] == "2 / 0.5"
     assert rows["forget NLL before → after unlearning"] == "3.5 → 4.5"
     assert rows["local Lipschitz (logits) modified/base, forget"] == "—"  # not run: a dash, not an error

@@ -106,7 +106,7 @@ def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_cod
               help="Unlearning methods applied to SmolLM2 on the demo forget set (comma-separated).")
 @click.option("--unlearn-steps", type=int, default=None,
               help="Training steps per method (default: each method's demo setting).")
-@_shared_options(tuned_lens_steps=20, tuned_lens_tokens=128, lipschitz_samples=16)
+@_shared_options(tuned_lens_steps=12, tuned_lens_tokens=128, lipschitz_samples=8)
 def demo(outdir, methods, unlearn_steps, device, max_samples, max_length, batch_size, force, skip, empirical_rank,
          workers, lipschitz_samples, tuned_lens_steps, tuned_lens_tokens, relearn) -> None:
     """The whole pipeline offline: SmolLM2-135M as base, models unlearned here, a report.
