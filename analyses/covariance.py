@@ -61,8 +61,22 @@ def ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator)
 
 
+def keep_spectra(sums: dict) -> dict:
+    """A layer chunk's moment sums with its d x d ``m2`` replaced by covariance eigenvalues and trace.
+
+    Used as ``token_moments(..., finish=keep_spectra)`` so that each layer's matrix is
+    eigendecomposed and dropped inside the reduction graph.
+    """
+    m2 = sums["m2"]
+    n = max(sums["n"], 1.0)
+    spectra = np.stack([eigenspectrum(layer / n) for layer in m2])
+    return {**sums, "m2": None, "trace": np.einsum("lii->l", m2), "spectra": spectra}
+
+
 def layer_spectra(moments: Moments, map_layers=map) -> np.ndarray:
     """(layer, d) descending covariance eigenvalues of one model on one split."""
+    if moments.spectra is not None:
+        return moments.spectra
     covariances = moments.covariance
     return np.array(list(map_layers(lambda layer: eigenspectrum(covariances[layer]), range(covariances.shape[0]))))
 

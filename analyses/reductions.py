@@ -11,6 +11,7 @@ Memory is bounded by the chunk size and a few d x d matrices per layer, never by
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import dask
 import dask.array as da
@@ -31,6 +32,7 @@ class Moments:
     l1: np.ndarray  # (L,) float64
     l2: np.ndarray  # (L,) float64
     trace: np.ndarray | None = None  # (L,) trace of m2, kept by ``compact``
+    spectra: np.ndarray | None = None  # (L, d) covariance eigenvalues, when computed in the graph
 
     @property
     def m2_trace(self) -> np.ndarray:
@@ -39,7 +41,7 @@ class Moments:
 
     def compact(self) -> "Moments":
         """The same sums without the d x d matrices (keeps counts, means, traces and norms)."""
-        return Moments(self.n, self.mean, None, self.l1, self.l2, self.m2_trace)
+        return Moments(self.n, self.mean, None, self.l1, self.l2, self.m2_trace, self.spectra)
 
     @property
     def covariance(self) -> np.ndarray:
@@ -125,7 +127,7 @@ def _stack_layer_chunks(parts: list[dict]) -> dict:
     """Join per-layer-chunk results along the layer axis."""
     out = {}
     for key in parts[0]:
-        if key == "n":
+        if key == "n" or parts[0][key] is None:
             out[key] = parts[0][key]
         else:
             out[key] = np.concatenate([p[key] for p in parts], axis=0)
@@ -158,15 +160,22 @@ def block_grid(x: da.Array) -> np.ndarray:
     return x.to_delayed(optimize_graph=False)
 
 
-def token_moments(x: da.Array, mask: da.Array):
-    """Delayed ``Moments`` of a (layer, token, hidden) array over the tokens where ``mask`` != 0."""
+def token_moments(x: da.Array, mask: da.Array, finish: Callable[[dict], dict] | None = None):
+    """Delayed ``Moments`` of a (layer, token, hidden) array over the tokens where ``mask`` != 0.
+
+    ``finish`` maps each layer chunk's merged sums to what is kept of them (for example the
+    covariance eigenvalues in place of the d x d ``m2``, see ``covariance.keep_spectra``): the
+    d x d matrices then live only while their layer chunk is reduced, never all layers at once
+    (4.4 GB per model and split for a 7B model in float64).
+    """
     x, mask = _prepare(x, mask)
     blocks, mask_blocks = block_grid(x), block_grid(mask)
     per_layer_chunk = []
     for i in range(blocks.shape[0]):
         parts = [dask.delayed(_block_moments)(blocks[i, j, 0], mask_blocks[j])
                  for j in range(blocks.shape[1])]
-        per_layer_chunk.append(_tree(parts, _merge_moments))
+        merged = _tree(parts, _merge_moments)
+        per_layer_chunk.append(dask.delayed(finish)(merged) if finish is not None else merged)
     stacked = dask.delayed(_stack_layer_chunks)(per_layer_chunk)
     return dask.delayed(_as_moments)(stacked)
 

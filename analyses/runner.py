@@ -180,7 +180,7 @@ def split_reductions(caches: Caches, split: str, base: str, tables: Mapping[str,
     for model, splits in caches.items():
         ds = splits[split]
         mask = ds["attention_mask"].data
-        lazy["resid"][model] = token_moments(ds["resid"].data, mask)
+        lazy["resid"][model] = token_moments(ds["resid"].data, mask, finish=covariance.keep_spectra)
         lazy["mlp"][model] = projected_energy(ds["mlp_in"].data, mask, tables[model])
         lazy["last"][model] = ds["last"].data
         if model != base:

@@ -100,6 +100,26 @@ def test_planted_spectrum_effective_rank():
     assert np.isinf(covariance.selectivity_rows(rows, same)[0]["selectivity_ratio"])
 
 
+def test_spectra_in_the_graph_equal_full_matrices_and_drop_them():
+    """``finish=keep_spectra`` eigendecomposes each layer chunk inside the graph: same spectra,
+    traces, means and norms as the full-matrix path, and no d x d matrix in the result."""
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(5, 61, 9)) * rng.uniform(0.1, 3, size=9) + 2).astype(np.float32)
+    mask = (rng.random(61) > 0.1).astype(np.int8)
+    lazy_mask = da.from_array(mask, chunks=10)
+    full, kept = dask.compute(token_moments(_lazy(x, 10, 2), lazy_mask),
+                              token_moments(_lazy(x, 10, 2), lazy_mask, finish=covariance.keep_spectra))
+    assert kept.m2 is None and kept.spectra.shape == (5, 9)
+    reference = np.stack([np.linalg.eigvalsh(np.cov(x[layer, mask == 1].T.astype(np.float64), bias=True))[::-1]
+                          for layer in range(5)])
+    np.testing.assert_allclose(kept.spectra, reference, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(covariance.layer_spectra(kept), covariance.layer_spectra(full), rtol=1e-12)
+    compact = full.compact()
+    for name in ("mean", "l1", "l2", "trace"):
+        np.testing.assert_allclose(getattr(kept, name), getattr(compact, name), rtol=1e-12)
+    assert kept.compact().spectra is kept.spectra
+
+
 def test_planted_separation():
     rng = np.random.default_rng(3)
     d, n = 6, 60

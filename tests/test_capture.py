@@ -149,6 +149,29 @@ def test_cloze_boundaries_and_logprobs(captured, tiny_model_dir):
         assert float(cloze.final_cloze_logprob[sample]) == pytest.approx(expected, abs=1e-4)
 
 
+def test_head_on_scored_positions_equals_full_forward_logits(tiny_model_dir, data_dir):
+    """The unembedding applied to the scored positions only gives the full forward's scores."""
+    from unlearn_lens.architectures import ArchitectureAdapter
+    from unlearn_lens.capture import BatchRunner, wmdp_static
+    from unlearn_lens.capture_inputs import build_inputs
+    from unlearn_lens.loading import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="float32")
+    adapter = ArchitectureAdapter(model)
+    letters, _ = wmdp_static(model, tokenizer, adapter)
+    inputs = build_inputs(tokenizer, data_dir, ["wmdp", "wmdp_cloze"], 100, 64)
+    head_only, full = BatchRunner(model, adapter, "float32", letters), BatchRunner(model, adapter, "float32", letters)
+    full.head_only = False  # what a family with soft-capped or rescaled logits takes
+    assert head_only.head_only
+    for split, key in (("wmdp", "final_letter_logits"), ("wmdp_cloze", "final_cloze_logprob")):
+        split_inputs = inputs[split]
+        extra = {name: values[:5] for name, values in split_inputs.sample_arrays.items()}
+        ours = head_only.run(split_inputs.token_ids[:5], split, extra)
+        reference = full.run(split_inputs.token_ids[:5], split, extra)
+        np.testing.assert_allclose(ours[key], reference[key], atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(ours["resid"], reference["resid"])
+
+
 def test_independent_of_batch_size_and_tokenizer_padding_side(tmp_path, data_dir, tiny_model_dir):
     import cache_store
     from unlearn_lens.capture import capture

@@ -24,6 +24,8 @@ from unlearn_lens.errors import UserError
 
 STORE_DTYPES = ("float16", "float32")
 DEFAULT_BLOCK_SAMPLES = 32
+#: Config keys of families whose logits are not just the unembedding of the final norm's output.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 #: Test hook: SIGKILL this process once this many batches are written (proves resumption).
 KILL_ENV = "UNLEARN_LENS_CAPTURE_KILL_AFTER_BATCHES"
 
@@ -59,6 +61,10 @@ class BatchRunner:
         self.store_dtype = store_dtype
         self.letter_ids = letter_ids
         self.device = next(model.parameters()).device
+        config = getattr(model, "config", None)
+        # The unembedding alone turns final-norm states into the model's logits unless the family
+        # rescales or soft-caps them afterwards; then the trace runs to the model's own output.
+        self.head_only = not any(getattr(config, key, None) for key in _LOGIT_POSTPROCESSING)
 
     def pad(self, token_ids: list[np.ndarray]):
         """Right-padded ``input_ids`` and ``attention_mask``: real tokens keep positions 0..n-1."""
@@ -88,13 +94,18 @@ class BatchRunner:
                 for layer in range(adapter.num_layers):
                     mlp_in.append(adapter.mlp(layer, traced).input.save())
                     resid.append(adapter.block(layer, traced).output.save())
-                if split == "wmdp":
+                if split in ("wmdp", "wmdp_cloze") and self.head_only:
+                    final.append(adapter.final_norm(traced).output.save())
+                    tracer.stop()  # the unembedding runs below, on the positions scored only
+                elif split == "wmdp":
                     logits = traced.output.logits
                     final.append(logits[rows, lengths - 1][:, self.letter_ids].float().save())
                 elif split == "wmdp_cloze":
-                    final.append(self._cloze_logprob(traced.output.logits, ids, extra).save())
+                    final.append(self._cloze_logprob(lambda r, p: traced.output.logits[r, p], ids, extra).save())
                 else:
                     tracer.stop()  # forget / retain need no logits: skip the final norm and unembedding
+            if split in ("wmdp", "wmdp_cloze") and self.head_only:
+                final[0] = self._head_scores(final[0], split, rows, lengths, ids, extra)
             lengths_list = [int(n) for n in lengths.cpu()]
             out = {"resid": self._store(self._gather(resid, lengths_list), "resid"),
                    "mlp_in": self._store(self._gather(mlp_in, lengths_list), "mlp_in"),
@@ -124,8 +135,22 @@ class BatchRunner:
                 start += length
         return out
 
-    def _cloze_logprob(self, logits, ids, extra: dict[str, np.ndarray]):
-        """Mean log-prob of each continuation, from the model's own logits (SCHEMA.md)."""
+    def _head_scores(self, normed, split: str, rows, lengths, ids, extra: dict[str, np.ndarray]):
+        """The model's own letter logits or cloze log-probs from its final-norm output.
+
+        Applies the unembedding to the scored positions only (what HF's ``logits_to_keep`` does):
+        the full (batch, tokens, vocab) logits of a bare forward are never built.
+        """
+        head = self.adapter.unembed()
+        if split == "wmdp":
+            return head(normed[rows, lengths - 1])[:, self.letter_ids].float()
+        return self._cloze_logprob(lambda r, p: head(normed[r, p]), ids, extra)
+
+    def _cloze_logprob(self, logits_at: Callable, ids, extra: dict[str, np.ndarray]):
+        """Mean log-prob of each continuation, from the model's own logits (SCHEMA.md).
+
+        ``logits_at(rows, positions)`` gives the model's logits at those (row, position) pairs.
+        """
         import torch
 
         starts = torch.as_tensor(extra["cont_start"], device=ids.device).long()
@@ -135,7 +160,7 @@ class BatchRunner:
         within = torch.arange(int(counts.sum()), device=ids.device) - torch.repeat_interleave(
             torch.cumsum(counts, 0) - counts, counts)
         target_pos = torch.repeat_interleave(starts, counts) + within
-        logprobs = torch.log_softmax(logits[row, target_pos - 1].float(), dim=-1)
+        logprobs = torch.log_softmax(logits_at(row, target_pos - 1).float(), dim=-1)
         picked = logprobs.gather(1, ids[row, target_pos].unsqueeze(1)).squeeze(1)
         return torch.zeros(len(starts), device=ids.device).index_add_(0, row, picked) / counts
 
