@@ -33,8 +33,8 @@ def panel_plot(path: str | Path, title: str, xlabel: str, panels: Sequence[tuple
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     figure.suptitle(title)
-    figure.subplots_adjust(wspace=0.3, top=0.86, bottom=0.14)  # fixed margins: tight_layout costs seconds
-    return atomic_save_figure(figure, path)
+    figure.subplots_adjust(left=0.07 if len(panels) > 1 else 0.14, right=0.98, wspace=0.3, top=0.86, bottom=0.14)  # fixed margins: tight_layout costs seconds
+    return atomic_save_figure(figure, path, tight=False)
 
 
 def by(rows: Sequence[Mapping], x: str, y: str, **where) -> tuple[list, list]:
@@ -57,5 +57,5 @@ def spectra_plot(path: str | Path, title: str, spectra: Mapping[str, np.ndarray]
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     figure.suptitle(title)
-    figure.subplots_adjust(wspace=0.3, top=0.84, bottom=0.14)
-    return atomic_save_figure(figure, path)
+    figure.subplots_adjust(left=0.07 if len(layers) > 1 else 0.14, right=0.98, wspace=0.3, top=0.84, bottom=0.14)
+    return atomic_save_figure(figure, path, tight=False)

@@ -154,6 +154,41 @@ def test_two_processes_equal_one_process_with_double_batch(neox_dir, unlearn_dat
     assert len(log_one) == 4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ga", "wt_dist_reg", "lat"])
+def test_fsdp_two_cpu_processes_equal_one_process_with_double_batch(neox_dir, unlearn_data_dir, tmp_path, method):
+    """FSDP (docs/accelerate/fsdp.yaml: FULL_SHARD, per-block wrapping, full state dict on save),
+    2 CPU processes over gloo, batch 2 each == 1 process with batch 4: same weights.
+
+    ``wt_dist_reg`` checks the distance summed over shards, ``lat`` the PGD adversary's gradient
+    through the FSDP wrapper. accelerate only enables FSDP on GPUs, so tests/fsdp_cpu_launcher.py
+    turns its CPU process group into FSDP (see its docstring).
+    """
+    common = ["unlearn", "--model", neox_dir, "--data", str(unlearn_data_dir), "--method", method,
+              "--optimizer", "sgd", "--lr", "0.05", "--steps", "3", "--max-length", "12", "--device", "cpu",
+              "--no-progress", "--layer-id", "1"]
+    if method == "wt_dist_reg":
+        common += ["--wt-reg-lambda", "50"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "UNLEARN_LENS_DEBUG": "1"}
+    port = {"ga": "29541", "wt_dist_reg": "29542", "lat": "29543"}[method]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          port, str(REPO / "tests" / "fsdp_cpu_launcher.py"), *common, "--batch-size", "2",
+                          "--outdir", str(tmp_path / "two")], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    subprocess.run([sys.executable, str(REPO / "cli.py"), *common, "--batch-size", "4", "--outdir",
+                    str(tmp_path / "one")], check=True, env=env, capture_output=True, cwd=tmp_path)
+    resolved = json.loads((tmp_path / "two" / "config.json").read_text())["resolved"]
+    assert resolved["world_size"] == 2 and resolved["distributed_type"] == "FSDP"
+    one, two_weights = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert one.keys() == two_weights.keys()
+    from safetensors.numpy import load_file
+
+    base = load_file(str(Path(neox_dir) / "model.safetensors"))
+    difference = max(float(np.abs(one[k] - two_weights[k]).max()) for k in one)
+    moved = max(float(np.abs(one[k] - base[k]).max()) for k in one if k in base)
+    assert difference < 1e-5 and moved > 1e-3  # the runs trained, and identically
+
+
 def test_wandb_without_key_is_refused(neox_dir, unlearn_data_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     result = invoke("unlearn", "--model", neox_dir, "--data", str(unlearn_data_dir), "--outdir", str(tmp_path / "w"),

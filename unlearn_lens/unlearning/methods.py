@@ -293,6 +293,11 @@ class WtDist(UnlearningMethod):
         return retain_nll, {"forget_loss": _f(forget_nll), "retain_loss": _f(retain_nll)}
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard: FSDP2 parameters are DTensors, FSDP1's (orig params) plain views."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 class WtDistReg(UnlearningMethod):
     """Retain NLL minus lambda times the RMS distance from the pretrained weights."""
 
@@ -307,15 +312,20 @@ class WtDistReg(UnlearningMethod):
     def _distance(self) -> torch.Tensor:
         if not self.ctx.sharded:
             return L.rms_distance(self.params, self.pretrained)
-        # FSDP: sum the squared differences of every shard across processes (differentiably)
+        # FSDP: sum the squared differences of every shard across processes. The gradient must
+        # reach each shard once, from its own process (every process's loss holds the same
+        # distance; a differentiable all-reduce would hand each shard world_size times the term).
         import torch.distributed as dist
-        from torch.distributed.nn.functional import all_reduce
 
-        local = sum(((p.float() - r.float()).pow(2).sum() for p, r in zip(self.params, self.pretrained)),
-                    torch.zeros((), device=self.pretrained[0].device))
-        count = torch.tensor(float(sum(p.numel() for p in self.params)), device=local.device)
+        pairs = [(_local(p), _local(r)) for p, r in zip(self.params, self.pretrained)]
+        local = sum(((p.float() - r.float()).pow(2).sum() for p, r in pairs),
+                    torch.zeros((), device=pairs[0][1].device))
+        count = torch.tensor(float(sum(p.numel() for p, _ in pairs)), device=local.device)
         dist.all_reduce(count)
-        return torch.sqrt(all_reduce(local) / count + 1e-12)
+        total = local.detach().clone()
+        dist.all_reduce(total)
+        total = local + (total - local.detach())  # the global sum's value, this shard's gradient
+        return torch.sqrt(total / count + 1e-12)
 
     def loss(self, forget, retain, step):
         retain_nll = self._nll(retain)

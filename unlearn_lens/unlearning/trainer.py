@@ -275,6 +275,7 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
                            mcq_items=data.mcq, **eval_options)
 
     resolved: dict[str, Any] = {"total_steps": total_steps, "world_size": world,
+                                "distributed_type": str(accelerator.distributed_type.value),
                                 "effective_batch_size": per_step, "eval_every": eval_every,
                                 "family": adapter.family, "num_layers": adapter.num_layers,
                                 "n_forget_train": len(data.forget_train), "n_retain_train": len(data.retain_train),
@@ -314,12 +315,13 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
                             cfg.batch_size, cfg.max_length)
     retain_loader = _loader(_stream(data.retain_train, total_steps * per_step, cfg.seed + 1), tokenizer,
                             cfg.batch_size, cfg.max_length)
-    prepared = accelerator.prepare(model)
-    params = [p for p in prepared.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: M.L.cosine_schedule(s, total_steps, cfg.warmup_steps, cfg.lr_scheduler))
-    optimizer, forget_loader, retain_loader = accelerator.prepare(optimizer, forget_loader, retain_loader)
+    # model and optimizer together: under FSDP accelerate re-points the optimizer at the shards
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in prepared.parameters() if p.requires_grad]
+    forget_loader, retain_loader = accelerator.prepare(forget_loader, retain_loader)
     # sharded parameters only exist inside the FSDP wrapper: run every forward through it there
     plain = prepared if fsdp else accelerator.unwrap_model(prepared)
     # DDP must see whole forward passes (its reducer is armed when forward returns): no early stop
@@ -411,7 +413,11 @@ def save_run(result: TrainResult) -> Path:
     else:
         final = result.model
         if accelerator.distributed_type == DistributedType.FSDP:
-            state_dict = accelerator.get_state_dict(result.prepared_model)
+            state_dict = accelerator.get_state_dict(result.prepared_model)  # gathered on the main process
+            # FSDP2 on some devices hands back DTensors: gather them (a collective: every rank runs
+            # this, in the same key order), and give each tensor its own storage for safetensors
+            state_dict = {name: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()
+                          .contiguous() for name, value in (state_dict or {}).items()}
     if accelerator.is_main_process:
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
