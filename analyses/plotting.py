@@ -33,8 +33,13 @@ def panel_plot(path: str | Path, title: str, xlabel: str, panels: Sequence[tuple
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     figure.suptitle(title)
-    figure.subplots_adjust(left=0.07 if len(panels) > 1 else 0.14, right=0.98, wspace=0.3, top=0.86, bottom=0.14)  # fixed margins: tight_layout costs seconds
+    _fixed_margins(figure, len(panels), top=0.86)  # tight_layout / bbox_inches="tight" cost seconds
     return atomic_save_figure(figure, path, tight=False)
+
+
+def _fixed_margins(figure, n_panels: int, top: float) -> None:
+    """Margins that fit the titles, labels and tick labels of a row of ``n_panels`` panels."""
+    figure.subplots_adjust(left=0.07 if n_panels > 1 else 0.14, right=0.98, wspace=0.3, top=top, bottom=0.14)
 
 
 def by(rows: Sequence[Mapping], x: str, y: str, **where) -> tuple[list, list]:
@@ -57,5 +62,5 @@ def spectra_plot(path: str | Path, title: str, spectra: Mapping[str, np.ndarray]
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     figure.suptitle(title)
-    figure.subplots_adjust(left=0.07 if len(layers) > 1 else 0.14, right=0.98, wspace=0.3, top=0.84, bottom=0.14)
+    _fixed_margins(figure, len(layers), top=0.84)
     return atomic_save_figure(figure, path, tight=False)
