@@ -38,4 +38,5 @@ def open_model_caches(url: str) -> dict[str, xr.Dataset]:
     if not store.exists(url):
         raise UserError(f"{url}: no activation cache here (write one with `unlearn-lens capture`)")
     splits = cache_store.list_splits(url)
-    return {split: cache_store.open_cache(url, split) for split in WANTED_SPLITS if split in splits}
+    return {split: cache_store.open_cache(url, split, layers_per_chunk="scan") for split in WANTED_SPLITS
+            if split in splits}

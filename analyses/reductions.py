@@ -84,9 +84,21 @@ def _block_moments(x: np.ndarray, mask: np.ndarray) -> dict:
     m2 = np.matmul(centred.transpose(0, 2, 1), centred).astype(np.float64)
     offset = mean - shift.astype(np.float64)  # correct for centring on the float32-rounded mean
     m2 -= n * np.einsum("li,lj->lij", offset, offset)
-    l1 = np.abs(x).sum(axis=2, dtype=np.float64).sum(axis=1)
-    l2 = np.sqrt(np.einsum("ltd,ltd->lt", x, x, dtype=np.float64)).sum(axis=1)
+    l1, l2 = _norm_sums(x)
     return {"n": float(n), "mean": mean, "m2": m2, "l1": l1, "l2": l2}
+
+
+def _token_sq_norms(x: np.ndarray) -> np.ndarray:
+    """(layer, token) squared L2 norms: float32 within a token (d terms, ~1e-7 relative error),
+    4-5x faster than a float64 einsum; sums over tokens are then taken in float64."""
+    return np.einsum("ltd,ltd->lt", x, x)
+
+
+def _norm_sums(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, float64 sums over tokens of each token's L1 and L2 norm."""
+    l1 = np.abs(x).sum(axis=2).sum(axis=1, dtype=np.float64)
+    l2 = np.sqrt(_token_sq_norms(x)).sum(axis=1, dtype=np.float64)
+    return l1, l2
 
 
 def _merge_moments(a: dict, b: dict) -> dict:
@@ -105,9 +117,8 @@ def _merge_moments(a: dict, b: dict) -> dict:
 def _block_difference_norms(xa: np.ndarray, xb: np.ndarray, mask: np.ndarray) -> dict:
     """Sums over a block's masked tokens of ||h_b - h_a||_1 and ||h_b - h_a||_2, per layer."""
     diff = _masked(xb, mask) - _masked(xa, mask)
-    return {"l1": np.abs(diff).sum(axis=2, dtype=np.float64).sum(axis=1),
-            "l2": np.sqrt(np.einsum("ltd,ltd->lt", diff, diff, dtype=np.float64)).sum(axis=1),
-            "n": float(diff.shape[1])}
+    l1, l2 = _norm_sums(diff)
+    return {"l1": l1, "l2": l2, "n": float(diff.shape[1])}
 
 
 def _block_projected_energy(x: np.ndarray, mask: np.ndarray, bases: np.ndarray) -> dict:
@@ -116,7 +127,7 @@ def _block_projected_energy(x: np.ndarray, mask: np.ndarray, bases: np.ndarray) 
     x = _masked(x, mask)
     projected = np.matmul(x, bases.astype(np.float32))  # (lc, t, K)
     return {"energy": np.einsum("ltk,ltk->lk", projected, projected, dtype=np.float64),
-            "total": np.einsum("ltd,ltd->l", x, x, dtype=np.float64), "n": float(x.shape[1])}
+            "total": _token_sq_norms(x).sum(axis=1, dtype=np.float64), "n": float(x.shape[1])}
 
 
 def _add_sums(a: dict, b: dict) -> dict:

@@ -48,12 +48,29 @@ def layout_of(attrs: Mapping[str, Any], lengths: np.ndarray) -> SplitLayout:
     return SplitLayout(np.asarray(lengths), int(attrs["block_samples"]), int(attrs["token_chunk"]))
 
 
-def open_cache(url: str, split: str, *, allow_incomplete: bool = False, keep_slack: bool = False):
+#: A whole-cache scan's dask task reads about this much and holds at most SCAN_MOMENT_BYTES of
+#: per-layer float64 d x d statistics (covariance partials), one layer at a time from d = 2896 up.
+SCAN_READ_BYTES = 8 << 20
+SCAN_MOMENT_BYTES = 64 << 20
+
+
+def scan_layers_per_chunk(token_chunk: int, hidden: int, itemsize: int, n_layers: int) -> int:
+    """Stored layers per dask chunk for a whole-cache scan (see ``SCAN_READ_BYTES``)."""
+    by_read = SCAN_READ_BYTES // max(token_chunk * hidden * itemsize, 1)
+    by_moments = SCAN_MOMENT_BYTES // (8 * hidden * hidden)
+    return int(max(1, min(by_read, by_moments, n_layers)))
+
+
+def open_cache(url: str, split: str, *, allow_incomplete: bool = False, keep_slack: bool = False,
+               layers_per_chunk: int | str = 1):
     """Lazy, dask-backed ``xarray.Dataset`` of one split of a cache (see SCHEMA.md).
 
     An incomplete cache (capture still running or interrupted) raises ``UserError`` unless
     ``allow_incomplete``. ``keep_slack`` returns the raw on-disk token axis (with the
     block-alignment slack, ``attention_mask`` 0) instead of real tokens only.
+    ``layers_per_chunk`` groups that many stored layers into one dask chunk: 1 (the default)
+    keeps selecting a layer as cheap as reading its chunks; ``"scan"`` sizes chunks for reading
+    everything (``scan_layers_per_chunk``: fewer, larger tasks read 2-3x faster).
     """
     import xarray as xr
 
@@ -66,7 +83,11 @@ def open_cache(url: str, split: str, *, allow_incomplete: bool = False, keep_sla
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = xr.open_zarr(stores.store_for(url, read_only=True), group=split, chunks={},
+        if layers_per_chunk == "scan":
+            layers_per_chunk = scan_layers_per_chunk(int(attrs["token_chunk"]), int(attrs["hidden_size"]),
+                                                     np.dtype(attrs["dtype"]).itemsize, int(attrs["num_layers"]) + 1)
+        chunks = {} if layers_per_chunk == 1 else {"layer": layers_per_chunk, "mlp_layer": layers_per_chunk}
+        ds = xr.open_zarr(stores.store_for(url, read_only=True), group=split, chunks=chunks,
                           consolidated=True if complete else False, zarr_format=3)
     ds = ds.drop_vars([v for v in ("block_done",) if v in ds.variables])
     ds.attrs = {k: v for k, v in attrs.items() if k not in _INTERNAL_ATTRS}
@@ -84,10 +105,19 @@ def open_cache(url: str, split: str, *, allow_incomplete: bool = False, keep_sla
 
 
 def _drop_slack(ds, layout: SplitLayout):
-    """Keep real tokens only: offsets then count real tokens, as SCHEMA.md promises."""
-    index = np.concatenate([np.arange(start, stop) for start, stop in layout.real_token_ranges()])
-    if len(index) != ds.sizes["token"]:
-        ds = ds.isel(token=index)
+    """Keep real tokens only: offsets then count real tokens, as SCHEMA.md promises.
+
+    Each block's real tokens are one contiguous, chunk-aligned run: slicing the runs and joining
+    them keeps every task a plain slice of one stored chunk (an index array would add a
+    gather per chunk, halving read throughput).
+    """
+    import xarray as xr
+
+    ranges = layout.real_token_ranges()
+    if sum(stop - start for start, stop in ranges) != ds.sizes["token"]:
+        parts = [ds.isel(token=slice(start, stop)) for start, stop in ranges]
+        ds = xr.concat(parts, dim="token", data_vars="minimal", coords="minimal", compat="override",
+                       join="override") if len(parts) > 1 else parts[0]
     offsets = np.concatenate([[0], np.cumsum(layout.lengths)[:-1]]).astype(np.int64)
     ds["sample_offset"] = ("sample", offsets)
     ds["attention_mask"] = ds["attention_mask"].astype(np.int8)

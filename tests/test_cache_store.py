@@ -113,6 +113,21 @@ def test_round_trip_drops_slack_and_keeps_values(tmp_path):
     assert all(c == 1 for c in ds.resid.chunks[0]) and ds.resid.chunks[2] == (HIDDEN,)
     raw = open_cache(url, "forget", keep_slack=True)
     assert raw.sizes["token"] > sum(LENGTHS) and int(raw.attention_mask.sum()) == sum(LENGTHS)
+    scan = open_cache(url, "forget", layers_per_chunk=2)
+    assert scan.resid.chunks[0] == (2, 1) and scan.mlp_in.chunks[0] == (2,)
+    for name in ("resid", "mlp_in", "last", "input_ids", "attention_mask", "sample_offset"):
+        np.testing.assert_array_equal(scan[name].values, ds[name].values)
+
+
+def test_scan_layers_per_chunk_known_answers():
+    from cache_store.reader import scan_layers_per_chunk
+
+    # SmolLM2-like: 1024 tokens x 576 x float16 = 1.2 MB per stored chunk -> 7 layers per 8 MB task
+    assert scan_layers_per_chunk(1024, 576, 2, 31) == 7
+    # 7B-like: a layer's float64 d x d partial (134 MB) already exceeds the 64 MB budget -> 1 layer
+    assert scan_layers_per_chunk(512, 4096, 2, 33) == 1
+    # never more layers than the cache has, never fewer than one
+    assert scan_layers_per_chunk(8, 16, 4, 3) == 3 and scan_layers_per_chunk(10**6, 576, 4, 31) == 1
 
 
 def test_block_filling_whole_chunks_exactly(tmp_path):
