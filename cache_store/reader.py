@@ -81,14 +81,14 @@ def open_cache(url: str, split: str, *, allow_incomplete: bool = False, keep_sla
             f"{url}: split {split!r} is incomplete (capture interrupted or still running); rerun the same "
             "`unlearn-lens capture` command to finish it"
         )
+    if layers_per_chunk == "scan":
+        needed = ("token_chunk", "hidden_size", "dtype", "num_layers")
+        layers_per_chunk = scan_layers_per_chunk(
+            int(attrs["token_chunk"]), int(attrs["hidden_size"]), np.dtype(attrs["dtype"]).itemsize,
+            int(attrs["num_layers"]) + 1) if all(key in attrs for key in needed) else 1
+    chunks = {} if layers_per_chunk == 1 else {"layer": layers_per_chunk, "mlp_layer": layers_per_chunk}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if layers_per_chunk == "scan":
-            needed = ("token_chunk", "hidden_size", "dtype", "num_layers")
-            layers_per_chunk = scan_layers_per_chunk(
-                int(attrs["token_chunk"]), int(attrs["hidden_size"]), np.dtype(attrs["dtype"]).itemsize,
-                int(attrs["num_layers"]) + 1) if all(key in attrs for key in needed) else 1
-        chunks = {} if layers_per_chunk == 1 else {"layer": layers_per_chunk, "mlp_layer": layers_per_chunk}
         ds = xr.open_zarr(stores.store_for(url, read_only=True), group=split, chunks=chunks,
                           consolidated=True if complete else False, zarr_format=3)
     ds = ds.drop_vars([v for v in ("block_done",) if v in ds.variables])

@@ -88,13 +88,14 @@ class BatchRunner:
         resid: list = []
         mlp_in: list = []
         final: list = []
+        head_path = split in ("wmdp", "wmdp_cloze") and self.head_only
         with torch.inference_mode():
             with traced.trace(input_ids=ids, attention_mask=mask) as tracer:
                 resid.append(adapter.block(0, traced).input.save())
                 for layer in range(adapter.num_layers):
                     mlp_in.append(adapter.mlp(layer, traced).input.save())
                     resid.append(adapter.block(layer, traced).output.save())
-                if split in ("wmdp", "wmdp_cloze") and self.head_only:
+                if head_path:
                     final.append(adapter.final_norm(traced).output.save())
                     tracer.stop()  # the unembedding runs below, on the positions scored only
                 elif split == "wmdp":
@@ -104,7 +105,7 @@ class BatchRunner:
                     final.append(self._cloze_logprob(lambda r, p: traced.output.logits[r, p], ids, extra).save())
                 else:
                     tracer.stop()  # forget / retain need no logits: skip the final norm and unembedding
-            if split in ("wmdp", "wmdp_cloze") and self.head_only:
+            if head_path:
                 final[0] = self._head_scores(final[0], split, rows, lengths, ids, extra)
             lengths_list = [int(n) for n in lengths.cpu()]
             out = {"resid": self._store(self._gather(resid, lengths_list), "resid"),

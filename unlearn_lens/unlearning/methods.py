@@ -308,6 +308,7 @@ class WtDistReg(UnlearningMethod):
         model = ctx.plain_model if ctx.plain_model is not None else ctx.model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.pretrained = [p.detach().clone() for p in self.params]
+        self._count: torch.Tensor | None = None  # parameters over all shards (FSDP), summed once
 
     def _distance(self) -> torch.Tensor:
         if not self.ctx.sharded:
@@ -320,8 +321,10 @@ class WtDistReg(UnlearningMethod):
         pairs = [(_local(p), _local(r)) for p, r in zip(self.params, self.pretrained)]
         local = sum(((p.float() - r.float()).pow(2).sum() for p, r in pairs),
                     torch.zeros((), device=pairs[0][1].device))
-        count = torch.tensor(float(sum(p.numel() for p, _ in pairs)), device=local.device)
-        dist.all_reduce(count)
+        if self._count is None:
+            self._count = torch.tensor(float(sum(p.numel() for p, _ in pairs)), device=local.device)
+            dist.all_reduce(self._count)
+        count = self._count
         total = local.detach().clone()
         dist.all_reduce(total)
         total = local + (total - local.detach())  # the global sum's value, this shard's gradient
