@@ -8,6 +8,8 @@ majority-class rate) and AUC of the out-of-fold decision values.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -55,11 +57,10 @@ def probe_layer(forget: np.ndarray, retain: np.ndarray, C: float = 1.0, max_iter
 
 def probe_rows(last_forget: np.ndarray, last_retain: np.ndarray, C: float = 1.0, max_iter: int = 1000,
                seed: int = 0, map_layers=map) -> list[dict]:
-    """One row per layer; ``last_*`` are (layer, sample, hidden). ``map_layers(fn, layers)`` may run them in parallel."""
-    def one(layer: int) -> dict:
-        return {"layer": layer, **probe_layer(last_forget[layer], last_retain[layer], C, max_iter, seed)}
-
-    return list(map_layers(one, range(last_forget.shape[0])))
+    """One row per layer; ``last_*`` are (layer, sample, hidden). ``map_layers`` has ``map``'s signature
+    (function, then one iterable per argument) and may run the layers in parallel, in processes too."""
+    fits = map_layers(partial(probe_layer, C=C, max_iter=max_iter, seed=seed), last_forget, last_retain)
+    return [{"layer": layer, **fit} for layer, fit in enumerate(fits)]
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -159,15 +161,59 @@ def compute(objects: Any, description: str, progress: bool) -> Any:
         return dask.compute(objects)[0]
 
 
+def _local_workers() -> int:
+    return dask.config.get("num_workers", None) or os.cpu_count() or 1
+
+
 def map_threads(function: Callable, items) -> list:
     """``map`` over in-memory work on local threads, BLAS single-threaded inside (no oversubscription)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
 
-    workers = dask.config.get("num_workers", None) or os.cpu_count() or 1
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=workers) as pool:
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=_local_workers()) as pool:
         return list(pool.map(function, items))
+
+
+#: below this many array elements in all, a process pool's start-up (seconds) outweighs its gain
+PROCESS_POOL_MIN_ELEMENTS = 2_000_000
+
+
+def _process_pool(elements: int):
+    """joblib's (reused) loky pool for ``map_processes``, or None where one does not pay: one core,
+    or arrays too small."""
+    workers = _local_workers()
+    if workers == 1 or elements < PROCESS_POOL_MIN_ELEMENTS:
+        return None
+    from joblib import Parallel
+
+    return Parallel(n_jobs=workers, backend="loky", inner_max_num_threads=1)
+
+
+def map_processes(function: Callable, *iterables) -> list:
+    """``map`` over in-memory tasks whose time is Python, not BLAS (scikit-learn fits: threads would
+    queue on the GIL), in local worker processes with one BLAS thread each; in this process when the
+    arrays are small. ``function`` and the items travel by pickle: give each task only its slice."""
+    tasks = list(zip(*iterables))
+    pool = _process_pool(sum(np.size(item) for task in tasks for item in task))
+    if pool is None:
+        return [function(*task) for task in tasks]
+    from joblib import delayed
+
+    return pool(delayed(function)(*task) for task in tasks)
+
+
+def start_process_pool(elements: int) -> None:
+    """Start ``map_processes``' workers in the background (a trivial separation call makes each
+    import scikit-learn), so that their start-up overlaps the reductions instead of delaying the
+    first fits."""
+    pool = _process_pool(elements)
+    if pool is not None:
+        from joblib import delayed
+
+        zero = np.zeros(1)
+        warm_up = [delayed(separation.cosine_distance)(zero, zero)] * _local_workers()
+        threading.Thread(target=pool, args=(warm_up,), daemon=True).start()
 
 
 def split_reductions(caches: Caches, split: str, base: str, tables: Mapping[str, np.ndarray]) -> dict:
@@ -189,6 +235,21 @@ def split_reductions(caches: Caches, split: str, base: str, tables: Mapping[str,
 
 
 # --- writing -----------------------------------------------------------------------------------
+
+class _Stages:
+    """The analyze progress bar, timing each stage on the way (``seconds`` in the run's result)."""
+
+    def __init__(self, total: int, progress: bool) -> None:
+        self.bar = tqdm(total=total, desc="analyze", disable=not progress)
+        self.seconds: dict[str, float] = {}
+        self._since = time.perf_counter()
+
+    def done(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._since
+        self._since = now
+        self.bar.update(1)
+
 
 def _begin(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
@@ -358,6 +419,7 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
     ``caches[model][split]`` are lazy Datasets; ``checkpoints[model]`` (optional) objects with
     ``family``, ``names()``, ``shape()``, ``read_matrix()`` and ``unembedding()``; missing ones are
     opened from each cache's ``model_path`` with ``checkpoint_opener`` (default ``open_checkpoint``).
+    The summary's ``seconds`` says how long each stage took (reading and computing together).
     """
     options = options or AnalyzeOptions()
     outdir = Path(outdir)
@@ -369,10 +431,11 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
     for name in others:
         row_space.check_same_shapes(opened[base], opened[name], f"{base} vs {name}")
 
-    stages = tqdm(total=5 + len(caches), desc="analyze", disable=not options.progress)
+    stages = _Stages(5 + len(caches), options.progress)
+    start_process_pool(sum(caches[base][split]["last"].size for split in SPLITS))  # size of one model's fits
     bases = {name: row_space.update_bases(opened[base], opened[name], options.top_k, map_layers=map_threads)
              for name in others}
-    stages.update(1)
+    stages.done("row-space bases")
 
     reference = caches[base]["forget"]
     n_mlp, hidden = reference.sizes["mlp_layer"], reference.sizes["hidden"]
@@ -398,10 +461,10 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
         difference[split] = result["dh"]
         last[split] = {model: np.asarray(value, dtype=np.float32) for model, value in result["last"].items()}
         del result
-        stages.update(1)
+        stages.done(f"{split} split")
 
     aucs = {model: separation.layer_aucs(last["forget"][model], last["retain"][model], options.C,
-                                         options.max_iter, options.seed, map_layers=map_threads) for model in caches}
+                                         options.max_iter, options.seed, map_layers=map_processes) for model in caches}
     written: dict[str, Any] = {"comparisons": {}, "models": {}}
     for name in others:
         folder = outdir / comparison_name(base, name)
@@ -427,15 +490,15 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
                                                     got["retain"][layer], matrices))
         _write_row_space(folder / "row_space_projection", rows, base, name, options.top_k, options.seed)
         written["comparisons"][name] = str(folder)
-    stages.update(1)
+    stages.done("separation AUCs and comparison outputs")
 
     for model in caches:
         folder = outdir / model
         rows = probes.probe_rows(last["forget"][model], last["retain"][model], options.C, options.max_iter,
-                                 options.seed, map_layers=map_threads)
+                                 options.seed, map_layers=map_processes)
         _write_probes(folder / "linear_probes", rows, model, options)
         written["models"][model] = {"linear_probes": str(folder / "linear_probes")}
-        stages.update(1)
+        stages.done("linear probes")
 
     lens_models = [model for model in caches if all(split in caches[model] for split in LENS_SPLITS)]
     if lens_models:
@@ -448,7 +511,8 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
             written["models"][model]["wmdp_logit_lens"] = str(outdir / model / "wmdp_logit_lens")
     else:
         written["skipped"] = "no wmdp/wmdp_cloze splits in the caches: the logit lens was not run"
-    stages.update(1)
-    stages.close()
+    stages.done("logit lens")
+    stages.bar.close()
     written["options"] = asdict(options)
+    written["seconds"] = stages.seconds
     return written

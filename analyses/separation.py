@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
@@ -60,9 +62,9 @@ def heldout_auc(forget: np.ndarray, retain: np.ndarray, C: float = 1.0, max_iter
 
 def layer_aucs(last_forget: np.ndarray, last_retain: np.ndarray, C: float = 1.0, max_iter: int = 1000,
                seed: int = 0, map_layers=map) -> list[float]:
-    """Held-out AUC at every layer of (layer, sample, hidden) last-token states."""
-    return list(map_layers(lambda layer: heldout_auc(last_forget[layer], last_retain[layer], C, max_iter, seed),
-                           range(last_forget.shape[0])))
+    """Held-out AUC at every layer of (layer, sample, hidden) last-token states (``map_layers`` as in
+    ``probes.probe_rows``)."""
+    return list(map_layers(partial(heldout_auc, C=C, max_iter=max_iter, seed=seed), last_forget, last_retain))
 
 
 def separation_rows(model: str, role: str, forget: Moments, retain: Moments, aucs: list[float]) -> list[dict]:

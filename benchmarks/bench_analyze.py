@@ -21,6 +21,7 @@ Prints each time and the ratios. Usage: ``python benchmarks/bench_analyze.py [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import time
@@ -66,8 +67,6 @@ def prepare(workdir: Path, n_texts: int, n_questions: int) -> tuple[Path, Path, 
 # --- ours ------------------------------------------------------------------------------------
 
 def run_ours(models: dict[str, Path], data: Path, workdir: Path) -> dict[str, float]:
-    from analyses.caches import open_model_caches
-    from analyses.runner import AnalyzeOptions, run_analysis
     from unlearn_lens.capture import CaptureSettings, capture
 
     settings = CaptureSettings(max_samples=10_000, max_length=128, batch_size=8, dtype="float16", progress=False)
@@ -80,37 +79,66 @@ def run_ours(models: dict[str, Path], data: Path, workdir: Path) -> dict[str, fl
     times["capture"] = time.perf_counter() - start
     print(f"ours.capture {times['capture']:.1f} s", flush=True)
 
-    start = time.perf_counter()
-    read_once(caches)
-    times["read_once"] = time.perf_counter() - start
-    print(f"ours.read_once {times['read_once']:.1f} s", flush=True)
-
-    out = workdir / "analysis"
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    opened = {name: open_model_caches(str(url)) for name, url in caches.items()}
-    run_analysis(opened, "base", out, AnalyzeOptions(progress=False))
-    times["analyze"] = time.perf_counter() - start
-    print(f"ours.analyze {times['analyze']:.1f} s", flush=True)
+    times.update(read_then_analyze(caches, workdir))
     return times
 
 
 def time_analyze(workdir: Path, repeats: int) -> None:
     """Alternate read-once and analyze on existing caches (same machine state for both)."""
+    caches = {name: workdir / f"cache-{name}.zarr" for name in ("base", "modified")}
+    for _ in range(repeats):
+        read_then_analyze(caches, workdir)
+
+
+def read_then_analyze(caches: dict[str, Path], workdir: Path) -> dict[str, float]:
+    """Time reading every cached chunk once, then ``analyze``; count the chunk bytes each fetched."""
     from analyses.caches import open_model_caches
     from analyses.runner import AnalyzeOptions, run_analysis
 
-    caches = {name: workdir / f"cache-{name}.zarr" for name in ("base", "modified")}
-    for _ in range(repeats):
+    stored = chunk_bytes(caches)
+    with counting_reads() as counted:
         start = time.perf_counter()
         read_once(caches)
         read = time.perf_counter() - start
-        shutil.rmtree(workdir / "analysis", ignore_errors=True)
+    print(f"ours.read_once {read:.1f} s, fetched {counted['bytes'] / stored:.2f} x the {stored / 1e6:.0f} MB "
+          "of stored chunks", flush=True)
+    shutil.rmtree(workdir / "analysis", ignore_errors=True)
+    with counting_reads() as counted:
         start = time.perf_counter()
-        run_analysis({n: open_model_caches(str(u)) for n, u in caches.items()}, "base", workdir / "analysis",
-                     AnalyzeOptions(progress=False))
+        written = run_analysis({n: open_model_caches(str(u)) for n, u in caches.items()}, "base",
+                               workdir / "analysis", AnalyzeOptions(progress=False))
         took = time.perf_counter() - start
-        print(f"read_once {read:.1f} s  analyze {took:.1f} s  ratio {took / read:.1f}x", flush=True)
+    stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in written["seconds"].items())
+    print(f"ours.analyze {took:.1f} s ({stages}), fetched {counted['bytes'] / stored:.2f} x the stored chunks; "
+          f"analyze / read-once {took / read:.1f}x", flush=True)
+    return {"read_once": read, "analyze": took}
+
+
+@contextlib.contextmanager
+def counting_reads():
+    """Count the bytes zarr's LocalStore returns for chunk keys while the block runs."""
+    import zarr.storage
+
+    counted = {"bytes": 0}
+    original = zarr.storage.LocalStore.get
+
+    async def get(self, key, prototype=None, byte_range=None):
+        buffer = await original(self, key, prototype, byte_range)
+        if buffer is not None and "/c/" in f"/{key}":
+            counted["bytes"] += len(buffer)
+        return buffer
+
+    zarr.storage.LocalStore.get = get
+    try:
+        yield counted
+    finally:
+        zarr.storage.LocalStore.get = original
+
+
+def chunk_bytes(caches: dict[str, Path]) -> int:
+    """Bytes of every stored chunk of the caches (what one full read has to fetch)."""
+    return sum(f.stat().st_size for url in caches.values() for f in Path(url).rglob("*")
+               if f.is_file() and "/c/" in f"/{f.relative_to(url).as_posix()}")
 
 
 def read_once(caches: dict[str, Path]) -> None:

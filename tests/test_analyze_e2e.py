@@ -99,6 +99,9 @@ def test_capture_then_analyze_without_torch(captured, tmp_path, family):
                    "base__to__unl/activation_covariance", "base__to__unl/row_space_projection",
                    "base/linear_probes", "unl/linear_probes", "base/wmdp_logit_lens", "unl/wmdp_logit_lens"):
         assert (out / folder / "_COMPLETE").is_file(), folder
+    took = [line for line in result.stdout.splitlines() if line.startswith("took ")]
+    assert len(took) == 1 and all(stage in took[0] for stage in
+                                  ("forget split", "retain split", "linear probes", "logit lens")), result.stdout
 
     # the lens at the last layer reproduces the model's own answers (final norm applied once)
     for model in ("base", "unl"):

@@ -217,6 +217,23 @@ def test_local_cluster_matches_threads(tmp_path):
         assert csv_path.read_text() == other.read_text(), csv_path
 
 
+def test_fits_in_worker_processes_equal_in_process(tmp_path, monkeypatch):
+    from analyses import probes, runner, separation
+
+    rng = np.random.default_rng(3)
+    forget = rng.normal(0.3, 1.0, size=(4, 20, 6)).astype(np.float32)
+    retain = rng.normal(0.0, 1.0, size=(4, 20, 6)).astype(np.float32)
+    expected = (probes.probe_rows(forget, retain, seed=2), separation.layer_aucs(forget, retain, seed=2))
+    monkeypatch.setattr(runner, "PROCESS_POOL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(runner, "_local_workers", lambda: 2)
+    assert runner._process_pool(1) is not None  # the pool path, not the in-process fallback
+    got = (probes.probe_rows(forget, retain, seed=2, map_layers=runner.map_processes),
+           separation.layer_aucs(forget, retain, seed=2, map_layers=runner.map_processes))
+    assert got == expected
+    with pytest.raises(UserError, match="at least 2 forget"):  # a worker's refusal stays a one-line error
+        probes.probe_rows(forget[:, :1], retain, map_layers=runner.map_processes)
+
+
 BLOCKER = textwrap.dedent('''
     import importlib.abc, sys
     class _Block(importlib.abc.MetaPathFinder):

@@ -97,3 +97,6 @@ def analyze(base_cache, compares, outdir, base_name, scheduler, workers, process
         click.echo(f"{model}: " + ", ".join(folders.values()))
     if "skipped" in written:
         click.echo(f"note: {written['skipped']}")
+    seconds = written["seconds"]
+    stages = ", ".join(f"{stage} {took:.1f} s" for stage, took in seconds.items())
+    click.echo(f"took {sum(seconds.values()):.1f} s ({stages})")
