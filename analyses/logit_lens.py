@@ -5,8 +5,9 @@ are applied to the cached residual stream:
 - ``letter``: lm-eval's zero-shot letter scoring, final_norm(last[l]) @ letter_unembed^T and the
   argmax over the four answer letters;
 - ``cloze``: each choice's continuation scored by its mean log-probability, log_softmax over the
-  full vocabulary (from the checkpoint's unembedding), computed in blocks of positions so memory
-  stays bounded by ``block_bytes``; the best-scoring choice is the answer.
+  full vocabulary (from the checkpoint's unembedding), computed once per distinct state and in
+  blocks of positions so memory stays bounded by ``block_bytes``; the best-scoring choice is the
+  answer.
 """
 
 from __future__ import annotations
@@ -55,23 +56,39 @@ def _block_rows(n_rows: int, vocab: int, block_bytes: int) -> list[slice]:
     return [slice(start, min(start + block, n_rows)) for start in range(0, n_rows, block)]
 
 
-def _logprob_block(normed: np.ndarray, targets: np.ndarray, unembedding: np.ndarray) -> np.ndarray:
-    """log_softmax(normed @ U^T)[target] for a block of rows (float32 logits, one block in memory)."""
+def _log_normalisers(normed: np.ndarray, unembedding: np.ndarray) -> np.ndarray:
+    """logsumexp over the vocabulary of ``normed @ U^T``, per row (float32 logits, float64 result)."""
     logits = normed @ unembedding.T  # U is (vocab, d): BLAS reads the transpose in place
     peak = logits.max(axis=1, keepdims=True)
-    log_total = np.log(np.exp(logits - peak).sum(axis=1)).astype(np.float64) + peak[:, 0]
-    return logits[np.arange(len(logits)), targets] - log_total
+    return np.log(np.exp(logits - peak).sum(axis=1)).astype(np.float64) + peak[:, 0]
+
+
+def _distinct_rows(states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, inverse)``: indices of the bitwise-distinct rows and, per row, which of them it is.
+
+    The choices of a question share their context, so the state before each continuation (and
+    before any common first tokens) is the same row several times: its vocabulary is scored once."""
+    rows = np.ascontiguousarray(states)
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1])))[:, 0]
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return first, inverse.reshape(-1)
 
 
 def token_logprobs(states: np.ndarray, targets: np.ndarray, unembedding: np.ndarray, norm: dict,
                    block_bytes: int = 64 << 20, map_blocks=map) -> np.ndarray:
-    """log_softmax(U norm(h))[target] for each row of ``states`` (P, d), in blocks of rows so that
-    at most ``block_bytes`` of logits exist per block; ``map_blocks`` may run blocks in parallel."""
+    """log_softmax(U norm(h))[target] for each row of ``states`` (P, d).
+
+    The vocabulary normaliser is computed once per distinct row, in blocks of rows so that at
+    most ``block_bytes`` of logits exist per block; ``map_blocks`` may run blocks in parallel."""
     unembedding = np.asarray(unembedding, dtype=np.float32)
-    normed = apply_final_norm(states, **norm)
-    blocks = _block_rows(len(states), unembedding.shape[0], block_bytes)
-    parts = map_blocks(lambda rows: _logprob_block(normed[rows], targets[rows], unembedding), blocks)
-    return np.concatenate(list(parts)) if blocks else np.zeros(0)
+    first, inverse = _distinct_rows(states)
+    normed = apply_final_norm(np.asarray(states)[first], **norm)
+    blocks = _block_rows(len(normed), unembedding.shape[0], block_bytes)
+    parts = list(map_blocks(lambda rows: _log_normalisers(normed[rows], unembedding), blocks))
+    if not parts:
+        return np.zeros(0)
+    target_logits = np.einsum("pd,pd->p", normed[inverse], unembedding[targets])
+    return target_logits - np.concatenate(parts)[inverse]
 
 
 def cloze_scores(states: np.ndarray, targets: np.ndarray, owner: np.ndarray, n_sequences: int,

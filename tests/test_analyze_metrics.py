@@ -264,3 +264,25 @@ def test_lens_last_layer_reproduces_model_answers(kind):
     assert rows[-1]["delta_from_final"] == 0.0
     assert rows[0]["accuracy"] == pytest.approx((predictions[0] == wmdp["answer"].values).mean())
     assert list(rows[0]) == logit_lens.COLUMNS
+
+
+def test_token_logprobs_score_each_distinct_state_once():
+    rng = np.random.default_rng(5)
+    U = rng.normal(size=(60, 8)).astype(np.float32)
+    states = rng.normal(size=(9, 8)).astype(np.float16)
+    states[[4, 6]] = states[1]  # e.g. three choices' continuations all follow the same context state
+    states[8] = -states[0]  # equal magnitudes, other sign: a different state
+    targets = rng.integers(0, 60, size=9)
+    norm = {"kind": "layernorm", "eps": 1e-5, "weight": rng.normal(size=8), "bias": rng.normal(size=8)}
+    scored = []
+
+    def spy(function, blocks):
+        blocks = list(blocks)
+        scored.extend(block.stop - block.start for block in blocks)
+        return map(function, blocks)
+
+    got = logit_lens.token_logprobs(states, targets, U, norm, map_blocks=spy)
+    assert sum(scored) == 7
+    logits = logit_lens.apply_final_norm(states, **norm).astype(np.float64) @ U.T.astype(np.float64)
+    expected = logits[np.arange(9), targets] - np.log(np.exp(logits).sum(axis=1))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
