@@ -203,17 +203,27 @@ def map_processes(function: Callable, *iterables) -> list:
     return pool(delayed(function)(*task) for task in tasks)
 
 
-def start_process_pool(elements: int) -> None:
-    """Start ``map_processes``' workers in the background (a trivial separation call makes each
+def start_process_pool(elements: int) -> threading.Thread | None:
+    """Start ``map_processes``' workers in a background thread (a trivial separation call makes each
     import scikit-learn), so that their start-up overlaps the reductions instead of delaying the
-    first fits."""
+    first fits. Join the thread before the first ``map_processes`` call."""
     pool = _process_pool(elements)
-    if pool is not None:
-        from joblib import delayed
+    if pool is None:
+        return None
+    from joblib import delayed
 
-        zero = np.zeros(1)
-        warm_up = [delayed(separation.cosine_distance)(zero, zero)] * _local_workers()
-        threading.Thread(target=pool, args=(warm_up,), daemon=True).start()
+    zero = np.zeros(1)
+    warm_up = [delayed(separation.cosine_distance)(zero, zero)] * _local_workers()
+
+    def start() -> None:
+        try:
+            pool(warm_up)
+        except Exception:  # the fits that follow start the pool again and report what is wrong
+            pass
+
+    thread = threading.Thread(target=start, name="process-pool-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def split_reductions(caches: Caches, split: str, base: str, tables: Mapping[str, np.ndarray]) -> dict:
@@ -235,21 +245,6 @@ def split_reductions(caches: Caches, split: str, base: str, tables: Mapping[str,
 
 
 # --- writing -----------------------------------------------------------------------------------
-
-class _Stages:
-    """The analyze progress bar, timing each stage on the way (``seconds`` in the run's result)."""
-
-    def __init__(self, total: int, progress: bool) -> None:
-        self.bar = tqdm(total=total, desc="analyze", disable=not progress)
-        self.seconds: dict[str, float] = {}
-        self._since = time.perf_counter()
-
-    def done(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._since
-        self._since = now
-        self.bar.update(1)
-
 
 def _begin(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
@@ -411,6 +406,21 @@ def lens_results(inputs: dict, loaded: dict, unembedding: np.ndarray, progress: 
 
 # --- the whole run -----------------------------------------------------------------------------
 
+class _Stages:
+    """The analyze progress bar, timing each stage on the way (``seconds`` in the run's result)."""
+
+    def __init__(self, total: int, progress: bool) -> None:
+        self.bar = tqdm(total=total, desc="analyze", disable=not progress)
+        self.seconds: dict[str, float] = {}
+        self._since = time.perf_counter()
+
+    def done(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._since
+        self._since = now
+        self.bar.update(1)
+
+
 def run_analysis(caches: Caches, base: str, outdir: str | Path, options: AnalyzeOptions | None = None,
                  checkpoints: Mapping[str, Any] | None = None,
                  checkpoint_opener: Callable[..., Any] | None = None) -> dict[str, Any]:
@@ -432,7 +442,7 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
         row_space.check_same_shapes(opened[base], opened[name], f"{base} vs {name}")
 
     stages = _Stages(5 + len(caches), options.progress)
-    start_process_pool(sum(caches[base][split]["last"].size for split in SPLITS))  # size of one model's fits
+    warming = start_process_pool(sum(caches[base][split]["last"].size for split in SPLITS))  # one model's fits
     bases = {name: row_space.update_bases(opened[base], opened[name], options.top_k, map_layers=map_threads)
              for name in others}
     stages.done("row-space bases")
@@ -463,6 +473,8 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
         del result
         stages.done(f"{split} split")
 
+    if warming is not None:
+        warming.join()
     aucs = {model: separation.layer_aucs(last["forget"][model], last["retain"][model], options.C,
                                          options.max_iter, options.seed, map_layers=map_processes) for model in caches}
     written: dict[str, Any] = {"comparisons": {}, "models": {}}

@@ -234,6 +234,19 @@ def test_fits_in_worker_processes_equal_in_process(tmp_path, monkeypatch):
         probes.probe_rows(forget[:, :1], retain, map_layers=runner.map_processes)
 
 
+def test_run_with_fits_in_worker_processes_writes_the_same(tmp_path, monkeypatch):
+    from analyses import runner
+
+    caches, _, _ = build(tmp_path)
+    run_analysis(caches, "base", tmp_path / "in_process", OPTIONS)
+    monkeypatch.setattr(runner, "PROCESS_POOL_MIN_ELEMENTS", 0)  # warm-up thread and pool, however small
+    monkeypatch.setattr(runner, "_local_workers", lambda: 2)
+    run_analysis(caches, "base", tmp_path / "pool", OPTIONS)
+    assert not [t for t in threading.enumerate() if t.name == "process-pool-warm-up"]
+    for csv_path in sorted((tmp_path / "in_process").rglob("*.csv")):
+        assert csv_path.read_text() == (tmp_path / "pool" / csv_path.relative_to(tmp_path / "in_process")).read_text()
+
+
 BLOCKER = textwrap.dedent('''
     import importlib.abc, sys
     class _Block(importlib.abc.MetaPathFinder):
