@@ -47,7 +47,8 @@ def _scheduler(address: str | None, workers: int | None, processes: bool):
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Address of a running dask.distributed scheduler (e.g. tcp://host:8786); default: local threads.")
 @click.option("--workers", type=int, default=None,
-              help="Local dask workers (threads, or processes with --processes); default: one per core.")
+              help="Local dask workers (threads, or processes with --processes); with threads also the number of "
+                   "processes fitting the probes and separation classifiers. Default: one per core.")
 @click.option("--processes", is_flag=True,
               help="Run the local workers as processes (a dask.distributed LocalCluster) instead of threads.")
 @click.option("--max-samples", type=int, default=None,
