@@ -76,7 +76,7 @@ def _with_covariance(eigenvalues, n, rng):
 
 def test_planted_spectrum_effective_rank():
     rng = np.random.default_rng(2)
-    d, n = 8, 400
+    n = 400
     flat3 = np.array([2.0, 2.0, 2.0, 0, 0, 0, 0, 0])
     decaying = np.array([4.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05, 0.05])
     x = np.stack([_with_covariance(flat3, n, rng), _with_covariance(decaying, n, rng)]).astype(np.float32)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-
 import click
-
-from unlearn_lens.errors import UserError
 
 _DTYPES = click.Choice(["auto", "float32", "float16", "bfloat16"])
 
