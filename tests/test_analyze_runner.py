@@ -217,7 +217,7 @@ def test_local_cluster_matches_threads(tmp_path):
         assert csv_path.read_text() == other.read_text(), csv_path
 
 
-def test_fits_in_worker_processes_equal_in_process(tmp_path, monkeypatch):
+def test_fits_in_worker_processes_equal_in_process(monkeypatch):
     from analyses import probes, runner, separation
 
     rng = np.random.default_rng(3)
