@@ -6,7 +6,7 @@ import hashlib
 from importlib import metadata
 from typing import Any
 
-from cache_store.tokenizer_id import tokenizer_fingerprint  # noqa: F401 (re-exported: one definition, torch-free)
+from cache_store.tokenizer_id import tokenizer_fingerprint
 from unlearn_lens.loading import resolve_source
 
 _PACKAGES = ("unlearn-lens", "torch", "transformers", "nnsight", "zarr", "numpy", "xarray")
