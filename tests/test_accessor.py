@@ -106,6 +106,13 @@ def test_text_without_or_with_another_tokenizer_is_one_clear_error(tiny_cache_pa
     moved.attrs = {**ds.attrs, "model_path": str(tmp_path / "gone")}
     with pytest.raises(UserError, match=r"no tokenizer.json found for this cache \(looked in: .*gone\); pass one"):
         moved.ulens.text(0)
+    gguf = tmp_path / "model.gguf"  # a single-file model without a tokenizer.json beside it
+    gguf.write_bytes(b"GGUF")
+    moved.attrs["model_path"] = str(gguf)
+    with pytest.raises(UserError, match=f"looked in: {tmp_path}\\)"):
+        moved.ulens.text(0)
+    moved.attrs["model_path"] = str(base / "model.safetensors")  # a file: its folder's tokenizer is used
+    assert moved.ulens.text(0) == expected
     del moved.attrs["model_path"]
     with pytest.raises(UserError, match="no model_path"):
         moved.ulens.text(0)
