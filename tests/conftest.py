@@ -107,3 +107,44 @@ def write_unlearn_data(path, forget=None, retain=None):
 @pytest.fixture(scope="session")
 def unlearn_data_dir(tmp_path_factory):
     return write_unlearn_data(tmp_path_factory.mktemp("unlearn-data"))
+
+
+# --- notebook and ds.ulens accessor (h6): a base and a modified tiny model, captured ---------
+
+def scale_block_mlp(source, target, block: int = 1, factor: float = 1.5):
+    """Copy a tiny llama directory with block ``block``'s MLP matrices scaled by ``factor``: the
+    residual streams of the two models agree exactly up to that block and differ after it."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, target)
+    file = Path(target) / "model.safetensors"
+    tensors = load_file(str(file))
+    prefix = f"model.layers.{block}.mlp."
+    changed = [name for name in tensors if name.startswith(prefix)]
+    assert changed, sorted(tensors)
+    for name in changed:
+        tensors[name] = (tensors[name] * factor).astype(tensors[name].dtype)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    return Path(target)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_pair(tmp_path_factory, unlearn_data_dir):
+    """Every split of a tiny llama ("base") and of its block-1-MLP-scaled copy ("modified"),
+    captured in float32 with blocks of 4 samples and 16-token chunks (so the store has slack)."""
+    from unlearn_lens.capture import CaptureSettings, capture
+    from unlearn_lens.testing import save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-cache-pair")
+    models = {"base": save_tiny_model("llama", root / "base-model")}
+    models["modified"] = scale_block_mlp(models["base"], root / "modified-model")
+    settings = CaptureSettings(batch_size=8, block_samples=4, dtype="float32", progress=False, token_chunk=16,
+                               max_length=64)
+    caches = {}
+    for name, model in models.items():
+        caches[name] = root / "caches" / f"{name}.zarr"
+        assert set(capture(str(model), unlearn_data_dir, str(caches[name]), settings).values()) == {"complete"}
+    return {"models": models, "caches": caches, "data": unlearn_data_dir, "settings": settings}

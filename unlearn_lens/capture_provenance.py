@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from importlib import metadata
 from typing import Any
 
+from cache_store.tokenizer_id import tokenizer_fingerprint
 from unlearn_lens.loading import resolve_source
 
 _PACKAGES = ("unlearn-lens", "torch", "transformers", "nnsight", "zarr", "numpy", "xarray")
@@ -24,20 +24,6 @@ def weights_fingerprint(model) -> str:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's definition (vocabulary, merges, normaliser, special tokens)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        definition = json.loads(backend.to_str())
-        definition.pop("truncation", None)
-        definition.pop("padding", None)
-    else:
-        definition = {"vocab": tokenizer.get_vocab()}
-    definition["special"] = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
-    definition["class"] = type(tokenizer).__name__
-    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def versions() -> dict[str, str]:
