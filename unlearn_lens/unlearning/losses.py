@@ -45,11 +45,18 @@ def simnpo_loss(avg_logprob: torch.Tensor, beta: float) -> torch.Tensor:
     return -(2.0 / beta) * F.logsigmoid(-beta * avg_logprob).mean()
 
 
-def dpo_loss(chosen, chosen_ref, rejected, rejected_ref, beta: float) -> torch.Tensor:
-    """DPO with retain as chosen and forget as rejected (pairs truncated to the shorter batch)."""
-    n = min(len(chosen), len(rejected))
-    margin = (chosen[:n] - chosen_ref[:n]) - (rejected[:n] - rejected_ref[:n])
-    return -F.logsigmoid(beta * margin).mean()
+def labelled_logprob(logits, input_ids, labels_mask) -> torch.Tensor:
+    """Per-sequence log-probability summed over the tokens where ``labels_mask`` (batch, seq) is 1:
+    open-unlearning's ``compute_batch_nll`` (labels -100 elsewhere), negated."""
+    picked, _ = token_logprobs(logits, input_ids, labels_mask)
+    return (picked * labels_mask[:, 1:].to(picked.dtype)).sum(-1)
+
+
+def dpo_loss(win, win_ref, lose, lose_ref, beta: float) -> torch.Tensor:
+    """DPO as open-unlearning's ``compute_dpo_loss``: -(2/beta) * mean log sigmoid(beta * margin),
+    margin = (log pi(w) - log pi_ref(w)) - (log pi(l) - log pi_ref(l)) on summed log-probs."""
+    margin = (win - win_ref) - (lose - lose_ref)
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -113,6 +120,7 @@ def rms_distance(params, reference, eps: float = 1e-12) -> torch.Tensor:
         count += param.numel()
     if total is None:
         raise ValueError("no parameters")
+    # eps: 1e-12 (original), 1e-8 in the reference code (vision_relearning vision_unlearner.py)
     return torch.sqrt(total / count + eps)
 
 
