@@ -331,3 +331,20 @@ def test_dpo_pairs_split_half_and_refusals_are_seeded():
         assert refusal in REFUSALS and win["labels_mask"][i, p:m].all() and not win["labels_mask"][i, :p].any()
     listed = Path(__file__).parent.joinpath("data", "tofu_idontknow_head.txt").read_text().splitlines()
     assert tuple(listed) == REFUSALS
+
+
+def test_demo_passes_the_preset_instead_of_its_method_flags(tmp_path):
+    from unlearn_lens.demo import demo_settings, demo_steps
+
+    settings = demo_settings(tmp_path, "rmu,npo", device="cpu", max_samples=5, max_length=64, batch_size=2,
+                             force=False, skip=frozenset(), empirical_rank=False, workers=None, lipschitz_samples=1,
+                             tuned_lens_steps=1, tuned_lens_tokens=1, relearn=False)
+
+    def argv(step):
+        return next(v for v in vars(step).values() if callable(v)).__defaults__[0]
+
+    rmu, npo = (argv(step) for step in demo_steps(settings, 5, "reference")[2:])
+    assert rmu[rmu.index("--preset") + 1] == "reference" and "--lr" not in rmu and "--alpha" not in rmu
+    assert rmu[rmu.index("--steps") + 1] == "5" and npo.count("--steps") == 1
+    original = argv(demo_steps(settings, None, "original")[2])
+    assert "--preset" not in original and "--lr" in original  # today's demo flags
