@@ -48,7 +48,8 @@ def test_resolve_explicit_wins_and_unknown_preset_lists_valid():
     values = presets.resolve("rmu", "reference", {"alpha": 5.0})
     assert values["alpha"] == 5.0 and values["steering_coeff"] == 6.5 and values["lr"] == 5e-5
     assert values["depth_scaled"] == ["layer_id", "update_layers"]
-    assert presets.resolve("rmu", "reference", {"layer_id": 2})["depth_scaled"] == ["update_layers"]
+    given_layer = presets.resolve("rmu", "reference", {"layer_id": 2})
+    assert given_layer["depth_scaled"] == [] and "update_layers" not in given_layer  # derived from --layer-id
     assert "steps" not in presets.resolve("rmu", "reference", {"epochs": 2})  # --epochs replaces the preset's steps
     assert "epochs" not in presets.resolve("npo", "reference", {"steps": 3})
     assert presets.resolve("npo", "original", {"beta": 0.2}) == {"beta": 0.2, "depth_scaled": []}

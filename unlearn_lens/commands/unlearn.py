@@ -43,7 +43,7 @@ def _shared_options(func):
         click.option("--preset", default=presets.DEFAULT_PRESET, show_default=True,
                      help="Named hyper-parameter set of the method: original (this tool's defaults, what runs "
                           "did before presets) or reference (the published configuration); flags given "
-                          "explicitly override it. Every preset and its source: see the end of this help."),
+                          "explicitly override it (--layer-id also the preset's layers derived from it). Every preset and its source: see the end of this help."),
         click.option("--steps", type=int, default=None,
                      help="Optimizer steps (default: one epoch over the forget training texts)."),
         click.option("--epochs", type=int, default=None, help="Epochs over the forget training texts (instead of --steps)."),

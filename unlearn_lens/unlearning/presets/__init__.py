@@ -19,6 +19,9 @@ DEFAULT_PRESET = "original"
 REFERENCE_DEPTH = 32
 #: flags that exclude each other: a preset's value yields to the user's other one.
 _EXCLUSIVE = (("steps", "epochs"), ("warmup_steps", "warmup_epochs"))
+#: (preset field, flag): the preset's value yields when the flag is given, whose default derives it
+#: (rmu trains layers layer_id-2..layer_id of the layer the user names).
+_DERIVED = (("update_layers", "layer_id"), ("target_layers", "layer_id"))
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,11 @@ def resolve(method: str, preset: str, explicit: dict[str, Any]) -> dict[str, Any
         for mine, other in (pair, pair[::-1]):
             if other in explicit and explicit[other] is not None:
                 values.pop(mine, None)
+    for derived, flag in _DERIVED:
+        if flag in explicit and derived not in explicit:
+            values.pop(derived, None)
     values.update(explicit)
-    values["depth_scaled"] = [f for f in chosen.depth_scaled if f in chosen.values and f not in explicit]
+    values["depth_scaled"] = [f for f in chosen.depth_scaled if f in values and f not in explicit]
     return values
 
 
