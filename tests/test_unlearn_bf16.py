@@ -42,6 +42,10 @@ def test_bf16_run_keeps_float32_master_weights_and_saves_bf16(unlearn_data_dir, 
         finally:
             handle.remove()
 
+    # a float32 run first in the same process (as unlearn-all or the test suite do): accelerate's
+    # process-wide state must not pin its precision on the bfloat16 run that follows
+    plain = train(UnlearnConfig(**{**cfg.to_dict(), "dtype": "float32"}), progress=False)
+    assert plain.resolved["autocast"] == "no" and plain.resolved["saved_dtype"] == "float32"
     monkeypatch.setattr(M, "forward", forward_with_spy)
     result = train(cfg, progress=False)
     assert result.resolved["train_weights_dtype"] == "float32" and result.resolved["autocast"] == "bf16"

@@ -190,6 +190,13 @@ def _accelerator(cfg: UnlearnConfig, mixed_precision: str):
         raise UserError("--device cuda asked for, but no CUDA device is available")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise UserError(f"unknown --device {cfg.device!r}; use auto, cpu or cuda")
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision", mixed_precision) != mixed_precision:
+        # a later run of this process (unlearn-all, the demo, tests) with another precision: the
+        # process group (PartialState) is kept, only the precision setting is dropped
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=cfg.device == "cpu", mixed_precision=mixed_precision,
                        kwargs_handlers=[DistributedDataParallelKwargs(
                            find_unused_parameters=METHODS[cfg.method][0] == "representation")])
