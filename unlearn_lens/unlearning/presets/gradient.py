@@ -15,7 +15,8 @@ from __future__ import annotations
 from unlearn_lens.unlearning.presets import Preset
 
 _ORIGINAL = "this tool's defaults (the original pipeline's settings)"
-_OU = "open-unlearning (locuslab/open-unlearning) configs/experiment/unlearn/tofu/{file}, configs/trainer/{trainer}.yaml, src/trainer/unlearn/{code}"
+_OU = ("open-unlearning (locuslab/open-unlearning) configs/experiment/unlearn/tofu/{file}, "
+       "configs/trainer/{trainer}.yaml, src/trainer/unlearn/{code}")
 #: open-unlearning's TOFU training arguments (finetune.yaml + experiment/unlearn/tofu/*.yaml).
 TOFU_TRAINING = {"lr": 1e-5, "weight_decay": 0.01, "batch_size": 8, "grad_accum_steps": 4, "epochs": 10,
                  "warmup_epochs": 1.0, "optimizer": "adamw", "lr_scheduler": "linear", "grad_clip": 1.0,
