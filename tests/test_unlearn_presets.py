@@ -349,3 +349,18 @@ def test_demo_passes_the_preset_instead_of_its_method_flags(tmp_path):
     assert rmu[rmu.index("--steps") + 1] == "5" and npo.count("--steps") == 1
     original = argv(demo_steps(settings, None, "original")[2])
     assert "--preset" not in original and "--lr" in original  # today's demo flags
+
+
+def test_reference_warmup_is_one_epoch_of_the_forget_set(neox_dir, unlearn_data_dir, tmp_path):
+    """open-unlearning's warmup_epochs=1: int(1.0 * n_forget // effective batch) warm-up steps."""
+    out = tmp_path / "npo"
+    result = invoke("unlearn", "--model", neox_dir, "--data", str(unlearn_data_dir), "--outdir", str(out),
+                    "--method", "npo", "--preset", "reference", "--steps", "2", "--batch-size", "1",
+                    "--grad-accum-steps", "1", "--max-length", "12", "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "config.json").read_text())
+    n_forget = record["resolved"]["n_forget_train"]
+    assert record["resolved"]["warmup_steps"] == n_forget and record["config"]["warmup_epochs"] == 1.0
+    assert record["config"]["weight_decay"] == 0.01 and record["config"]["lr_scheduler"] == "linear"
+    log = _rows(out / "train_log.csv")
+    assert float(log[0]["lr"]) == pytest.approx(1e-5 / n_forget) and float(log[1]["lr"]) == pytest.approx(2e-5 / n_forget)
