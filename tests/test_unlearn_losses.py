@@ -41,9 +41,17 @@ def test_npo_simnpo_dpo_known_values():
     assert float(L.simnpo_loss(torch.tensor([-2.0]), beta)) == pytest.approx(
         -(2 / beta) * math.log(1 / (1 + math.exp(-1.0))))
     zero = torch.zeros(3)
-    assert float(L.dpo_loss(zero, zero, zero, zero, beta)) == pytest.approx(math.log(2))
-    chosen = torch.tensor([1.0, 1.0])
-    assert float(L.dpo_loss(chosen, zero[:2], -chosen, zero[:2], 1.0)) == pytest.approx(-math.log(1 / (1 + math.exp(-2))))
+    assert float(L.dpo_loss(zero, zero, zero, zero, beta)) == pytest.approx((2 / beta) * math.log(2))
+    chosen = torch.tensor([1.0, 1.0])  # open-unlearning's -(2/beta) log sigmoid(beta * margin)
+    assert float(L.dpo_loss(chosen, zero[:2], -chosen, zero[:2], 1.0)) == pytest.approx(
+        -2 * math.log(1 / (1 + math.exp(-2))))
+
+
+def test_labelled_logprob_sums_only_the_labelled_tokens():
+    logits = torch.zeros(1, 4, 5)  # uniform: every token has log-prob -log 5
+    ids = torch.tensor([[0, 1, 2, 3]])
+    assert float(L.labelled_logprob(logits, ids, torch.tensor([[0, 0, 1, 1]]))) == pytest.approx(-2 * math.log(5))
+    assert float(L.labelled_logprob(logits, ids, torch.tensor([[1, 0, 0, 1]]))) == pytest.approx(-math.log(5))
 
 
 def test_rms_distance_is_size_independent():

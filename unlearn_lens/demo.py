@@ -35,8 +35,12 @@ def demo_settings(outdir: Path, methods: str, **options) -> PipelineSettings:
     return PipelineSettings(outdir=outdir, base=base, models=models, data=outdir / "data", **options)
 
 
-def demo_steps(settings: PipelineSettings, unlearn_steps: int | None = None) -> list[Step]:
-    """Prerequisites: the base model, the demo data, and one unlearning run per method."""
+def demo_steps(settings: PipelineSettings, unlearn_steps: int | None = None, preset: str = "original") -> list[Step]:
+    """Prerequisites: the base model, the demo data, and one unlearning run per method.
+
+    ``preset`` other than ``original`` replaces the demo's per-method hyper-parameters by the
+    preset's; the demo's step count, batch size, length and seed still apply (its time budget).
+    """
     from unlearn_lens.loading import materialise_demo_model
 
     data = str(settings.data_dir)
@@ -47,6 +51,8 @@ def demo_steps(settings: PipelineSettings, unlearn_steps: int | None = None) -> 
     for entry in settings.models:
         method = entry.name
         flags = list(DEMO_METHOD_FLAGS.get(method, ["--steps", "30"]))
+        if preset != "original":
+            flags = ["--preset", preset, "--steps", flags[flags.index("--steps") + 1]]
         if unlearn_steps is not None:
             index = flags.index("--steps") if "--steps" in flags else None
             if index is not None:

@@ -106,8 +106,11 @@ def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_cod
               help="Unlearning methods applied to SmolLM2 on the demo forget set (comma-separated).")
 @click.option("--unlearn-steps", type=int, default=None,
               help="Training steps per method (default: each method's demo setting).")
+@click.option("--preset", default="original", show_default=True,
+              help="`unlearn --preset` of every method: original keeps the demo's per-method settings; reference "
+                   "uses the published hyper-parameters (steps, batch size, length and seed stay the demo's).")
 @_shared_options(tuned_lens_steps=12, tuned_lens_tokens=128, lipschitz_samples=8)
-def demo(outdir, methods, unlearn_steps, device, max_samples, max_length, batch_size, force, skip, empirical_rank,
+def demo(outdir, methods, unlearn_steps, preset, device, max_samples, max_length, batch_size, force, skip, empirical_rank,
          workers, lipschitz_samples, tuned_lens_steps, tuned_lens_tokens, relearn) -> None:
     """The whole pipeline offline: SmolLM2-135M as base, models unlearned here, a report.
 
@@ -121,7 +124,7 @@ def demo(outdir, methods, unlearn_steps, device, max_samples, max_length, batch_
                              batch_size=batch_size, force=force, skip=_skip_set(skip), empirical_rank=empirical_rank,
                              workers=workers, lipschitz_samples=lipschitz_samples, tuned_lens_steps=tuned_lens_steps, tuned_lens_tokens=tuned_lens_tokens,
                              relearn=relearn)
-    status = run_pipeline(settings, pre_steps=demo_steps(settings, unlearn_steps))
+    status = run_pipeline(settings, pre_steps=demo_steps(settings, unlearn_steps, preset))
     summary = effect_summary(settings)
     if summary:
         click.echo(f"\nWhat unlearning did (held-out texts and questions):\n{summary}")

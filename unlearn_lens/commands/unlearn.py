@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from unlearn_lens.errors import UserError
+from unlearn_lens.unlearning import presets
 from unlearn_lens.unlearning.config import CB_VARIANTS, LAT_NORMS, METHODS, OPTIMIZERS, SCHEDULERS, UnlearnConfig
 
 
@@ -39,6 +40,10 @@ def _shared_options(func):
                      help="Data directory with forget.txt, retain.txt, wmdp_mcq.jsonl (`unlearn-lens datasets create`)."),
         click.option("--outdir", required=True, type=click.Path(file_okay=False),
                      help="Output directory (model/, config.json, train_log.csv, eval.json, COMPLETE)."),
+        click.option("--preset", default=presets.DEFAULT_PRESET, show_default=True,
+                     help="Named hyper-parameter set of the method: original (this tool's defaults, what runs "
+                          "did before presets) or reference (the published configuration); flags given "
+                          "explicitly override it (--layer-id also the preset's layers derived from it). Every preset and its source: see the end of this help."),
         click.option("--steps", type=int, default=None,
                      help="Optimizer steps (default: one epoch over the forget training texts)."),
         click.option("--epochs", type=int, default=None, help="Epochs over the forget training texts (instead of --steps)."),
@@ -61,20 +66,25 @@ def _shared_options(func):
         click.option("--lr-scheduler", type=click.Choice(SCHEDULERS), default="cosine", show_default=True,
                      help="LR schedule over the run (cosine annealing to zero by default)."),
         click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear LR warm-up steps."),
+        click.option("--warmup-epochs", type=float, default=None,
+                     help="LR warm-up as a fraction of epochs over the forget texts (open-unlearning's warmup_epochs; "
+                          "instead of --warmup-steps)."),
         click.option("--grad-clip", type=float, default=1.0, show_default=True,
                      help="Clip the global gradient norm to this (0 disables)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of data order, eval split, random targets and weight noise."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-                     show_default=True, help="Weights dtype (auto: float32 on CPU, bfloat16 on GPU)."),
+                     show_default=True, help="Dtype of the saved model (auto: float32 on CPU, bfloat16 on GPU); 16-bit "
+                          "runs train float32 master weights under 16-bit autocast."),
         click.option("--device", default="auto", show_default=True,
                      help="auto (accelerate's choice), cpu or cuda."),
         click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True,
-                     help="accelerate mixed precision (autocast) for the forward passes."),
+                     help="accelerate mixed precision (autocast) for the forward passes (default: the 16-bit --dtype's)."),
         click.option("--train-dropout", is_flag=True,
                      help="Train with dropout on (default off: the model runs in eval mode, runs are deterministic)."),
         click.option("--forget-weight", type=float, default=1.0, show_default=True,
-                     help="grad_diff: weight w in retain NLL - w * forget NLL."),
+                     help="Weight of the forget term (open-unlearning's gamma): grad_diff retain NLL - w * forget NLL; "
+                          "dpo / npo / simnpo w * preference term + retain NLL."),
         click.option("--beta", type=float, default=0.1, show_default=True, help="dpo / npo / simnpo inverse temperature."),
         click.option("--layer-id", type=int, default=None,
                      help="rmu / cb / lat / cb_lat target layer (default 7 as in WMDP's RMU, or the last block)."),
@@ -103,6 +113,8 @@ def _shared_options(func):
         click.option("--wt-reg-lambda", type=float, default=0.1, show_default=True,
                      help="wt_dist_reg: lambda in retain NLL - lambda * RMS(theta - theta_pretrained) (the official "
                           "code's size-independent distance)."),
+        click.option("--wt-reg-eps", type=float, default=1e-12, show_default=True,
+                     help="wt_dist_reg: eps inside the square root of the RMS distance (reference code: 1e-8)."),
         click.option("--lora", is_flag=True, help="Train LoRA adapters (PEFT) and save the merged model."),
         click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank."),
         click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="LoRA alpha."),
@@ -121,8 +133,35 @@ def _shared_options(func):
     return func
 
 
+#: click parameter name -> UnlearnConfig field, where they differ.
+_FIELD = {"use_wandb": "wandb"}
+
+
+def _explicit(kw: dict) -> set[str]:
+    """The config fields whose flags were given on the command line (they override the preset)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return set()
+    given = set()
+    for name in kw:
+        source = ctx.get_parameter_source(name)
+        if source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT):
+            given.add(_FIELD.get(name, name))
+    return given
+
+
 def _config(method: str, outdir: str, kw: dict) -> UnlearnConfig:
-    return UnlearnConfig(
+    """The run's config: every flag, then ``--preset``'s values for the flags not given explicitly."""
+    cfg = _plain_config(method, outdir, kw)
+    if method in METHODS:  # an unknown method is reported by validate()
+        cfg.apply_preset(_explicit(kw) - {"preset"})
+    return cfg
+
+
+def _plain_config(method: str, outdir: str, kw: dict) -> UnlearnConfig:
+    return UnlearnConfig(preset=kw["preset"], warmup_epochs=kw["warmup_epochs"], wt_reg_eps=kw["wt_reg_eps"],
         model=kw["model"], data=kw["data"], outdir=outdir, method=method, revision=kw["revision"],
         max_length=kw["max_length"], batch_size=kw["batch_size"], grad_accum_steps=kw["grad_accum_steps"],
         steps=kw["steps"], epochs=kw["epochs"], max_samples=kw["max_samples"], eval_split=kw["eval_split"],
@@ -147,15 +186,23 @@ def _echo_main(message: str) -> None:
         click.echo(message)
 
 
-@click.command("unlearn")
+def _presets_epilog() -> str:
+    """Every preset with what it sets and its source (``\b``: click keeps the lines as they are)."""
+    return "\b\nPresets (--preset; default original):\n" + presets.describe()
+
+
+@click.command("unlearn", epilog=_presets_epilog())
 @click.option("--method", required=True, help=f"Unlearning method: {', '.join(METHODS)}.")
 @_shared_options
 def unlearn(method: str, outdir: str, no_progress: bool, **kw) -> None:
-    """Unlearn the forget set from --model with one method; writes an HF model to OUTDIR/model.
+    """Unlearn the forget set from --model with one method (default --preset original); writes OUTDIR/model.
 
     Methods: ga_simple, ga, grad_diff, dpo, npo, simnpo (losses on logits), rmu, cb, lat,
     cb_lat (hidden states), wt_dist, wt_dist_reg (weight space; not with --lora). Runs unchanged
-    under `accelerate launch` (docs/accelerate/).
+    under `accelerate launch` (docs/accelerate/). dpo builds its pairs from each forget text: the
+    first half of its tokens is the prompt, the rest the dispreferred continuation, and a refusal
+    ("I don't know"-style, a fixed list, seeded by --seed) the preferred one. 16-bit --dtype trains
+    float32 master weights under autocast and saves the model at the requested dtype.
     """
     from unlearn_lens.unlearning.trainer import run_unlearning
 
@@ -165,12 +212,13 @@ def unlearn(method: str, outdir: str, no_progress: bool, **kw) -> None:
     _echo_main(f"{method}: unlearned model written to {path / 'model'}")
 
 
-@click.command("unlearn-all")
+@click.command("unlearn-all", epilog=_presets_epilog())
 @click.option("--methods", default=",".join(METHODS), show_default=True,
               help="Comma-separated methods, each run into OUTDIR/<method>/ (finished ones are skipped).")
 @_shared_options
 def unlearn_all(methods: str, outdir: str, no_progress: bool, **kw) -> None:
-    """Run several methods with the same settings into OUTDIR/<method>/, skipping finished runs."""
+    """Run several methods with the same settings (default --preset original) into OUTDIR/<method>/, skipping
+    finished runs."""
     from unlearn_lens.unlearning.trainer import is_complete, run_unlearning
 
     names = _strs(methods) or []

@@ -17,7 +17,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "ga_simple": ("loss", "gradient ascent on forget NLL"),
     "ga": ("loss", "ascent on forget NLL + descent on retain NLL"),
     "grad_diff": ("loss", "retain NLL - forget_weight * forget NLL"),
-    "dpo": ("loss", "DPO with retain as chosen and forget as rejected (frozen reference)"),
+    "dpo": ("loss", "DPO: a refusal preferred over the forget continuation (frozen reference) + retain NLL"),
     "npo": ("loss", "NPO on summed sequence log-probs (frozen reference) + retain NLL"),
     "simnpo": ("loss", "SimNPO on length-normalised log-probs (reference-free) + retain NLL"),
     "rmu": ("representation", "RMU: forget activations -> random target (MSE), retain anchored"),
@@ -47,6 +47,7 @@ class UnlearnConfig:
     outdir: str
     method: str
     revision: str | None = None
+    preset: str = "original"
     # data and batching
     max_length: int = 512
     batch_size: int = 4
@@ -64,6 +65,7 @@ class UnlearnConfig:
     momentum: float = 0.0
     lr_scheduler: str = "cosine"
     warmup_steps: int = 0
+    warmup_epochs: float | None = None
     grad_clip: float = 1.0
     seed: int = 0
     dtype: str = "auto"
@@ -86,6 +88,7 @@ class UnlearnConfig:
     lat_norm: str = "linf"
     wt_noise_std: float = 0.02
     wt_reg_lambda: float = 0.1
+    wt_reg_eps: float = 1e-12
     # LoRA
     lora: bool = False
     lora_r: int = 16
@@ -98,6 +101,8 @@ class UnlearnConfig:
     trust_remote_code: bool = False
     overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    #: layer fields set by the preset at its reference depth (32), scaled to the model in resolve_layers.
+    depth_scaled: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +130,8 @@ class UnlearnConfig:
                 raise UserError(f"{flag} must be at least 1, got {value}")
         if self.steps is not None and self.epochs is not None:
             raise UserError("give --steps or --epochs, not both")
+        if self.warmup_epochs is not None and (self.warmup_epochs < 0 or self.warmup_steps):
+            raise UserError("--warmup-epochs must be non-negative and not given with --warmup-steps")
         if not 0.0 <= self.eval_split < 1.0:
             raise UserError(f"--eval-split must be in [0, 1), got {self.eval_split}")
         if self.lr <= 0:
@@ -148,6 +155,18 @@ class UnlearnConfig:
         if self.wandb_project and self.wandb and not self.wandb_project.strip():
             raise UserError("--wandb-project must not be empty")
 
+    def apply_preset(self, explicit: set[str]) -> dict[str, Any]:
+        """Set this run's values from ``--preset`` (``self.preset``); the fields named in
+        ``explicit`` (given on the command line) keep their values. Returns the preset's values."""
+        from unlearn_lens.unlearning import presets
+
+        values = presets.resolve(self.method, self.preset, {name: getattr(self, name) for name in explicit})
+        for name, value in values.items():
+            setattr(self, name, list(value) if isinstance(value, list) else value)
+        chosen = dict(presets.get(self.method, self.preset).values)
+        self.extra["preset_values"] = chosen
+        return chosen
+
     def resolve_layers(self, num_layers: int) -> None:
         """Fill layer defaults from the model depth and check every layer index is in range.
 
@@ -157,6 +176,17 @@ class UnlearnConfig:
         def check(flag: str, layer: int) -> None:
             if not 0 <= layer < num_layers:
                 raise UserError(f"{flag} {layer} is out of range: the model has layers 0..{num_layers - 1}")
+
+        from unlearn_lens.unlearning.presets import scale_layers
+
+        for name in self.depth_scaled:  # a preset's layers, chosen on a 32-layer model (scaled once)
+            value = getattr(self, name)
+            self.extra.setdefault("depth_scaled_from", {})[name] = value
+            if isinstance(value, int):
+                setattr(self, name, scale_layers([value], num_layers)[0])
+            elif value is not None:
+                setattr(self, name, scale_layers(list(value), num_layers))
+        self.depth_scaled = []
 
         if self.layer_id is None:
             self.layer_id = min(7, num_layers - 1)

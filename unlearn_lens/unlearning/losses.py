@@ -1,7 +1,7 @@
 """Pure loss functions of the unlearning methods (tensors in, scalar tensor out).
 
 Logit losses work on ``(logits, input_ids, attention_mask)``; the next-token targets and the
-padding mask are derived here, in float32 whatever the model dtype. Representation losses work
+padding mask are derived here, in float32 for 16-bit and float32 models (float64 stays float64). Representation losses work
 on hidden states ``(batch, seq, hidden)`` with the attention mask selecting real tokens.
 """
 
@@ -13,9 +13,14 @@ import torch
 import torch.nn.functional as F
 
 
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """At least float32 (16-bit activations are widened; float64 ones, as in the tests, kept)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """Log-probability of every next token and the mask of real targets, both (batch, seq-1)."""
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logprobs = torch.log_softmax(_wide(logits[:, :-1]), dim=-1)
     targets = input_ids[:, 1:]
     picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     mask = attention_mask[:, 1:].to(picked.dtype) * attention_mask[:, :-1].to(picked.dtype)
@@ -45,11 +50,18 @@ def simnpo_loss(avg_logprob: torch.Tensor, beta: float) -> torch.Tensor:
     return -(2.0 / beta) * F.logsigmoid(-beta * avg_logprob).mean()
 
 
-def dpo_loss(chosen, chosen_ref, rejected, rejected_ref, beta: float) -> torch.Tensor:
-    """DPO with retain as chosen and forget as rejected (pairs truncated to the shorter batch)."""
-    n = min(len(chosen), len(rejected))
-    margin = (chosen[:n] - chosen_ref[:n]) - (rejected[:n] - rejected_ref[:n])
-    return -F.logsigmoid(beta * margin).mean()
+def labelled_logprob(logits, input_ids, labels_mask) -> torch.Tensor:
+    """Per-sequence log-probability summed over the tokens where ``labels_mask`` (batch, seq) is 1:
+    open-unlearning's ``compute_batch_nll`` (labels -100 elsewhere), negated."""
+    picked, _ = token_logprobs(logits, input_ids, labels_mask)
+    return (picked * labels_mask[:, 1:].to(picked.dtype)).sum(-1)
+
+
+def dpo_loss(win, win_ref, lose, lose_ref, beta: float) -> torch.Tensor:
+    """DPO as open-unlearning's ``compute_dpo_loss``: -(2/beta) * mean log sigmoid(beta * margin),
+    margin = (log pi(w) - log pi_ref(w)) - (log pi(l) - log pi_ref(l)) on summed log-probs."""
+    margin = (win - win_ref) - (lose - lose_ref)
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -60,13 +72,13 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def masked_mse(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """MSE (mean over hidden units) averaged over real tokens; ``target`` broadcasts."""
-    per_token = (hidden.float() - target.float()).pow(2).mean(-1)
+    per_token = (_wide(hidden) - _wide(target)).pow(2).mean(-1)
     return _masked_mean(per_token, mask)
 
 
 def masked_cosine(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Cosine similarity per token, averaged over real tokens; ``target`` broadcasts."""
-    cos = F.cosine_similarity(hidden.float(), target.float().expand_as(hidden), dim=-1)
+    cos = F.cosine_similarity(_wide(hidden), _wide(target).expand_as(hidden), dim=-1)
     return _masked_mean(cos, mask)
 
 
@@ -108,11 +120,12 @@ def rms_distance(params, reference, eps: float = 1e-12) -> torch.Tensor:
     """
     total, count = None, 0
     for param, ref in zip(params, reference):
-        term = (param.float() - ref.float()).pow(2).sum()
+        term = (_wide(param) - _wide(ref)).pow(2).sum()
         total = term if total is None else total + term
         count += param.numel()
     if total is None:
         raise ValueError("no parameters")
+    # eps: 1e-12 (original), 1e-8 in the reference code (vision_relearning vision_unlearner.py)
     return torch.sqrt(total / count + eps)
 
 

@@ -4,7 +4,8 @@ Every method gets a ``MethodContext`` (the model used for trained forward passes
 to find its blocks, an optional frozen reference, the run config) and returns, per step, the
 scalar loss to minimise and the metrics to log (always ``forget_loss`` and ``retain_loss``
 where they exist). Losses are those of the original pipeline; where the published reference
-code differs, the variant is a flag (``--cb-variant rr``, ``--lat-norm l2``).
+code differs, the variant is a flag (``--cb-variant rr``, ``--lat-norm l2``). ``--forget-weight``
+weighs the forget term of grad_diff, dpo, npo and simnpo (open-unlearning's gamma).
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ Batch = dict[str, torch.Tensor]
 class Reference:
     """The frozen original model: a frozen copy, or (LoRA) the same model with adapters off."""
 
-    def __init__(self, model, adapter, disable: Callable[[], Any] | None = None):
+    def __init__(self, model, adapter, disable: Callable[[], Any] | None = None,
+                 autocast: Callable[[], Any] | None = None):
         self.model = model
         self.adapter = adapter
         self._disable = disable or nullcontext
+        self._autocast = autocast or nullcontext  # the trained forwards' mixed precision
 
     @torch.no_grad()
     def __call__(self, batch: Batch, capture=(), hidden_only: bool = False):
-        with self._disable():
+        with self._disable(), self._autocast():
             logits, hidden = forward(self.model, self.adapter, batch, capture, hidden_only=hidden_only)
         return logits, {k: v.detach() for k, v in hidden.items()}
 
@@ -51,6 +54,7 @@ class MethodContext:
     hidden_size: int = 0
     early_stop: bool = True  # cut representation forwards after the last target layer (one process)
     sharded: bool = False  # FSDP: each process holds a shard of every parameter
+    tokenizer: Any = None  # dpo: tokenizes its refusals
 
 
 def forward(model, adapter, batch: Batch, capture=(), inject=None, hidden_only: bool = False):
@@ -119,22 +123,37 @@ class GradDiff(UnlearningMethod):
 
 
 class DPO(UnlearningMethod):
-    """Retain texts are chosen, forget texts rejected; summed sequence log-probs."""
+    """A refusal preferred over the forget continuation (pairs: ``dpo_pairs``), summed log-probs
+    over the continuation, frozen reference; plus retain NLL (open-unlearning's ``DPO``)."""
 
     name = "dpo"
 
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        from unlearn_lens.unlearning import dpo_pairs
+
+        if ctx.tokenizer is None:
+            raise ValueError("dpo needs the tokenizer (MethodContext.tokenizer) to build its refusals")
+        self.refusals = dpo_pairs.refusal_token_ids(ctx.tokenizer)
+        self.pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self._build = dpo_pairs.build_pairs
+
     def loss(self, forget, retain, step):
-        f_logits, _ = forward(self.ctx.model, self.ctx.adapter, forget)
-        r_logits, _ = forward(self.ctx.model, self.ctx.adapter, retain)
-        f_ref, _ = self.ctx.reference(forget)
-        r_ref, _ = self.ctx.reference(retain)
-        lp = lambda logits, b: L.sequence_logprob(logits, b["input_ids"], b["attention_mask"])  # noqa: E731
-        loss = L.dpo_loss(lp(r_logits, retain), lp(r_ref, retain), lp(f_logits, forget), lp(f_ref, forget),
-                          self.cfg.beta)
+        win, lose = self._build(forget["input_ids"], forget["attention_mask"], self.refusals, self.generator,
+                                self.pad_id)
+        w_logits, _ = forward(self.ctx.model, self.ctx.adapter, win)
+        l_logits, _ = forward(self.ctx.model, self.ctx.adapter, lose)
+        w_ref, _ = self.ctx.reference(win)
+        l_ref, _ = self.ctx.reference(lose)
+        lp = lambda logits, b: L.labelled_logprob(logits, b["input_ids"], b["labels_mask"])  # noqa: E731
+        preference = L.dpo_loss(lp(w_logits, win), lp(w_ref, win), lp(l_logits, lose), lp(l_ref, lose),
+                                self.cfg.beta)
+        retain_nll = self._nll(retain)
+        loss = self.cfg.forget_weight * preference + retain_nll
         return loss, {
-            "forget_loss": _f(L.mean_token_nll(f_logits, forget["input_ids"], forget["attention_mask"])),
-            "retain_loss": _f(L.mean_token_nll(r_logits, retain["input_ids"], retain["attention_mask"])),
-            "preference_loss": _f(loss)}
+            "forget_loss": _f(L.mean_token_nll(l_logits, forget["input_ids"], forget["attention_mask"])),
+            "retain_loss": _f(retain_nll), "preference_loss": _f(preference)}
 
 
 class NPO(UnlearningMethod):
@@ -149,7 +168,7 @@ class NPO(UnlearningMethod):
         npo = L.npo_loss(L.sequence_logprob(f_logits, ids, mask), L.sequence_logprob(f_ref, ids, mask),
                          self.cfg.beta)
         retain_nll = self._nll(retain)
-        return npo + retain_nll, {"forget_loss": _f(L.mean_token_nll(f_logits, ids, mask)),
+        return self.cfg.forget_weight * npo + retain_nll, {"forget_loss": _f(L.mean_token_nll(f_logits, ids, mask)),
                                   "retain_loss": _f(retain_nll), "npo_loss": _f(npo)}
 
 
@@ -163,7 +182,7 @@ class SimNPO(UnlearningMethod):
         ids, mask = forget["input_ids"], forget["attention_mask"]
         simnpo = L.simnpo_loss(L.sequence_logprob(f_logits, ids, mask, normalise=True), self.cfg.beta)
         retain_nll = self._nll(retain)
-        return simnpo + retain_nll, {"forget_loss": _f(L.mean_token_nll(f_logits, ids, mask)),
+        return self.cfg.forget_weight * simnpo + retain_nll, {"forget_loss": _f(L.mean_token_nll(f_logits, ids, mask)),
                                      "retain_loss": _f(retain_nll), "simnpo_loss": _f(simnpo)}
 
 
@@ -312,7 +331,7 @@ class WtDistReg(UnlearningMethod):
 
     def _distance(self) -> torch.Tensor:
         if not self.ctx.sharded:
-            return L.rms_distance(self.params, self.pretrained)
+            return L.rms_distance(self.params, self.pretrained, eps=self.cfg.wt_reg_eps)
         # FSDP: sum the squared differences of every shard across processes. The gradient must
         # reach each shard once, from its own process (every process's loss holds the same
         # distance; a differentiable all-reduce would hand each shard world_size times the term).
@@ -328,7 +347,7 @@ class WtDistReg(UnlearningMethod):
         total = local.detach().clone()
         dist.all_reduce(total)
         total = local + (total - local.detach())  # the global sum's value, this shard's gradient
-        return torch.sqrt(total / count + 1e-12)
+        return torch.sqrt(total / count + self.cfg.wt_reg_eps)
 
     def loss(self, forget, retain, step):
         retain_nll = self._nll(retain)

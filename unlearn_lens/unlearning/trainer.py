@@ -152,7 +152,34 @@ def make_optimizer(cfg: UnlearnConfig, params):
                      weight_decay=cfg.weight_decay)
 
 
-def _accelerator(cfg: UnlearnConfig):
+@dataclass(frozen=True)
+class Precision:
+    """How a run trains and saves: ``load`` dtype of the trained weights (float32 master weights
+    whenever the requested dtype is 16-bit), ``autocast`` of the forwards, ``save`` dtype."""
+
+    load: str
+    autocast: str
+    save: str
+
+
+def precision(cfg: UnlearnConfig) -> Precision:
+    """float32 master weights for 16-bit runs: an update of ~1e-5 rounds away in bfloat16 for
+    any |w| > ~0.004, so 16-bit training loads float32, autocasts the forwards to the requested
+    16-bit type (accelerate mixed precision) and saves in the requested dtype."""
+    import torch
+
+    from unlearn_lens.loading import torch_dtype
+
+    device = "cpu" if cfg.device == "cpu" or not torch.cuda.is_available() else "cuda"
+    wanted = torch_dtype(cfg.dtype, device)
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[wanted]
+    if name == "float32":
+        return Precision("float32", cfg.mixed_precision, "float32")
+    autocast = cfg.mixed_precision if cfg.mixed_precision != "no" else {"bfloat16": "bf16", "float16": "fp16"}[name]
+    return Precision("float32", autocast, name)
+
+
+def _accelerator(cfg: UnlearnConfig, mixed_precision: str):
     """One Accelerator per run; DDP looks for unused parameters only where blocks after the
     target layer (and the unembedding) get no gradient: the representation methods."""
     import torch
@@ -163,7 +190,14 @@ def _accelerator(cfg: UnlearnConfig):
         raise UserError("--device cuda asked for, but no CUDA device is available")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise UserError(f"unknown --device {cfg.device!r}; use auto, cpu or cuda")
-    return Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision", mixed_precision) != mixed_precision:
+        # a later run of this process (unlearn-all, the demo, tests) with another precision: the
+        # process group (PartialState) is kept, only the precision setting is dropped
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=cfg.device == "cpu", mixed_precision=mixed_precision,
                        kwargs_handlers=[DistributedDataParallelKwargs(
                            find_unused_parameters=METHODS[cfg.method][0] == "representation")])
 
@@ -249,12 +283,13 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
     cfg.validate()
     wandb = _check_wandb(cfg)
     data = load_run_data(cfg)
-    accelerator = _accelerator(cfg)
+    prec = precision(cfg)
+    accelerator = _accelerator(cfg, prec.autocast)
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp and cfg.lora:
         raise UserError("--lora under FSDP is not supported (adapters are small: launch with the DDP config)")
     set_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=str(accelerator.device),
+    model, tokenizer = load_model(cfg.model, revision=cfg.revision, dtype=prec.load, device=str(accelerator.device),
                                   trust_remote_code=cfg.trust_remote_code)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "right"  # batches are right-padded (positions start at 0)
@@ -268,6 +303,9 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
         if not texts:
             raise UserError(f"no {name} training texts left after --eval-split {cfg.eval_split}")
     total_steps = cfg.steps or (cfg.epochs or 1) * math.ceil(len(data.forget_train) / per_step)
+    warmup_steps = cfg.warmup_steps
+    if cfg.warmup_epochs is not None:  # open-unlearning: int(warmup_epochs * n_forget // effective batch)
+        warmup_steps = int((cfg.warmup_epochs * len(data.forget_train)) // per_step)
     eval_every = cfg.eval_every or max(1, total_steps // 5)
     eval_options = {"max_length": cfg.max_length, "batch_size": cfg.eval_batch_size, "device": accelerator.device}
 
@@ -277,6 +315,10 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
     resolved: dict[str, Any] = {"total_steps": total_steps, "world_size": world,
                                 "distributed_type": str(accelerator.distributed_type.value),
                                 "effective_batch_size": per_step, "eval_every": eval_every,
+                                "warmup_steps": warmup_steps,
+                                "train_weights_dtype": str(model.dtype).replace("torch.", ""),
+                                "autocast": prec.autocast if getattr(accelerator, "native_amp", True) else "no",
+                                "saved_dtype": prec.save,
                                 "family": adapter.family, "num_layers": adapter.num_layers,
                                 "n_forget_train": len(data.forget_train), "n_retain_train": len(data.retain_train),
                                 "n_forget_eval": len(data.forget_eval), "n_retain_eval": len(data.retain_eval),
@@ -286,7 +328,8 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
     reference = None
     if cfg.method in REFERENCE_METHODS and not cfg.lora:
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        reference = M.Reference(frozen, ArchitectureAdapter(frozen))
+        # under the same autocast as the trained forwards: at step 0 policy == reference exactly
+        reference = M.Reference(frozen, ArchitectureAdapter(frozen), autocast=accelerator.autocast)
     if cfg.method == "wt_dist":
         resolved["weight_noise_std"] = M.add_weight_noise(model, cfg.wt_noise_std, cfg.seed)
     if cfg.lora:
@@ -298,7 +341,7 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
         adapter = ArchitectureAdapter(model.get_base_model())
         resolved["lora_targets"] = targets
         if cfg.method in REFERENCE_METHODS:
-            reference = M.Reference(model, adapter, disable=model.disable_adapter)
+            reference = M.Reference(model, adapter, disable=model.disable_adapter, autocast=accelerator.autocast)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     else:
         trainable = _select_trainable(cfg, model, adapter)
@@ -317,7 +360,7 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
                             cfg.batch_size, cfg.max_length)
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: M.L.cosine_schedule(s, total_steps, cfg.warmup_steps, cfg.lr_scheduler))
+        optimizer, lambda s: M.L.cosine_schedule(s, total_steps, warmup_steps, cfg.lr_scheduler))
     # model and optimizer together: under FSDP accelerate re-points the optimizer at the shards
     prepared, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in prepared.parameters() if p.requires_grad]
@@ -326,7 +369,7 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
     plain = prepared if fsdp else accelerator.unwrap_model(prepared)
     # DDP must see whole forward passes (its reducer is armed when forward returns): no early stop
     ctx = M.MethodContext(cfg, prepared, adapter, total_steps, reference, plain_model=plain, hidden_size=hidden_size,
-                          early_stop=world == 1, sharded=fsdp)
+                          early_stop=world == 1, sharded=fsdp, tokenizer=tokenizer)
     method = M.build_method(ctx)
 
     run = None
@@ -392,6 +435,13 @@ def _json_safe(value):
     return value
 
 
+def _to_dtype(tensor, dtype_name: str):
+    """Floating tensors at ``dtype_name``; integer buffers unchanged."""
+    import torch
+
+    return tensor.to(getattr(torch, dtype_name)) if tensor.is_floating_point() else tensor
+
+
 def check_outdir(cfg: UnlearnConfig) -> None:
     """Refuse to redo a finished run unless ``--overwrite`` (checked before any work)."""
     if is_complete(cfg.outdir) and not cfg.overwrite:
@@ -408,6 +458,7 @@ def save_run(result: TrainResult) -> Path:
     out = Path(cfg.outdir)
     accelerator.wait_for_everyone()
     state_dict = None
+    save_dtype = result.resolved.get("saved_dtype", "float32")
     if cfg.lora:
         final = merge(result.model)
     else:
@@ -418,6 +469,11 @@ def save_run(result: TrainResult) -> Path:
             # this, in the same key order), and give each tensor its own storage for safetensors
             state_dict = {name: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()
                           .contiguous() for name, value in (state_dict or {}).items()}
+            state_dict = {name: _to_dtype(value, save_dtype) for name, value in state_dict.items()}
+    if save_dtype != "float32":  # float32 master weights, saved at the requested dtype
+        import torch
+
+        final = final.to(getattr(torch, save_dtype))
     if accelerator.is_main_process:
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
