@@ -369,3 +369,28 @@ def test_missing_attack_module_fails_in_one_line(monkeypatch):
     monkeypatch.setitem(base.ATTACKS, "quantize", "unlearn_lens.attacks.no_such_module:run")
     with pytest.raises(UserError, match="not available"):
         base.resolve_attack("quantize")
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_smollm2_orthogonalization_equals_ablation(smollm2_dir):
+    """The invariant on the real SmolLM2 (tied embeddings, RMSNorm, no biases), two random directions."""
+    import torch
+
+    from unlearn_lens.attacks.ablation import ablated, all_layers, orthogonalize
+    from unlearn_lens.loading import load_model
+
+    hooked, tokenizer = load_model(str(smollm2_dir), dtype="float32")
+    baked, _ = load_model(str(smollm2_dir), dtype="float32")
+    hidden = hooked.config.hidden_size
+    basis = np.linalg.qr(np.random.default_rng(0).normal(size=(hidden, 2)))[0].T
+    ids = torch.tensor([tokenizer("The mitochondrion is the powerhouse of the cell.")["input_ids"]])
+    orthogonalize(baked, basis)
+    with ablated(hooked, basis, all_layers(hooked), components=True):
+        logits_hooked, *_ = _block_outputs(hooked, ids)
+    logits_baked, *blocks = _block_outputs(baked, ids)
+    # 30 blocks of float32 with residual norms in the tens: 1e-3 on logits of magnitude ~10-30
+    assert (logits_hooked - logits_baked).abs().max() < 1e-3
+    v = torch.tensor(basis, dtype=torch.float32)
+    scale = max(float(b.abs().max()) for b in blocks)
+    assert max(float((b @ v.T).abs().max()) for b in blocks) < 1e-5 * scale

@@ -24,8 +24,7 @@ def coerce_option(key: str, text: str, default: Any) -> Any:
         if isinstance(default, (tuple, list)) or default is None:
             parts = [p.strip() for p in text.split(",") if p.strip()]
             kind = type(default[0]) if default else None
-            values = tuple(kind(p) for p in parts) if kind is not None else tuple(number(p) for p in parts)
-            return values if isinstance(default, (tuple, list)) or len(values) != 1 else values
+            return tuple(kind(p) for p in parts) if kind is not None else tuple(number(p) for p in parts)
         if isinstance(default, bool):
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(text)
