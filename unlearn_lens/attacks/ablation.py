@@ -25,7 +25,7 @@ the layer with the largest mean difference.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
+import json
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -179,9 +179,15 @@ def orthogonalize(model, basis: np.ndarray) -> list[str]:
 def _directions(ctx: AttackContext, caches: tuple[str, str]) -> dict[str, np.ndarray]:
     from analyses.attack_directions import DIRECTIONS_FILE, compute_and_save, load_directions
 
+    from analyses.io import atomic_write_json
+
     path = ctx.attack_dir / DIRECTIONS_FILE
+    sources_path = ctx.attack_dir / "directions_sources.json"
     kmax = int(ctx.option("ablate_kmax", ATTACK_OPTIONS["ablate_kmax"]))
-    if ctx.settings.force or not path.is_file() or load_directions(path)["pcs"].shape[1] < kmax:
+    sources = {"cache_base": str(caches[0]), "cache_model": str(caches[1]), "base": ctx.settings.base,
+               "model": ctx.settings.model}
+    stale = not sources_path.is_file() or json.loads(sources_path.read_text()) != sources
+    if ctx.settings.force or stale or not path.is_file() or load_directions(path)["pcs"].shape[1] < kmax:
         ctx.progress("ablate: directions from the caches")
         s = ctx.settings
         specs = {}
@@ -194,6 +200,7 @@ def _directions(ctx: AttackContext, caches: tuple[str, str]) -> dict[str, np.nda
         except UserError as exc:
             ctx.progress(f"ablate: write-space shares left NaN (checkpoints not readable: {exc})")
         compute_and_save(caches[0], caches[1], ctx.attack_dir, kmax=kmax, **specs)
+        atomic_write_json(sources_path, sources)
     return load_directions(path)
 
 
@@ -262,8 +269,3 @@ def run(ctx: AttackContext) -> Iterable[AttackResult]:
         del model
     return results
 
-
-def directions_path(attack_dir: str | Path) -> Path:
-    from analyses.attack_directions import DIRECTIONS_FILE
-
-    return Path(attack_dir) / DIRECTIONS_FILE

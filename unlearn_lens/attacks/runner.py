@@ -24,14 +24,8 @@ RESULTS_DIR = "results"
 
 
 def default_cache(outdir: str | Path, name: str, which: str) -> Path:
-    """Where the pipeline puts a model's cache: ``OUT/caches/<model>.zarr``.
-
-    A comparison name ``A__to__B`` gives A (base) and B (modified); otherwise the base is ``base``.
-    """
-    base, sep, model = name.partition("__to__")
-    if not sep:
-        base, model = "base", name
-    return Path(outdir) / "caches" / f"{base if which == 'base' else model}.zarr"
+    """Where the pipeline puts a model's cache: ``OUT/caches/<name>.zarr`` (the base: ``base.zarr``)."""
+    return Path(outdir) / "caches" / f"{'base' if which == 'base' else name}.zarr"
 
 
 def resolve_caches(settings: AttackSettings) -> AttackSettings:

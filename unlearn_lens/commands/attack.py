@@ -61,7 +61,7 @@ def parse_option_flags(pairs: tuple[str, ...], attacks: tuple[str, ...]) -> dict
               show_default=True, help="Comma-separated attacks to run.")
 @click.option("--cache-base", default=None,
               help="Activation cache of --base (`unlearn-lens capture`; needed by ablate; default "
-                   "OUT/caches/<base>.zarr, where the pipeline puts it).")
+                   "OUT/caches/base.zarr, where the pipeline puts it).")
 @click.option("--cache-model", default=None,
               help="Activation cache of --model (needed by ablate; default OUT/caches/<name>.zarr).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Texts or prompts per forward pass.")
