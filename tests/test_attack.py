@@ -350,6 +350,7 @@ def test_attack_cli_finds_pipeline_caches(planted, tmp_path):
 def test_attack_cli_bad_input(planted, tmp_path, extra, message):
     result = invoke(*common_args(planted, tmp_path / "out"), *extra)
     assert result.exit_code == 2, result.output
+    assert not (tmp_path / "out").exists()  # refused before any model loads
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
 
@@ -362,13 +363,15 @@ def test_attack_cli_mismatched_caches(planted, tmp_path):
     assert len([line for line in result.output.splitlines() if line.strip()]) == 1
 
 
-def test_missing_attack_module_fails_in_one_line(monkeypatch):
+def test_missing_attack_module_fails_in_one_line(planted, tmp_path, monkeypatch):
     from unlearn_lens.attacks import base
-    from unlearn_lens.errors import UserError
 
     monkeypatch.setitem(base.ATTACKS, "quantize", "unlearn_lens.attacks.no_such_module:run")
-    with pytest.raises(UserError, match="not available"):
-        base.resolve_attack("quantize")
+    result = invoke(*common_args(planted, tmp_path / "out"), "--attacks", "quantize")
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "not available" in lines[0], result.output
+    assert not (tmp_path / "out").exists()  # refused before any work
 
 
 @pytest.mark.slow
