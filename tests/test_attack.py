@@ -137,6 +137,31 @@ def test_directions_with_torch_blocked(planted, tmp_path):
     assert "OK" in result.stdout
 
 
+@pytest.mark.parametrize("family, name", [("llama", "model.layers.1.self_attn.o_proj.weight"),
+                                          ("gpt2", "transformer.h.1.attn.c_proj.weight")])
+def test_write_space_of_a_rank_one_change(tmp_path, family, name):
+    """dW = u w^T in (out, in) orientation (GPT-2 stores Conv1D as (in, out)): its column space is u."""
+    from safetensors.numpy import load_file, save_file
+
+    from analyses.attack_directions import share_in, write_space_projectors
+    from unlearn_lens.testing import save_tiny_model
+
+    base = save_tiny_model(family, tmp_path / "base")
+    shutil.copytree(base, tmp_path / "modified")
+    tensors = load_file(str(tmp_path / "modified" / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    u, w = rng.normal(size=32), rng.normal(size=tensors[name].shape[1 if family == "llama" else 0])
+    update = np.outer(u, w) if family == "llama" else np.outer(w, u)
+    tensors[name] = (tensors[name] + 0.1 * update).astype(np.float32)
+    save_file(tensors, str(tmp_path / "modified" / "model.safetensors"), metadata={"format": "pt"})
+    projectors = write_space_projectors(str(base), str(tmp_path / "modified"), 3, 32)
+    assert share_in(projectors[2], u) == pytest.approx(1.0, abs=1e-6)  # block 1 writes residual layer 2
+    other = rng.normal(size=32)
+    other -= (other @ u) / (u @ u) * u
+    assert share_in(projectors[2], other) == pytest.approx(0.0, abs=1e-6)
+    assert all(not p.any() for i, p in enumerate(projectors) if i != 2)  # nothing else changed
+
+
 def test_mismatched_caches_are_refused(planted, tmp_path):
     from analyses.attack_directions import compute_and_save
     from unlearn_lens.errors import UserError
@@ -243,6 +268,25 @@ def test_subspace_is_nested_and_orthonormal():
     assert np.allclose(one[0], directions["mean_diff"][0] / np.linalg.norm(directions["mean_diff"][0]))
     assert np.allclose(three @ three.T, np.eye(3), atol=1e-12)
     assert np.allclose(three[0], one[0])
+
+
+def test_default_plan_is_a_handful_of_layers():
+    from unlearn_lens.attacks.ablation import default_layers, plan
+
+    norms = np.array([0, 0, 1, 5, 2, 9, 3, 1, 4, 1, 2, 1, 1], dtype=float)  # layers 0, 1 unchanged
+    directions = {"layers": np.arange(13), "mean_diff": norms[:, None] * np.eye(1, 4),
+                  "pcs": np.zeros((13, 4, 4))}
+    layers = default_layers(directions, top=2, spread=3)
+    # the two largest (layers 5 and 3) and three spread over the 11 changed layers 2..12: positions
+    # 2.5, 5, 7.5 of that list, rounded half to even (2, 5, 8): layers 4, 7, 10
+    assert layers == [3, 4, 5, 7, 10]
+    assert 0 not in layers and 1 not in layers and len(layers) <= 5
+    settings = plan(directions, {})
+    assert [s for s in settings if s[0] != "single"] == [("all", 5, 1), ("all", 5, 4), ("orthogonalize", 5, 1),
+                                                         ("orthogonalize", 5, 4)]
+    assert {(layer, k) for mode, layer, k in settings if mode == "single"} == {(x, k) for x in layers for k in (1, 4)}
+    assert plan(directions, {"ablate_layers": (0, 6), "ablate_k": (1,), "ablate_modes": ("single",)}) == \
+        [("single", 6, 1)]  # a layer without a difference is skipped
 
 
 # --- recovery fractions -------------------------------------------------------------------------
