@@ -122,6 +122,7 @@ def test_directions_with_torch_blocked(planted, tmp_path):
             pass
         else:
             raise SystemExit("the blocker did not work")
+        import analyses.attack_plots, analyses.recovery  # noqa: F401  (torch-free too)
         from analyses.attack_directions import compute_and_save, load_directions
         path = compute_and_save({str(planted["caches"]["base"])!r}, {str(planted["caches"]["unl"])!r},
                                 {str(tmp_path)!r}, base_spec={str(planted["base"])!r},

@@ -73,7 +73,7 @@ class AttackResult:
     def record(self) -> dict:
         """A JSON-ready dict (what the runner stores per attack)."""
         return {"attack": self.attack, "setting": self.setting, "target": self.target,
-                "metrics": {m: float(self.metrics[m]) for m in METRICS}, "seconds": float(self.seconds),
+                "metrics": {m: float(self.metrics.get(m, float("nan"))) for m in METRICS}, "seconds": float(self.seconds),
                 "reference": self.reference, "extra": dict(self.extra)}
 
 
