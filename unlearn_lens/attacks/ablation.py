@@ -178,7 +178,6 @@ def orthogonalize(model, basis: np.ndarray) -> list[str]:
 
 def _directions(ctx: AttackContext, caches: tuple[str, str]) -> dict[str, np.ndarray]:
     from analyses.attack_directions import DIRECTIONS_FILE, compute_and_save, load_directions
-
     from analyses.io import atomic_write_json
 
     path = ctx.attack_dir / DIRECTIONS_FILE
