@@ -283,8 +283,10 @@ def test_default_plan_is_a_handful_of_layers():
     assert layers == [3, 4, 5, 7, 10]
     assert 0 not in layers and 1 not in layers and len(layers) <= 5
     settings = plan(directions, {})
-    assert [s for s in settings if s[0] != "single"] == [("all", 5, 1), ("all", 5, 4), ("orthogonalize", 5, 1),
-                                                         ("orthogonalize", 5, 4)]
+    assert [s for s in settings if s[0] != "single"] == [("orthogonalize", 5, 1), ("orthogonalize", 5, 4)]
+    everything = plan(directions, {"ablate_modes": ("single", "all", "orthogonalize")})
+    assert [s for s in everything if s[0] != "single"] == [("all", 5, 1), ("all", 5, 4), ("orthogonalize", 5, 1),
+                                                           ("orthogonalize", 5, 4)]
     assert {(layer, k) for mode, layer, k in settings if mode == "single"} == {(x, k) for x in layers for k in (1, 4)}
     assert plan(directions, {"ablate_layers": (0, 6), "ablate_k": (1,), "ablate_modes": ("single",)}) == \
         [("single", 6, 1)]  # a layer without a difference is skipped
@@ -337,7 +339,7 @@ def test_attack_cli_known_answer_and_rerun(planted, tmp_path):
     out = tmp_path / "out"
     args = [*common_args(planted, out), "--attacks", "ablate", "--cache-base", planted["caches"]["base"],
             "--cache-model", planted["caches"]["unl"], "--option", f"ablate_layers={LAYER},0,3",
-            "--option", "ablate_k=1,2"]
+            "--option", "ablate_k=1,2", "--option", "ablate_modes=single,all,orthogonalize"]
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     folder = out / "unl" / "attacks"
@@ -366,6 +368,14 @@ def test_attack_cli_known_answer_and_rerun(planted, tmp_path):
         assert float(row[m]) == pytest.approx(float(control[m]), abs=1e-5), m
         assert float(row[f"recovery_vs_control_{m}"]) == pytest.approx(1.0, abs=1e-4), m
         assert math.isnan(float(control[f"recovery_{m}"])) and math.isnan(float(control[f"recovery_vs_control_{m}"]))
+    # "all" (hooks) and "orthogonalize" (weights) compute the same function: the same metrics
+    by_setting = {(r["mode"], r["k"], r["target"]): r for r in rows if r["mode"] != "single"}
+    assert len(by_setting) == 8
+    for k in ("1", "2"):
+        for target in ("modified", "control"):
+            hooked, baked = by_setting[("all", k, target)], by_setting[("orthogonalize", k, target)]
+            for m in METRICS:
+                assert float(hooked[m]) == pytest.approx(float(baked[m]), abs=1e-5), (k, target, m)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["best_ablation"]["forget_nll"]["layer"] is not None
     assert set(summary["best_recovery"]) == {"ablate"}
