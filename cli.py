@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lipschitz": ("unlearn_lens.commands.live:lipschitz", "Local Lipschitz, input-gradient norm and output variance of two models, forget vs retain."),
     "tuned-lens": ("unlearn_lens.commands.live:tuned_lens", "Train a tuned lens and report WMDP accuracy per layer (letter and cloze)."),
     "eval": ("unlearn_lens.commands.brittleness:eval_command", "Zero-shot WMDP accuracy (letter and cloze), forget NLL and retain perplexity of one model."),
+    "attack": ("unlearn_lens.commands.attack:attack", "Is the knowledge still there? Direction ablation, quantization and relearning attacks with recovery fractions."),
     "relearn": ("unlearn_lens.commands.brittleness:relearn", "Fine-tuning attack on a few forget texts (and a retain control): steps to recover half the gap to the base."),
 }
 

@@ -1,0 +1,271 @@
+"""Direction ablation: remove the directions along which unlearning moved the residual stream.
+
+The directions come from the two activation caches (``analyses/attack_directions.py``, no extra
+forward pass). For layer l and k, the subspace V is the difference-in-means direction (k = 1) or
+the span of it and the top k-1 principal directions of the per-token difference (orthonormalised,
+so the k subspaces are nested). Each is removed, ``h <- h - V V^T h``, from the modified model and,
+as the control, from the base:
+
+- ``single``: at residual layer l only (the embedding output for l = 0, else block l's output);
+- ``all``: from the embedding output, every attention and MLP output and every block's output
+  (Arditi et al. 2024's "directional ablation", hooks as in andyrdt/refusal_direction; Lucki et
+  al. 2024 remove RMU's directions this way);
+- ``orthogonalize``: the same removal baked into the weights: every matrix that writes into the
+  stream (embeddings, attention output and MLP down projections, in (out, in) orientation:
+  ``W <- W - V V^T W``, their biases ``b <- b - V V^T b``), as in andyrdt/refusal_direction
+  (``get_orthogonalized_matrix``) and ethz-spylab/unlearning-vs-safety. A tied unembedding is
+  untied first so that only what is written into the stream changes. With every write in the
+  complement of V the stream stays there, so this equals ``all`` (a test checks it).
+
+Default settings keep a run cheap: ``single`` at a handful of layers (the two with the largest
+mean difference plus three spread over depth) for k in (1, 4), and ``orthogonalize`` at the layer
+with the largest mean difference (``all`` computes the same function, so it runs only when asked
+for; it runs at that layer too). Each setting costs one evaluation per target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from unlearn_lens.attacks.base import AttackContext, AttackResult, timed
+from unlearn_lens.errors import UserError
+
+MODES = ("single", "all", "orthogonalize")
+#: option -> default (``--option KEY=VALUE`` on the command line).
+ATTACK_OPTIONS: dict[str, Any] = {
+    "ablate_k": (1, 4),  # subspace sizes
+    "ablate_layers": None,  # residual layers (0 = embedding output); None = chosen as described above
+    "ablate_modes": ("single", "orthogonalize"),  # "all" computes what "orthogonalize" does (tested)
+    "ablate_top_layers": 2,  # default layers: this many with the largest mean difference ...
+    "ablate_spread_layers": 3,  # ... plus this many spread evenly over depth
+    "ablate_kmax": 4,  # principal directions saved in directions.npz
+}
+#: A layer whose mean difference is below this norm has no direction to remove (before the change).
+MIN_NORM = 1e-8
+
+
+# --- subspaces (numpy) ----------------------------------------------------------------------
+
+def subspace(directions: dict[str, np.ndarray], layer: int, k: int) -> np.ndarray:
+    """(k, hidden) orthonormal rows: the mean difference, then the top principal directions."""
+    mean = directions["mean_diff"][layer].astype(np.float64)
+    if np.linalg.norm(mean) < MIN_NORM:
+        raise ValueError(f"layer {layer}: no mean difference to ablate")
+    pcs = directions["pcs"][layer].astype(np.float64)
+    if k - 1 > len(pcs):
+        raise UserError(f"ablate_k={k} needs {k - 1} principal directions; directions.npz holds {len(pcs)} "
+                        "(raise ablate_kmax)")
+    stacked = np.vstack([mean[None, :], pcs[: k - 1]])
+    q, r = np.linalg.qr(stacked.T)
+    keep = np.abs(np.diag(r)) > 1e-6 * np.abs(r[0, 0])  # drop a PC that the mean difference already spans
+    return (q[:, keep] * np.sign(np.diag(r)[keep])).T
+
+
+def default_layers(directions: dict[str, np.ndarray], top: int, spread: int) -> list[int]:
+    """The ``top`` layers with the largest mean difference plus ``spread`` layers evenly over depth."""
+    norms = np.linalg.norm(directions["mean_diff"].astype(np.float64), axis=1)
+    candidates = [int(i) for i in np.flatnonzero(norms >= MIN_NORM)]
+    if not candidates:
+        return []
+    chosen = set(sorted(candidates, key=lambda i: -norms[i])[:top])
+    if spread > 0:
+        picks = np.linspace(0, len(candidates) - 1, spread + 2)[1:-1] if spread < len(candidates) else \
+            np.arange(len(candidates))
+        chosen |= {candidates[int(round(p))] for p in picks}
+    return sorted(chosen)
+
+
+# --- model side -----------------------------------------------------------------------------
+
+def _project(hidden, basis):
+    """``h - (h V) V^T`` in float32, returned in ``h``'s dtype."""
+    v = basis.to(device=hidden.device)
+    h = hidden.float()
+    return (h - (h @ v.T) @ v).to(hidden.dtype)
+
+
+def _output_hook(basis):
+    def hook(module, inputs, output):
+        if isinstance(output, tuple):
+            return (_project(output[0], basis), *output[1:])
+        return _project(output, basis)
+    return hook
+
+
+def _input_hook(basis):
+    def hook(module, args, kwargs):
+        if args:
+            return (_project(args[0], basis), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": _project(kwargs["hidden_states"], basis)}
+    return hook
+
+
+@contextlib.contextmanager
+def ablated(model, basis: np.ndarray, layers: Sequence[int], components: bool = False) -> Iterator[None]:
+    """Hooks removing span(``basis`` rows) from the given residual layers (0 = embedding output).
+
+    ``components`` also removes it from every attention and MLP output (Arditi et al.'s directional
+    ablation hooks), so that the residual between a block's attention and MLP (Llama, GPT-2) is
+    ablated too: with the embedding output, that is every write into the stream.
+    """
+    import torch
+
+    from unlearn_lens.architectures import ArchitectureAdapter
+
+    adapter = ArchitectureAdapter(model)
+    v = torch.as_tensor(np.asarray(basis), dtype=torch.float32)
+    handles = []
+    try:
+        for layer in layers:
+            if layer == 0:  # the embedding output is block 0's input (position embeddings included)
+                handles.append(adapter.block(0).register_forward_pre_hook(_input_hook(v), with_kwargs=True))
+            else:
+                handles.append(adapter.block(layer - 1).register_forward_hook(_output_hook(v)))
+        if components:
+            for index in range(adapter.num_layers):
+                handles.append(adapter.attn(index).register_forward_hook(_output_hook(v)))
+                handles.append(adapter.mlp(index).register_forward_hook(_output_hook(v)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def all_layers(model) -> list[int]:
+    from unlearn_lens.architectures import ArchitectureAdapter
+
+    return list(range(ArchitectureAdapter(model).num_layers + 1))
+
+
+def orthogonalize(model, basis: np.ndarray) -> list[str]:
+    """Remove span(``basis`` rows) from every parameter that writes into the residual stream, in place.
+
+    Returns the names changed. A tied unembedding is untied first (the read side stays as it was).
+    """
+    import torch
+
+    from unlearn_lens.architectures import ArchitectureAdapter
+    from unlearn_lens.naming import is_transposed
+
+    adapter = ArchitectureAdapter(model)
+    unembed = adapter.unembed()
+    embed = adapter.embed()
+    if unembed.weight is embed.weight or unembed.weight.data_ptr() == embed.weight.data_ptr():
+        unembed.weight = torch.nn.Parameter(unembed.weight.detach().clone())
+        if hasattr(model.config, "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False
+    changed = []
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in adapter.parameter_names(roles={"out", "down", "embed", "pos_embed"}):
+            param = params[name]
+            info = adapter.classify(name)
+            if info.layer < 0 and not name.endswith(".weight"):
+                continue
+            v = torch.as_tensor(np.asarray(basis), dtype=torch.float32, device=param.device)
+            w = param.data.float()
+            if w.ndim == 1 or info.role in ("embed", "pos_embed") or is_transposed(name, adapter.family):
+                w = w - (w @ v.T) @ v  # rows are hidden vectors: biases, embeddings, Conv1D (in, out)
+            else:
+                w = w - v.T @ (v @ w)  # (out = hidden, in)
+            param.data.copy_(w.to(param.dtype))
+            changed.append(name)
+    return changed
+
+
+def _directions(ctx: AttackContext, caches: tuple[str, str]) -> dict[str, np.ndarray]:
+    from analyses.attack_directions import DIRECTIONS_FILE, compute_and_save, load_directions
+    from analyses.io import atomic_write_json
+
+    path = ctx.attack_dir / DIRECTIONS_FILE
+    sources_path = ctx.attack_dir / "directions_sources.json"
+    kmax = int(ctx.option("ablate_kmax", ATTACK_OPTIONS["ablate_kmax"]))
+    sources = {"cache_base": str(caches[0]), "cache_model": str(caches[1]), "base": ctx.settings.base,
+               "model": ctx.settings.model}
+    stale = not sources_path.is_file() or json.loads(sources_path.read_text()) != sources
+    if ctx.settings.force or stale or not path.is_file() or load_directions(path)["pcs"].shape[1] < kmax:
+        ctx.progress("ablate: directions from the caches")
+        s = ctx.settings
+        specs = {}
+        try:
+            from analyses.checkpoints import open_checkpoint
+
+            open_checkpoint(s.base, s.base_revision), open_checkpoint(s.model, s.model_revision)
+            specs = {"base_spec": s.base, "model_spec": s.model, "base_revision": s.base_revision,
+                     "model_revision": s.model_revision}
+        except UserError as exc:
+            ctx.progress(f"ablate: write-space shares left NaN (checkpoints not readable: {exc})")
+        compute_and_save(caches[0], caches[1], ctx.attack_dir, kmax=kmax, **specs)
+        atomic_write_json(sources_path, sources)
+    return load_directions(path)
+
+
+def plan(directions: dict[str, np.ndarray], options: dict) -> list[tuple[str, int, int]]:
+    """(mode, layer, k) settings to run, from the options (see ``ATTACK_OPTIONS``)."""
+    ks = [int(k) for k in _as_tuple(options.get("ablate_k", ATTACK_OPTIONS["ablate_k"]))]
+    modes = [str(m) for m in _as_tuple(options.get("ablate_modes", ATTACK_OPTIONS["ablate_modes"]))]
+    bad = [m for m in modes if m not in MODES]
+    if bad or any(k < 1 for k in ks):
+        raise UserError(f"ablate: modes must be among {', '.join(MODES)} and k at least 1 (got {modes}, {ks})")
+    n_layers = len(directions["layers"])
+    norms = np.linalg.norm(directions["mean_diff"].astype(np.float64), axis=1)
+    given = options.get("ablate_layers", ATTACK_OPTIONS["ablate_layers"])
+    if given is not None:
+        layers = [int(x) for x in _as_tuple(given)]
+        if any(not 0 <= x < n_layers for x in layers):
+            raise UserError(f"ablate_layers must be between 0 and {n_layers - 1}, got {layers}")
+    else:
+        layers = default_layers(directions, int(options.get("ablate_top_layers", ATTACK_OPTIONS["ablate_top_layers"])),
+                                int(options.get("ablate_spread_layers", ATTACK_OPTIONS["ablate_spread_layers"])))
+    layers = [x for x in layers if norms[x] >= MIN_NORM]
+    if not layers:
+        return []
+    top = max(layers, key=lambda x: norms[x])
+    settings = [("single", layer, k) for layer in layers for k in ks if "single" in modes]
+    settings += [(mode, top, k) for mode in ("all", "orthogonalize") if mode in modes for k in ks]
+    return settings
+
+
+def _as_tuple(value) -> tuple:
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return (value,)
+
+
+def run(ctx: AttackContext) -> Iterable[AttackResult]:
+    """Every planned (mode, layer, k) on the modified model and on the base (control)."""
+    caches = (ctx.settings.cache_base, ctx.settings.cache_model)
+    if not all(caches):
+        raise UserError("ablate needs the activation caches of both models (--cache-base / --cache-model)")
+    directions = _directions(ctx, caches)
+    settings = plan(directions, ctx.settings.options)
+    if not settings:
+        ctx.progress("ablate: the caches show no difference between the models; nothing to ablate")
+        return []
+    results = []
+    for target, which in (("modified", "modified"), ("control", "base")):
+        model, tokenizer = ctx.load(which)
+        for mode, layer, k in settings:
+            basis = subspace(directions, layer, k)
+            setting = f"layer={layer},k={k},mode={mode}"
+            ctx.progress(f"ablate {target}: {setting}")
+            if mode == "orthogonalize":
+                fresh, fresh_tokenizer = ctx.load(which)
+                orthogonalize(fresh, basis)
+                metrics, seconds = timed(lambda: ctx.evaluate(fresh, fresh_tokenizer))
+                del fresh
+            else:
+                where = [layer] if mode == "single" else all_layers(model)
+                with ablated(model, basis, where, components=mode == "all"):
+                    metrics, seconds = timed(lambda: ctx.evaluate(model, tokenizer))
+            results.append(AttackResult("ablate", setting, target, metrics, seconds,
+                                        extra={"layer": layer, "k": k, "mode": mode, "rank": int(basis.shape[0])}))
+        del model
+    return results
+
