@@ -113,9 +113,10 @@ def max_spectral_rel(inputs: ReportInputs, name: str) -> str:
 
 
 def mlp_energy_share(inputs: ReportInputs, name: str) -> str:
+    """MLP share of the block matrices' update energy (embedding rows, group ``embed``, left out)."""
     rows = _matrix_rows(inputs, name)
     mlp = sum(x * x for x in _floats(rows, "dW_fro", lambda r: r.get("group") == "mlp"))
-    total = sum(x * x for x in _floats(rows, "dW_fro"))
+    total = sum(x * x for x in _floats(rows, "dW_fro", lambda r: r.get("group") in ("mlp", "attn")))
     return fmt(mlp / total) if total > 0 else fmt(None)
 
 
