@@ -91,8 +91,9 @@ class _Arith:
         self.native = np.float16 if dtype == "float16" else np.float32
 
     def cast(self, x: Any) -> np.ndarray:
-        out = np.asarray(x, dtype=np.float32) if self.name == "bfloat16" else np.asarray(x).astype(self.native)
-        return round_bfloat16(out) if self.name == "bfloat16" else out
+        if self.name == "bfloat16":
+            return round_bfloat16(np.asarray(x, dtype=np.float32))
+        return np.asarray(x).astype(self.native, copy=False)
 
     def smallest_normal(self) -> float:
         return {"float32": float(np.finfo(np.float32).tiny), "float16": float(np.finfo(np.float16).tiny),
@@ -131,8 +132,10 @@ def quantize_codes(w: np.ndarray, setting: QuantSetting | str,
     else:
         scale = scale.astype(np.float32)
         inverse = np.float32(1.0) / scale
-        scaled = x.astype(np.float32) * inverse[:, :, None]
-    codes = np.clip(np.rint(scaled), setting.qmin, setting.qmax).astype(np.int8).reshape(w.shape)
+        scaled = x.astype(np.float32, copy=False) * inverse[:, :, None]
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, setting.qmin, setting.qmax, out=scaled)
+    codes = scaled.astype(np.int8).reshape(w.shape)
     scales = scale.astype(np.float32)
     return codes, scales, np.zeros(scales.shape, dtype=np.int8)
 
@@ -170,18 +173,18 @@ def flip_stats(w_a: np.ndarray, w_b: np.ndarray, setting: QuantSetting | str,
         changed = a != b
         flipped = codes_a != codes_b
         scale_moved = scales_a != scales_b
-        dequant = flipped | (np.repeat(scale_moved, size, axis=1) & (codes_b != 0))  # code 0 is 0 at any scale
-        totals["n_changed"] += int(changed.sum())
-        totals["n_flipped"] += int(flipped.sum())
-        totals["n_flipped_changed"] += int((flipped & changed).sum())
-        totals["n_dequant_changed"] += int(dequant.sum())
-        totals["n_scale_changed"] += int(scale_moved.sum())
+        shape = (a.shape[0], scales_a.shape[1], size)
+        dequant = flipped.reshape(shape) | (scale_moved[:, :, None] & (codes_b != 0).reshape(shape))  # 0 at any scale
+        totals["n_changed"] += int(np.count_nonzero(changed))
+        totals["n_flipped"] += int(np.count_nonzero(flipped))
+        totals["n_flipped_changed"] += int(np.count_nonzero(flipped & changed))
+        totals["n_dequant_changed"] += int(np.count_nonzero(dequant))
+        totals["n_scale_changed"] += int(np.count_nonzero(scale_moved))
         steps.append(scales_a.ravel())
-        if changed.any():
-            step = np.repeat(scales_a, size, axis=1)[changed]
-            ratio = np.abs(b[changed].astype(np.float64) - a[changed].astype(np.float64)) / step
-            ratio_sum += float(ratio.sum())
-            ratio_max = max(ratio_max, float(ratio.max()))
+        # |dW| / step over every entry: unchanged ones add 0 to the sum and cannot be the maximum
+        ratio = np.abs(b - a, dtype=np.float32).reshape(shape) / scales_a[:, :, None]
+        ratio_sum += float(ratio.sum(dtype=np.float64))
+        ratio_max = max(ratio_max, float(ratio.max()))
     all_steps = np.concatenate(steps) if steps else np.zeros(0, dtype=np.float32)
     n = rows * cols
     return {
