@@ -219,8 +219,9 @@ def flip_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         summary[setting] = {
             **total,
             "flip_share_of_changed": total["n_flipped_changed"] / total["n_changed"] if total["n_changed"] else 0.0,
-            "matrices_identical_after_quantization": sum(1 for r in chosen if r["n_dequant_changed"] == 0),
             "matrices_changed": sum(1 for r in chosen if r["n_changed"] > 0),
+            # changed matrices whose quantized form is the base's: the update is erased there
+            "changed_matrices_erased": sum(1 for r in chosen if r["n_changed"] > 0 and r["n_dequant_changed"] == 0),
             "torchao_config": QUANT_SETTINGS[setting].torchao_config,
         }
     return summary

@@ -185,6 +185,19 @@ def test_null_space_step(planted_out, neox_dir, planted_dir):
             assert float(row["left_grassmann_distance"]) == 0.0 and float(row["right_grassmann_distance"]) == 0.0
 
 
+def test_null_space_alone_samples_changed_and_dw_rank_by_default(neox_dir, planted_dir, tmp_path):
+    """Without the stats step the changed matrices are found by comparing the stored tensors; dW's
+    empirical rank is in per_matrix.csv without --empirical-rank, W's is not."""
+    run_params(str(neox_dir), str(planted_dir), tmp_path / "ns", steps=("null_space",), num_matrices=50, seed=3)
+    table = read_csv(tmp_path / "ns" / "null_space_analysis" / "null_space_results.csv")
+    assert sorted(r["name"] for r in table) == sorted(PLANTS) and not (tmp_path / "ns" / "param_stats").exists()
+    run_params(str(neox_dir), str(planted_dir), tmp_path / "st", **FAST)
+    path = tmp_path / "st" / "param_stats" / "per_matrix.csv"
+    assert "dW_empirical_rank" in header(path) and "W_empirical_rank" not in header(path)
+    for row in read_csv(path):
+        assert int(row["dW_empirical_rank"]) == PLANTS.get(row["name"], 0)
+
+
 def test_sample_is_seeded(planted_out):
     from analyses.params_pairs import MatrixPair
 
@@ -276,6 +289,7 @@ def test_gpt2_orientation(tmp_path):
     run_params(str(base), str(modified), tmp_path / "out", **FAST)
     rows = {r["name"]: r for r in read_csv(tmp_path / "out" / "param_stats" / "per_matrix.csv")}
     assert (int(rows[name]["shape0"]), int(rows[name]["shape1"])) == (128, 32)  # (out, in)
+    assert {n for n, r in rows.items() if r["group"] == "embed"} == {"transformer.wte.weight", "transformer.wpe.weight"}
     assert (int(rows["transformer.h.0.attn.c_attn.weight"]["shape0"]), int(rows["transformer.h.0.attn.c_attn.weight"]["shape1"])) == (96, 32)
     assert float(rows[name]["dW_stable_rank"]) == pytest.approx(1.0, rel=1e-5)
     assert float(rows[name]["dW_spectral"]) == pytest.approx(1e-2 * np.linalg.norm(u) * np.linalg.norm(v), rel=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -146,5 +147,8 @@ def test_params_writes_planted_flips(tmp_path):
     assert int(rows[(quiet, "int8")]["n_flipped"]) == 0 and int(rows[(quiet, "int8")]["n_dequant_changed"]) == 0
     for setting in QUANT_SETTINGS:
         assert float(rows[(loud, setting)]["flip_share"]) > 0.5
+    summary = json.loads((tmp_path / "out" / "param_stats" / "summary.json").read_text())["quantization_flips"]
+    assert summary["int8"]["matrices_changed"] == 2 and summary["int8"]["changed_matrices_erased"] == 1
+    assert summary["int8"]["n_flipped"] == sum(int(r["n_flipped"]) for (_, s), r in rows.items() if s == "int8")
     untouched = [r for (name, _), r in rows.items() if name not in (quiet, loud)]
     assert untouched and all(int(r["n_changed"]) == 0 and int(r["n_flipped"]) == 0 for r in untouched)
