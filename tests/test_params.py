@@ -361,3 +361,30 @@ def test_gguf_against_its_dequantized_dir(smollm2_gguf, smollm2_dir, tmp_path):
     assert summary["num_matrices"] == 30 * 7 and summary["identical"]
     rows = read_csv(tmp_path / "param_stats" / "per_matrix.csv")
     assert all(float(r["W_spectral"]) > 0 and float(r["W_stable_rank"]) >= 1 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_smollm2_rmu_like_update_fills_every_cell(smollm2_dir, tmp_path):
+    """RMU-like: rank-4 updates of 3 of SmolLM2's 211 matrices (down-projections 5..7). The null-space
+    step samples exactly those, dW's rank is found by default and the flips are predicted."""
+    rng = np.random.default_rng(0)
+    names = [f"model.layers.{i}.mlp.down_proj.weight" for i in (5, 6, 7)]
+
+    def edit(t):
+        for name in names:
+            m, n = t[name].shape
+            t[name] = (t[name] + 0.01 * orthonormal(rng, m, 4) @ orthonormal(rng, n, 4).T).astype(t[name].dtype)
+
+    modified = clone_with(smollm2_dir, tmp_path / "rmu", edit)
+    summary = run_params(str(smollm2_dir), str(modified), tmp_path / "out")
+    assert summary["num_matrices"] == 30 * 7 + 1  # blocks and the (tied) embedding
+    import json
+
+    null_space = json.loads((tmp_path / "out" / "null_space_analysis" / "summary.json").read_text())
+    assert null_space["num_changed"] == 3 and sorted(null_space["sampled"]) == sorted(names)
+    assert null_space["median_top10_energy_share"] == pytest.approx(1.0, abs=1e-5)
+    rows = {r["name"]: r for r in read_csv(tmp_path / "out" / "param_stats" / "per_matrix.csv")}
+    assert all(int(rows[n]["dW_empirical_rank"]) == 4 for n in names)
+    flips = json.loads((tmp_path / "out" / "param_stats" / "summary.json").read_text())["quantization_flips"]
+    assert flips["int8"]["matrices_changed"] == 3 and flips["int8"]["n_flipped"] > 0
