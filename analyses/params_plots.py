@@ -110,7 +110,7 @@ def plot_null_space(outdir: Path, table: Sequence[dict[str, Any]], label: str) -
     colors = [_COLORS.get(str(r["group"]), "grey") for r in table]
     axes[0].bar(index, [r["top10_energy_share"] for r in table], color=colors)
     axes[0].set_ylim(0, 1.02)
-    axes[0].set_xlabel("sampled matrix")
+    axes[0].set_xlabel("sampled changed matrix")
     axes[0].set_ylabel("share of ||dW||_F^2 in top-10 singular values")
     axes[0].set_title("Energy in the top 10 directions")
     axes[1].scatter([min(r["shape0"], r["shape1"]) for r in table], [r["dW_effective_rank_99"] for r in table],
@@ -121,7 +121,7 @@ def plot_null_space(outdir: Path, table: Sequence[dict[str, Any]], label: str) -
     axes[2].scatter(index, [r["left_grassmann_distance"] for r in table], s=14, label="left (output) space")
     axes[2].scatter(index, [r["right_grassmann_distance"] for r in table], s=14, marker="x", label="right (input) space")
     k = table[0]["subspace_k"] if table else 0
-    axes[2].set_xlabel("sampled matrix")
+    axes[2].set_xlabel("sampled changed matrix")
     axes[2].set_ylabel("Grassmann distance (rad)")
     axes[2].set_title(f"Top-k subspace shift, W_a vs W_b (k <= {k})")
     axes[2].legend()
