@@ -1,6 +1,6 @@
 """``run_params``: compare two checkpoints in parameter space and write every output folder.
 
-    OUT/param_stats/          per_matrix.csv, per_layer.csv, summary.json
+    OUT/param_stats/          per_matrix.csv, per_layer.csv, quantization_flips.csv, summary.json
     OUT/param_plots/          layer_locality, spectral_norm, stable_rank, rank_comparison PNGs
     OUT/mlp_attn_analysis/    mlp_attn_summary.csv, summary.json, mlp_vs_attn.png
     OUT/null_space_analysis/  null_space_results.csv, summary.json, null_space_analysis.png
@@ -21,9 +21,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from analyses.checkpoints import open_checkpoint
+from analyses.checkpoints import Checkpoint, open_checkpoint
 from analyses.io import COMPLETE_MARKER, atomic_write_csv, atomic_write_json, clear_complete, mark_complete
 from analyses.params_pairs import MatrixPair, map_pairs, pair_linear_weights
+from analyses.quantization import FLIP_COLUMNS, flip_summary
 from analyses.params_stats import (
     MLP_ATTN_COLUMNS,
     MLP_NULLSPACE_COLUMNS,
@@ -37,6 +38,10 @@ from analyses.params_stats import (
 )
 from unlearn_lens.errors import UserError
 
+#: Bumped when an output's contents change meaning, so that older complete folders are recomputed
+#: (2: embedding rows, dW's empirical rank by default, null-space sample among changed matrices,
+#: quantization_flips.csv).
+OUTPUTS_VERSION = 2
 STEPS = ("stats", "mlp_attn", "null_space", "mlp_nullspace")
 FOLDERS = {
     "stats": ("param_stats", "param_plots"),
@@ -44,6 +49,11 @@ FOLDERS = {
     "null_space": ("null_space_analysis",),
     "mlp_nullspace": ("mlp_nullspace",),
 }
+
+
+def matrix_changed(ckpt_a: Checkpoint, ckpt_b: Checkpoint, pair: MatrixPair) -> bool:
+    """Whether the two checkpoints' values of one matrix differ (read as stored, compared exactly)."""
+    return not np.array_equal(ckpt_a.read(pair.name, None), ckpt_b.read(pair.name, None))
 
 
 def sample_pairs(pairs: Sequence[MatrixPair], num: int, seed: int) -> list[MatrixPair]:
@@ -93,7 +103,7 @@ def run_params(
     outdir = Path(outdir)
     options = {"model_a": model_a, "model_b": model_b, "revision_a": revision_a, "revision_b": revision_b,
                "empirical_rank": empirical_rank, "num_matrices": num_matrices, "seed": seed,
-               "subspace_k": subspace_k, "rank_rtol": rank_rtol}
+               "subspace_k": subspace_k, "rank_rtol": rank_rtol, "outputs_version": OUTPUTS_VERSION}
     todo = [s for s in STEPS if s in steps and (force or not all(_finished(outdir / f, options) for f in FOLDERS[s]))]
     if not todo:
         return {"skipped": True, "outdir": str(outdir)}
@@ -103,27 +113,42 @@ def run_params(
     ckpt_b = open_checkpoint(model_b, revision_b)
     pairs = pair_linear_weights(ckpt_a, ckpt_b)
     need_stats = "stats" in todo or "mlp_attn" in todo
-    sampled = {p.name for p in sample_pairs(pairs, num_matrices, seed)} if "null_space" in todo else set()
     for step in todo:
         for folder in FOLDERS[step]:
             clear_complete(outdir / folder)
 
-    jobs = [p for p in pairs if need_stats or p.name in sampled or ("mlp_nullspace" in todo and p.group == "mlp")]
-    results = _run_jobs(jobs, ckpt_a, ckpt_b, workers, need_stats, empirical_rank, sampled, subspace_k,
+    jobs = [p for p in pairs if need_stats or ("mlp_nullspace" in todo and p.group == "mlp")]
+    results = _run_jobs(jobs, ckpt_a, ckpt_b, workers, need_stats, empirical_rank, set(), subspace_k,
                         "mlp_nullspace" in todo, rank_rtol)
     label = f"A = {model_a}  vs  B = {model_b}"
     rows = [r["stats"] for r in results if r["stats"] is not None]
+    sampling: dict[str, Any] = {}
+    if "null_space" in todo:
+        # sample among the matrices the intervention changed: an unchanged one has no update geometry
+        if need_stats:
+            changed_names = {r["name"] for r in rows if float(r["dW_fro"]) > 0}
+            changed = [p for p in pairs if p.name in changed_names]
+        else:
+            flags = map_pairs(matrix_changed, pairs, ckpt_a, ckpt_b, workers, desc="changed matrices")
+            changed = [p for p, flag in zip(pairs, flags) if flag]
+        chosen = sample_pairs(changed, num_matrices, seed)
+        sampling = {"num_changed": len(changed), "num_total": len(pairs), "sampled_from": "changed matrices",
+                    "sampled": [p.name for p in chosen]}
+        part = _run_jobs(chosen, ckpt_a, ckpt_b, workers, False, False, {p.name for p in chosen}, subspace_k,
+                         False, rank_rtol)
+        results = results + part
     layer_rows = per_layer(rows, empirical_rank) if need_stats else []
     summary = headline_summary(rows, layer_rows) if need_stats else {}
     meta = {"options": options, "family": ckpt_a.family}
 
     if "stats" in todo:
-        _write_stats(outdir, rows, layer_rows, summary, empirical_rank, label, meta, started)
+        flips = [row for r in results if r.get("quantization") for row in r["quantization"]]
+        _write_stats(outdir, rows, layer_rows, summary, empirical_rank, label, meta, started, flips)
     if "mlp_attn" in todo:
         _write_mlp_attn(outdir / "mlp_attn_analysis", layer_rows, summary, label, meta)
     if "null_space" in todo:
         table = [r["null_space"] for r in results if r["null_space"] is not None]
-        _write_null_space(outdir / "null_space_analysis", table, subspace_k, seed, label, meta)
+        _write_null_space(outdir / "null_space_analysis", table, subspace_k, seed, label, meta, sampling)
     if "mlp_nullspace" in todo:
         table = [r["mlp_nullspace"] for r in results if r["mlp_nullspace"] is not None]
         _write_mlp_nullspace(outdir / "mlp_nullspace", table, rank_rtol, label, meta)
@@ -148,13 +173,15 @@ def _run_jobs(jobs, ckpt_a, ckpt_b, workers, need_stats, empirical_rank, sampled
     return [r for r in out if r is not None]
 
 
-def _write_stats(outdir, rows, layer_rows, summary, empirical_rank, label, meta, started) -> None:
+def _write_stats(outdir, rows, layer_rows, summary, empirical_rank, label, meta, started, flips) -> None:
     from analyses.params_plots import plot_param_stats
 
     stats_dir, plots_dir = outdir / "param_stats", outdir / "param_plots"
     atomic_write_csv(stats_dir / "per_matrix.csv", rows, per_matrix_columns(empirical_rank))
     atomic_write_csv(stats_dir / "per_layer.csv", layer_rows, per_layer_columns(empirical_rank))
+    atomic_write_csv(stats_dir / "quantization_flips.csv", flips, FLIP_COLUMNS)
     atomic_write_json(stats_dir / "summary.json", {**summary, "family": meta["family"], **meta["options"],
+                                                    "quantization_flips": flip_summary(flips),
                                                     "seconds": time.time() - started})
     mark_complete(stats_dir, meta)
     plot_param_stats(plots_dir, rows, layer_rows, label)
@@ -182,14 +209,14 @@ def _write_mlp_attn(folder, layer_rows, summary, label, meta) -> None:
     mark_complete(folder, meta)
 
 
-def _write_null_space(folder, table, subspace_k, seed, label, meta) -> None:
+def _write_null_space(folder, table, subspace_k, seed, label, meta, sampling) -> None:
     from analyses.params_plots import plot_null_space
 
     atomic_write_csv(folder / "null_space_results.csv", table, NULL_SPACE_COLUMNS)
     def med(key: str) -> float:
         return float(median(float(r[key]) for r in table)) if table else 0.0
     atomic_write_json(folder / "summary.json", {
-        "num_matrices": len(table), "seed": seed, "subspace_k": subspace_k,
+        "num_matrices": len(table), "seed": seed, "subspace_k": subspace_k, **sampling,
         "median_top10_energy_share": med("top10_energy_share"),
         "median_dW_effective_rank_99": med("dW_effective_rank_99"),
         "median_left_grassmann_distance": med("left_grassmann_distance"),

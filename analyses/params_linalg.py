@@ -6,7 +6,8 @@ implicit operator ``x -> A^T A x`` (a few dozen matrix-vector products when sigm
 as in most updates); when that needs more products than it is worth, Lanczos runs on the Gram
 matrix of the smaller side instead (``A^T A`` or ``A A^T``, one BLAS ``syrk``). The 99 % empirical
 rank grows ``k`` (top-k eigenvalues of the Gram matrix) until they hold 99 % of the (known)
-squared Frobenius norm, and takes every eigenvalue only once the rank is provably above
+squared Frobenius norm (Lanczos on the implicit operator first, the Gram matrix only when that
+needs too many products), and takes every eigenvalue only once the rank is provably above
 ``LANCZOS_MAX_SHARE`` of the smaller side (near-full-rank matrices). Matrices whose smaller side is at most
 ``DENSE_MAX`` use an exact dense SVD in float64 instead (cheap there, and ARPACK needs
 ``k < n``).
@@ -30,6 +31,8 @@ RANK_ENERGY = 0.99
 LANCZOS_MAX_SHARE = 0.1
 #: Matrix-vector products tried before building the Gram matrix for the spectral norm.
 OPERATOR_BUDGET = 40
+#: Further products allowed per requested eigenvalue before the top-k falls back to the Gram matrix.
+MATVECS_PER_VALUE = 8
 _ROW_CHUNK = 1024
 
 
@@ -103,6 +106,15 @@ class Spectrum:
         Much cheaper than the Gram matrix when sigma_1 stands out (typical of updates); gives up
         after ``budget`` products (flat spectrum) and returns None.
         """
+        values = self._top_k_by_matvec(1, budget)
+        return None if values is None else float(values[0])
+
+    def _top_k_by_matvec(self, k: int, budget: int) -> np.ndarray | None:
+        """The k largest sigma_i^2 (descending) by Lanczos on the implicit Gram operator, or None.
+
+        None when ARPACK needs more than ``budget`` products (a flat top spectrum): the caller
+        then builds the Gram matrix, one ``syrk`` costing as much as min(m, n) products.
+        """
         a = self._matrix
         assert a is not None
         tall = a.shape[0] >= a.shape[1]
@@ -117,10 +129,10 @@ class Spectrum:
 
         operator = LinearOperator((self.small, self.small), matvec=product, dtype=np.float32)
         try:
-            values = eigsh(operator, k=1, which="LA", return_eigenvectors=False, v0=_start_vector(self.small), tol=0)
+            values = eigsh(operator, k=k, which="LA", return_eigenvectors=False, v0=_start_vector(self.small), tol=0)
         except (_BudgetExceeded, ArpackNoConvergence, ArpackError):
             return None
-        return float(max(values[0], 0.0))
+        return np.clip(np.sort(values.astype(np.float64))[::-1], 0.0, None)
 
     def all_energies(self) -> np.ndarray:
         """Every sigma_i^2, descending (dense eigenvalues of the Gram matrix, in float64)."""
@@ -139,6 +151,11 @@ class Spectrum:
             return self._top[:k]
         if k >= self.small - 1 or k > LANCZOS_MAX_SHARE * self.small:
             return self.all_energies()[:k]
+        if self._gram_cache is None:  # a low-rank update converges in a few products: no Gram matrix
+            values = self._top_k_by_matvec(k, OPERATOR_BUDGET + MATVECS_PER_VALUE * k)
+            if values is not None:
+                self._top = values
+                return self._top
         try:
             values = eigsh(self._gram, k=k, which="LA", return_eigenvectors=False,
                            v0=_start_vector(self.small), tol=0)

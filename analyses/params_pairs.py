@@ -18,12 +18,19 @@ from tqdm.auto import tqdm
 
 from analyses.checkpoints import Checkpoint, open_checkpoint
 from unlearn_lens.errors import UserError
-from unlearn_lens.naming import classify, is_linear_weight, is_transposed
+from unlearn_lens.naming import classify, is_embedding_weight, is_linear_weight, is_transposed
+
+#: Group of the weights outside the blocks (embeddings, untied unembedding); layer -1.
+EMBED_GROUP = "embed"
 
 
 @dataclass(frozen=True)
 class MatrixPair:
-    """One attention/MLP weight present in both checkpoints; ``shape`` is (out, in)."""
+    """One 2-D weight present in both checkpoints; ``shape`` is (out, in) for block matrices.
+
+    ``group`` is ``attn`` / ``mlp`` for block matrices and ``embed`` (layer -1) for embeddings and
+    an untied unembedding, whose shape is as stored, (vocab or positions, hidden).
+    """
 
     name: str
     layer: int
@@ -37,31 +44,52 @@ def _oriented_shape(ckpt: Checkpoint, name: str) -> tuple[int, ...]:
     return tuple(reversed(shape)) if is_transposed(name, ckpt.family) else shape
 
 
+def _tied(ckpt: Checkpoint) -> bool:
+    return ckpt.config.get("tie_word_embeddings") is True
+
+
 def pair_linear_weights(ckpt_a: Checkpoint, ckpt_b: Checkpoint) -> list[MatrixPair]:
-    """Every 2-D attention/MLP weight of both models, by (layer, name); one-line error on mismatch."""
+    """Every 2-D weight of both models, by (layer, name); one-line error on mismatch.
+
+    Block matrices (attention, MLP) and, in group ``embed``, the embeddings and an unembedding
+    the config does not tie to the input embedding (a tied copy would repeat the embedding's row).
+    """
     if ckpt_a.family != ckpt_b.family:
         raise UserError(f"architectures differ: model A is {ckpt_a.family}, model B is {ckpt_b.family}")
     family = ckpt_a.family
 
     def linear(ckpt: Checkpoint) -> set[str]:
-        return {n for n in ckpt.names() if is_linear_weight(n, family, len(ckpt.shape(n)))}
+        found = set()
+        for n in ckpt.names():
+            ndim = len(ckpt.shape(n))
+            if is_linear_weight(n, family, ndim):
+                found.add(n)
+            elif is_embedding_weight(n, family, ndim):
+                if not (_tied(ckpt) and classify(n, family).role == "unembed"):
+                    found.add(n)
+        return found
 
     names_a, names_b = linear(ckpt_a), linear(ckpt_b)
-    if not names_a:
+    if not any(classify(n, family).layer >= 0 for n in names_a):
         raise UserError(f"{ckpt_a.path}: no attention/MLP weight matrices found")
-    differing = sorted(names_a ^ names_b, key=lambda n: (classify(n, family).layer, n))
+    def model_order(n: str) -> tuple[int, int, str]:  # embeddings, blocks by layer, unembedding
+        info = classify(n, family)
+        return (2 if info.role == "unembed" else 0 if info.layer < 0 else 1, info.layer, n)
+
+    differing = sorted(names_a ^ names_b, key=model_order)
     if differing:
         first = differing[0]
         where, missing = ("A", "B") if first in names_a else ("B", "A")
         raise UserError(f"architectures differ: tensor {first} is in model {where} but not in model {missing}")
     pairs = []
-    for name in sorted(names_a, key=lambda n: (classify(n, family).layer, n)):
+    for name in sorted(names_a, key=model_order):
         shape_a, shape_b = ckpt_a.shape(name), ckpt_b.shape(name)
         if tuple(shape_a) != tuple(shape_b):
             raise UserError(f"shapes differ: tensor {name} is {tuple(shape_a)} in model A but {tuple(shape_b)} in model B")
         info = classify(name, family)
         out_in = _oriented_shape(ckpt_a, name)
-        pairs.append(MatrixPair(name, info.layer, info.group, info.role, (int(out_in[0]), int(out_in[1]))))
+        group = info.group if info.layer >= 0 else EMBED_GROUP
+        pairs.append(MatrixPair(name, info.layer, group, info.role, (int(out_in[0]), int(out_in[1]))))
     return pairs
 
 

@@ -13,12 +13,15 @@ import numpy as np  # noqa: E402
 
 from analyses.io import atomic_save_figure  # noqa: E402
 
-_COLORS = {"attn": "tab:blue", "mlp": "tab:orange"}
+_COLORS = {"attn": "tab:blue", "mlp": "tab:orange", "embed": "tab:green"}
 
 
 def _by_group(layer_rows: Sequence[dict[str, Any]], key: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Per block group, (layers, values); embedding rows (layer -1, no block) stay off the per-layer lines."""
     series: dict[str, tuple[list[int], list[float]]] = {}
     for row in layer_rows:
+        if int(row["layer"]) < 0:
+            continue
         xs, ys = series.setdefault(str(row["group"]), ([], []))
         xs.append(int(row["layer"]))
         ys.append(float(row[key]))
@@ -57,7 +60,7 @@ def plot_param_stats(outdir: Path, rows: Sequence[dict[str, Any]], layer_rows: S
     paths.append(atomic_save_figure(figure, outdir / "stable_rank.png"))
 
     kinds = [("stable_rank", "stable rank")]
-    if rows and "dW_empirical_rank" in rows[0]:
+    if rows and "W_empirical_rank" in rows[0]:
         kinds.append(("empirical_rank", "99% empirical rank"))
     figure, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False, layout="constrained")
     for ax, (key, name) in zip(axes[0], kinds):
@@ -107,7 +110,7 @@ def plot_null_space(outdir: Path, table: Sequence[dict[str, Any]], label: str) -
     colors = [_COLORS.get(str(r["group"]), "grey") for r in table]
     axes[0].bar(index, [r["top10_energy_share"] for r in table], color=colors)
     axes[0].set_ylim(0, 1.02)
-    axes[0].set_xlabel("sampled matrix")
+    axes[0].set_xlabel("sampled changed matrix")
     axes[0].set_ylabel("share of ||dW||_F^2 in top-10 singular values")
     axes[0].set_title("Energy in the top 10 directions")
     axes[1].scatter([min(r["shape0"], r["shape1"]) for r in table], [r["dW_effective_rank_99"] for r in table],
@@ -118,11 +121,11 @@ def plot_null_space(outdir: Path, table: Sequence[dict[str, Any]], label: str) -
     axes[2].scatter(index, [r["left_grassmann_distance"] for r in table], s=14, label="left (output) space")
     axes[2].scatter(index, [r["right_grassmann_distance"] for r in table], s=14, marker="x", label="right (input) space")
     k = table[0]["subspace_k"] if table else 0
-    axes[2].set_xlabel("sampled matrix")
+    axes[2].set_xlabel("sampled changed matrix")
     axes[2].set_ylabel("Grassmann distance (rad)")
     axes[2].set_title(f"Top-k subspace shift, W_a vs W_b (k <= {k})")
     axes[2].legend()
-    figure.suptitle(f"Null-space and subspace analysis (colour: blue attention, orange MLP)\n{label}")
+    figure.suptitle(f"Null-space and subspace analysis (colour: blue attention, orange MLP, green embeddings)\n{label}")
     return atomic_save_figure(figure, Path(outdir) / "null_space_analysis.png")
 
 

@@ -28,12 +28,16 @@ from analyses.params_linalg import (
     top_singular_subspaces,
 )
 from analyses.params_pairs import MatrixPair
+from analyses.quantization import flip_rows
 
 PER_MATRIX_COLUMNS = [
     "name", "layer", "group", "shape0", "shape1", "dW_fro", "W_fro", "dW_fro_rel", "dW_spectral",
     "W_spectral", "dW_spectral_rel", "dW_stable_rank", "W_stable_rank",
 ]
-EMPIRICAL_COLUMNS = ["dW_empirical_rank", "W_empirical_rank"]
+#: The update's 99 % empirical rank: always computed (0 for an unchanged matrix, without work).
+DW_RANK_COLUMN = "dW_empirical_rank"
+#: The base weight's empirical rank: only with ``--empirical-rank`` (near-full rank: every eigenvalue).
+EMPIRICAL_COLUMNS = ["W_empirical_rank"]
 PER_LAYER_COLUMNS = [
     "layer", "group", "dW_fro_layer", "W_fro_layer", "dW_fro_layer_rel", "max_dW_spectral",
     "max_W_spectral", "max_dW_spectral_rel", "mean_dW_stable_rank", "mean_dW_empirical_rank", "count_mats",
@@ -51,7 +55,9 @@ MLP_ATTN_COLUMNS = [
     "layer", "mlp_dW_fro", "attn_dW_fro", "mlp_dW_fro_rel", "attn_dW_fro_rel", "mlp_attn_ratio",
     "mlp_attn_ratio_abs", "mlp_energy_share",
 ]
-GROUPS = ("attn", "mlp")
+GROUPS = ("attn", "mlp", "embed")
+#: Groups of the block matrices: the MLP / attention shares are shares of their energy only.
+BLOCK_GROUPS = ("attn", "mlp")
 TOP_K_ENERGY = 10
 
 
@@ -64,7 +70,13 @@ def read_pair(ckpt_a: Checkpoint, ckpt_b: Checkpoint, name: str) -> tuple[np.nda
 
 
 def matrix_stats(pair: MatrixPair, w: np.ndarray, dw: np.ndarray, empirical_rank: bool) -> dict[str, Any]:
-    """One row of ``per_matrix.csv``."""
+    """One row of ``per_matrix.csv``.
+
+    dW's empirical rank is always computed: cheap for the low-rank updates unlearning makes
+    (top-k Lanczos against the known ||dW||_F^2) and free for an unchanged matrix (0). W's
+    empirical rank, which needs every eigenvalue of a near-full-rank Gram matrix, only with
+    ``empirical_rank``.
+    """
     w_fro2, dw_fro2 = frobenius_sq(w), frobenius_sq(dw)
     spec_w, spec_dw = Spectrum(w, w_fro2), Spectrum(dw, dw_fro2)
     w_sigma, dw_sigma = spec_w.spectral_norm(), spec_dw.spectral_norm()
@@ -77,8 +89,8 @@ def matrix_stats(pair: MatrixPair, w: np.ndarray, dw: np.ndarray, empirical_rank
         "dW_spectral_rel": safe_ratio(dw_sigma, w_sigma),
         "dW_stable_rank": stable_rank(dw_fro2, dw_sigma), "W_stable_rank": stable_rank(w_fro2, w_sigma),
     }
+    row[DW_RANK_COLUMN] = spec_dw.empirical_rank(RANK_ENERGY)
     if empirical_rank:
-        row["dW_empirical_rank"] = spec_dw.empirical_rank(RANK_ENERGY)
         row["W_empirical_rank"] = spec_w.empirical_rank(RANK_ENERGY)
     row["_spectrum_dw"] = spec_dw  # reused by the null-space step; dropped before writing
     return row
@@ -133,9 +145,18 @@ def analyse_matrix(
     mlp_nullspace: bool = False,
     rank_rtol: float | None = None,
 ) -> dict[str, dict[str, Any] | None]:
-    """Everything asked of one matrix, from a single read of W_a and W_b."""
-    w, dw = read_pair(ckpt_a, ckpt_b, pair.name)
-    out: dict[str, dict[str, Any] | None] = {"stats": None, "null_space": None, "mlp_nullspace": None}
+    """Everything asked of one matrix, from a single read of W_a and W_b.
+
+    With ``stats``, also the quantization-flip rows (``out["quantization"]``), computed from the
+    stored values of W_a and W_b before dW is formed (W_a + dW need not round back to W_b).
+    """
+    out: dict[str, Any] = {"stats": None, "null_space": None, "mlp_nullspace": None, "quantization": None}
+    if stats:
+        w, dw = ckpt_a.read_matrix(pair.name), ckpt_b.read_matrix(pair.name)
+        out["quantization"] = flip_rows(pair.name, pair.layer, pair.group, pair.role, w, dw)
+        np.subtract(dw, w, out=dw)
+    else:
+        w, dw = read_pair(ckpt_a, ckpt_b, pair.name)
     spec_dw = None
     if stats:
         row = matrix_stats(pair, w, dw, empirical_rank)
@@ -170,25 +191,27 @@ def per_layer(rows: Iterable[dict[str, Any]], empirical_rank: bool) -> list[dict
             "mean_dW_stable_rank": float(np.mean([float(r["dW_stable_rank"]) for r in items])),
             "count_mats": len(items),
         }
-        if empirical_rank:
-            entry["mean_dW_empirical_rank"] = float(np.mean([float(r["dW_empirical_rank"]) for r in items]))
+        entry["mean_dW_empirical_rank"] = float(np.mean([float(r[DW_RANK_COLUMN]) for r in items]))
         table.append(entry)
     return table
 
 
 def per_layer_columns(empirical_rank: bool) -> list[str]:
-    return [c for c in PER_LAYER_COLUMNS if empirical_rank or c != "mean_dW_empirical_rank"]
+    """Columns of ``per_layer.csv`` (the same with or without ``--empirical-rank``)."""
+    return list(PER_LAYER_COLUMNS)
 
 
 def per_matrix_columns(empirical_rank: bool) -> list[str]:
-    return PER_MATRIX_COLUMNS + (EMPIRICAL_COLUMNS if empirical_rank else [])
+    """Columns of ``per_matrix.csv``: W's empirical rank only with ``--empirical-rank``."""
+    return PER_MATRIX_COLUMNS + [DW_RANK_COLUMN] + (EMPIRICAL_COLUMNS if empirical_rank else [])
 
 
 def mlp_attn_table(layer_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Step 6: per layer, MLP change against attention change (relative and absolute)."""
     by_layer: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
     for row in layer_rows:
-        by_layer[int(row["layer"])][str(row["group"])] = row
+        if str(row["group"]) in BLOCK_GROUPS and int(row["layer"]) >= 0:  # embeddings sit in no block
+            by_layer[int(row["layer"])][str(row["group"])] = row
     table = []
     for layer, groups in sorted(by_layer.items()):
         mlp, attn = groups.get("mlp", {}), groups.get("attn", {})
@@ -215,12 +238,20 @@ def group_energy(rows: Iterable[dict[str, Any]]) -> dict[str, tuple[float, float
 
 
 def headline_summary(rows: Sequence[dict[str, Any]], layer_rows: Sequence[dict[str, Any]], top: int = 3) -> dict[str, Any]:
-    """Numbers a report quotes: overall relative update, MLP/attention shares, ranks, top layers."""
+    """Numbers a report quotes: overall relative update, MLP/attention shares, ranks, top layers.
+
+    Totals, ranks and ``embed_energy_share`` cover every matrix (embeddings included); the MLP and
+    attention shares are shares of the block matrices' energy (they sum to 1 when blocks changed),
+    and the layer figures count blocks only.
+    """
     energy = group_energy(rows)
     dw_total = sum(v[0] for v in energy.values())
     w_total = sum(v[1] for v in energy.values())
+    block_total = sum(energy[g][0] for g in BLOCK_GROUPS)
     per_layer_total: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for row in rows:
+        if int(row["layer"]) < 0:
+            continue
         per_layer_total[int(row["layer"])][0] += float(row["dW_fro"]) ** 2
         per_layer_total[int(row["layer"])][1] += float(row["W_fro"]) ** 2
     layer_change = sorted(
@@ -234,8 +265,10 @@ def headline_summary(rows: Sequence[dict[str, Any]], layer_rows: Sequence[dict[s
         "num_layers": len(per_layer_total),
         "total_dW_fro_rel": safe_ratio(math.sqrt(dw_total), math.sqrt(w_total)),
         "total_dW_fro": math.sqrt(dw_total),
-        "mlp_energy_share": safe_ratio(energy["mlp"][0], dw_total),
-        "attn_energy_share": safe_ratio(energy["attn"][0], dw_total),
+        "mlp_energy_share": safe_ratio(energy["mlp"][0], block_total),
+        "attn_energy_share": safe_ratio(energy["attn"][0], block_total),
+        "embed_energy_share": safe_ratio(energy["embed"][0], dw_total),
+        "embed_dW_fro_rel": safe_ratio(math.sqrt(energy["embed"][0]), math.sqrt(energy["embed"][1])),
         "mlp_dW_fro_rel": safe_ratio(math.sqrt(energy["mlp"][0]), math.sqrt(energy["mlp"][1])),
         "attn_dW_fro_rel": safe_ratio(math.sqrt(energy["attn"][0]), math.sqrt(energy["attn"][1])),
         "median_dW_stable_rank": float(median(stable)) if stable else 0.0,

@@ -113,9 +113,10 @@ def max_spectral_rel(inputs: ReportInputs, name: str) -> str:
 
 
 def mlp_energy_share(inputs: ReportInputs, name: str) -> str:
+    """MLP share of the block matrices' update energy (embedding rows, group ``embed``, left out)."""
     rows = _matrix_rows(inputs, name)
     mlp = sum(x * x for x in _floats(rows, "dW_fro", lambda r: r.get("group") == "mlp"))
-    total = sum(x * x for x in _floats(rows, "dW_fro"))
+    total = sum(x * x for x in _floats(rows, "dW_fro", lambda r: r.get("group") in ("mlp", "attn")))
     return fmt(mlp / total) if total > 0 else fmt(None)
 
 
@@ -162,6 +163,9 @@ def dh_forget_over_retain(inputs: ReportInputs, name: str) -> str:
 
 
 def row_space_selectivity(inputs: ReportInputs, name: str) -> str:
+    """Mean forget/retain energy ratio over every row of ``row_space_projection.csv`` with a finite one:
+    the row space of the matrices that read the stream (MLP inputs) and the column space of those
+    that write into it (residual after the block), so an update of down-projections only gets a value."""
     summary = read_json(inputs.comparison_dir(name) / "row_space_projection" / "summary.json")
     return fmt((summary.get("mean_selectivity_ratio") or {}).get(inputs.base))
 
@@ -256,7 +260,7 @@ SIGNATURE: list[tuple[str, str, Extractor]] = [
     ("Selectivity", "covariance Wasserstein selectivity W(forget)/W(retain)",
      _column_stat("activation_covariance", "covariance_selectivity.csv", "selectivity_ratio", _median,
                    lambda r: True)),
-    ("Selectivity", "row-space selectivity (forget/retain energy in ΔW's row space)", row_space_selectivity),
+    ("Selectivity", "row/column-space selectivity (forget/retain energy where ΔW reads or writes)", row_space_selectivity),
     ("Selectivity", "forget/retain separation AUC, modified − base", separation_auc_change),
     ("Stability", "local Lipschitz (logits) modified/base, forget", lipschitz_ratio("forget")),
     ("Stability", "local Lipschitz (logits) modified/base, retain", lipschitz_ratio("retain")),
@@ -283,7 +287,7 @@ RECOVERY_PREDICTORS: list[tuple[str, str]] = [
     ("update norm", "relative update ‖ΔW‖F / ‖W‖F, all matrices"),
     ("stable rank", "median stable rank of ΔW (changed matrices)"),
     ("null-space share", "null-space share of MLP updates (output side, changed)"),
-    ("row-space selectivity", "row-space selectivity (forget/retain energy in ΔW's row space)"),
+    ("row-space selectivity", "row/column-space selectivity (forget/retain energy where ΔW reads or writes)"),
     ("probe depth", "best probe selectivity, base → modified"),
     ("logit-lens depth", "logit lens cloze accuracy, best layer"),
     ("tuned-lens depth", "tuned lens cloze accuracy, best layer"),

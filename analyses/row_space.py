@@ -6,6 +6,15 @@ the top-k right singular vectors (k = min(top_k, numerical rank of dW)) and M = 
 masked MLP inputs of a split, the energy share is trace(V_k^T M V_k) / trace(M): the fraction of
 input energy the update can see. The chance baseline is the same share for a random orthonormal
 subspace of equal dimension (fixed seed), whose expectation is k / d.
+
+Matrices that write into the residual stream (attention output, MLP down-projection) have their
+row space in a width the cache does not hold (the MLP hidden width, the attention heads). For
+them the residual side is the output side: U_k, the top-k left singular vectors of the stacked
+writing updates [dW_out | dW_down] of block l (the directions the update writes), and the
+projected activations are the residual stream block l writes into, ``resid[l + 1]``. Rows of
+that kind (``space`` = ``column``) exist only for blocks whose writing matrices changed; rows of
+the first kind have ``space`` = ``row``. The summary's mean selectivity averages every row with
+a finite ratio, of either space, so every update that changes a block gets a value.
 """
 
 from __future__ import annotations
@@ -13,23 +22,34 @@ from __future__ import annotations
 import numpy as np
 
 from unlearn_lens.errors import UserError
-from unlearn_lens.naming import MLP_INPUT_ROLES, classify
+from unlearn_lens.naming import MLP_INPUT_ROLES, STREAM_WRITE_ROLES, classify
 
 COLUMNS = ["mlp_layer", "activations", "k", "hidden", "dW_rank", "share_forget", "share_retain",
            "selectivity_ratio", "random_share_forget", "random_share_retain", "random_selectivity_ratio",
-           "chance_share", "matrices"]
+           "chance_share", "matrices", "space", "projected"]
+#: ``space`` of a row: dW's row space (input side, reading matrices) or column space (output side, writing ones).
+SPACES = ("row", "column")
 
 
-def mlp_input_names(checkpoint, family: str) -> dict[int, list[str]]:
-    """Per block: names of the 2-D weights of the MLP's input-side matrices (up, gate)."""
+def _names_with_roles(checkpoint, family: str, roles) -> dict[int, list[str]]:
     names: dict[int, list[str]] = {}
     for name in checkpoint.names():
         if not name.endswith(".weight"):
             continue
         info = classify(name, family)
-        if info.layer >= 0 and info.role in MLP_INPUT_ROLES and len(checkpoint.shape(name)) == 2:
+        if info.layer >= 0 and info.role in roles and len(checkpoint.shape(name)) == 2:
             names.setdefault(info.layer, []).append(name)
     return {layer: sorted(found) for layer, found in sorted(names.items())}
+
+
+def mlp_input_names(checkpoint, family: str) -> dict[int, list[str]]:
+    """Per block: names of the 2-D weights of the MLP's input-side matrices (up, gate)."""
+    return _names_with_roles(checkpoint, family, MLP_INPUT_ROLES)
+
+
+def stream_write_names(checkpoint, family: str) -> dict[int, list[str]]:
+    """Per block: names of the matrices that write into the residual stream (attention output, down)."""
+    return _names_with_roles(checkpoint, family, STREAM_WRITE_ROLES)
 
 
 def check_same_shapes(checkpoint_a, checkpoint_b, label: str) -> None:
@@ -45,12 +65,17 @@ def check_same_shapes(checkpoint_a, checkpoint_b, label: str) -> None:
                             f"and {tuple(checkpoint_b.shape(name))} in the other")
 
 
-def update_gram(checkpoint_a, checkpoint_b, names: list[str]) -> np.ndarray:
-    """dW^T dW (d x d, float64) of the stacked input-side updates, read one tensor at a time."""
+def update_gram(checkpoint_a, checkpoint_b, names: list[str], side: str = "row") -> np.ndarray:
+    """Gram matrix (d x d, float64) of the stacked updates, read one tensor at a time.
+
+    ``side="row"``: dW^T dW of the updates stacked on top of each other (input side, shared width);
+    ``side="column"``: dW dW^T of the updates set side by side (output side, shared width). The
+    eigenvectors of the first are dW's right singular vectors, of the second its left ones.
+    """
     gram = None
     for name in names:
         delta = checkpoint_b.read_matrix(name).astype(np.float64) - checkpoint_a.read_matrix(name).astype(np.float64)
-        part = delta.T @ delta
+        part = delta.T @ delta if side == "row" else delta @ delta.T
         gram = part if gram is None else gram + part
     return gram
 
@@ -101,14 +126,19 @@ def split_shares(second_moment: np.ndarray, basis: np.ndarray, seed: int, layer:
 
 
 def row_space_row(layer: int, activations: str, basis: np.ndarray, rank: int, forget: tuple[float, float],
-                  retain: tuple[float, float], matrices: list[str]) -> dict:
-    """The CSV row of one (MLP layer, model whose inputs are projected) from both splits' shares."""
+                  retain: tuple[float, float], matrices: list[str], space: str = "row") -> dict:
+    """The CSV row of one (block, space, model whose activations are projected) from both splits' shares.
+
+    ``space="row"`` projects the block's MLP inputs (``mlp_in[layer]``) on dW's row space;
+    ``space="column"`` the residual stream the block writes into (``resid[layer + 1]``) on its column space.
+    """
     hidden, k = basis.shape
     return {"mlp_layer": layer, "activations": activations, "k": k, "hidden": hidden, "dW_rank": rank,
             "share_forget": forget[0], "share_retain": retain[0], "selectivity_ratio": _ratio(forget[0], retain[0]),
             "random_share_forget": forget[1], "random_share_retain": retain[1],
             "random_selectivity_ratio": _ratio(forget[1], retain[1]), "chance_share": k / hidden,
-            "matrices": ";".join(matrices)}
+            "matrices": ";".join(matrices), "space": space,
+            "projected": f"mlp_in[{layer}]" if space == "row" else f"resid[{layer + 1}]"}
 
 
 def projection_table(bases: list[dict[int, tuple[np.ndarray, int, list[str]]]], n_layers: int, hidden: int,
@@ -147,3 +177,25 @@ def update_bases(checkpoint_a, checkpoint_b, top_k: int, map_layers=map) -> dict
 
     layers = list(names)
     return dict(zip(layers, map_layers(one, layers)))
+
+
+def top_left_singular(gram: np.ndarray, top_k: int, tolerance: float = 1e-6) -> tuple[np.ndarray, int]:
+    """``(U_k, rank)`` of dW from dW dW^T: the same eigen-decomposition as ``top_right_singular``."""
+    return top_right_singular(gram, top_k, tolerance)
+
+
+def column_bases(checkpoint_a, checkpoint_b, top_k: int, map_layers=map) -> dict[int, tuple[np.ndarray, int, list[str]]]:
+    """Per block whose stream-writing matrices changed: ``(U_k, rank, names)`` of their stacked update.
+
+    U_k (hidden x k) spans the residual directions the update writes; blocks whose writing
+    matrices did not change are left out (no row of that kind).
+    """
+    names = stream_write_names(checkpoint_a, checkpoint_a.family)
+
+    def one(layer: int) -> tuple[np.ndarray, int, list[str]]:
+        basis, rank = top_left_singular(update_gram(checkpoint_a, checkpoint_b, names[layer], side="column"), top_k)
+        return basis, rank, names[layer]
+
+    layers = list(names)
+    found = dict(zip(layers, map_layers(one, layers)))
+    return {layer: value for layer, value in found.items() if value[1] > 0}

@@ -226,18 +226,22 @@ def start_process_pool(elements: int) -> threading.Thread | None:
     return thread
 
 
-def split_reductions(caches: Caches, split: str, base: str, tables: Mapping[str, np.ndarray]) -> dict:
+def split_reductions(caches: Caches, split: str, base: str, tables: Mapping[str, np.ndarray],
+                     resid_tables: Mapping[str, np.ndarray] | None = None) -> dict:
     """The lazy reductions of one split for every model (to be evaluated together).
 
     ``tables[model]`` holds the directions (row spaces of dW and random baselines) that the
-    model's MLP inputs are projected on for the row-space diagnostic.
+    model's MLP inputs are projected on for the row-space diagnostic; ``resid_tables[model]``
+    (optional) those its residual stream is projected on (column spaces of the writing updates).
     """
-    lazy: dict[str, dict] = {"resid": {}, "mlp": {}, "last": {}, "dh": {}}
+    lazy: dict[str, dict] = {"resid": {}, "mlp": {}, "last": {}, "dh": {}, "resid_proj": {}}
     for model, splits in caches.items():
         ds = splits[split]
         mask = ds["attention_mask"].data
         lazy["resid"][model] = token_moments(ds["resid"].data, mask, finish=covariance.keep_spectra)
         lazy["mlp"][model] = projected_energy(ds["mlp_in"].data, mask, tables[model])
+        if resid_tables:
+            lazy["resid_proj"][model] = projected_energy(ds["resid"].data, mask, resid_tables[model])
         lazy["last"][model] = ds["last"].data
         if model != base:
             lazy["dh"][model] = difference_norms(caches[base][split]["resid"].data, ds["resid"].data, mask)
@@ -312,7 +316,7 @@ def _write_row_space(directory: Path, rows: list[dict], a: str, b: str, top_k: i
     atomic_write_csv(_begin(directory) / "row_space_projection.csv", rows, row_space.COLUMNS)
     panels = []
     for model in (a, b):
-        chosen = [r for r in rows if r["activations"] == model]
+        chosen = [r for r in rows if r["activations"] == model and r["space"] == "row"]
         panels.append((f"energy share ({model} MLP inputs)", {
             "forget": by(chosen, "mlp_layer", "share_forget"), "retain": by(chosen, "mlp_layer", "share_retain"),
             "random forget": by(chosen, "mlp_layer", "random_share_forget"),
@@ -320,10 +324,25 @@ def _write_row_space(directory: Path, rows: list[dict], a: str, b: str, top_k: i
             "chance k/d": by(chosen, "mlp_layer", "chance_share")}, None))
     panel_plot(directory / "row_space_projection.png",
                f"MLP input energy in dW's top-{top_k} row space: {a} -> {b}", "MLP layer", panels)
+    if any(r["space"] == "column" for r in rows):
+        panels = []
+        for model in (a, b):
+            chosen = [r for r in rows if r["activations"] == model and r["space"] == "column"]
+            panels.append((f"energy share ({model} residual after the block)", {
+                "forget": by(chosen, "mlp_layer", "share_forget"), "retain": by(chosen, "mlp_layer", "share_retain"),
+                "random forget": by(chosen, "mlp_layer", "random_share_forget"),
+                "random retain": by(chosen, "mlp_layer", "random_share_retain"),
+                "chance k/d": by(chosen, "mlp_layer", "chance_share")}, None))
+        panel_plot(directory / "column_space_projection.png",
+                   f"Residual energy in the top-{top_k} directions dW writes (attention out, MLP down): {a} -> {b}",
+                   "block", panels)
     atomic_write_json(directory / "summary.json", {
         "definition": row_space.__doc__.strip(), "top_k": top_k, "seed": seed,
         "mean_selectivity_ratio": {m: _nanmean([r["selectivity_ratio"] for r in rows if r["activations"] == m])
-                                   for m in (a, b)}})
+                                   for m in (a, b)},
+        "mean_selectivity_ratio_by_space": {
+            m: {space: _nanmean([r["selectivity_ratio"] for r in rows if r["activations"] == m and r["space"] == space])
+                for space in row_space.SPACES} for m in (a, b)}})
     _finish(directory, {"rows": len(rows)})
 
 
@@ -445,6 +464,8 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
     warming = start_process_pool(sum(caches[base][split]["last"].size for split in SPLITS))  # one model's fits
     bases = {name: row_space.update_bases(opened[base], opened[name], options.top_k, map_layers=map_threads)
              for name in others}
+    columns = {name: row_space.column_bases(opened[base], opened[name], options.top_k, map_layers=map_threads)
+               for name in others}
     stages.done("row-space bases")
 
     reference = caches[base]["forget"]
@@ -453,6 +474,17 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
                                                options.seed)}
     for name in others:
         tables[name] = row_space.projection_table([bases[name]], n_mlp, hidden, options.top_k, options.seed)
+    # block l writes into resid[l + 1]: the column-space tables are indexed by residual layer
+    written_to = {name: {layer + 1: value for layer, value in columns[name].items()} for name in others}
+    resid_tables: dict[str, np.ndarray] = {}
+    if any(columns.values()):
+        n_resid = reference.sizes["layer"]
+        resid_tables[base] = row_space.projection_table([written_to[name] for name in others], n_resid, hidden,
+                                                        options.top_k, options.seed)
+        for name in others:
+            resid_tables[name] = row_space.projection_table([written_to[name]], n_resid, hidden, options.top_k,
+                                                            options.seed)
+    column_shares: dict[str, dict[str, dict[str, list]]] = {name: {} for name in others}  # [name][model][split]
 
     moments: dict[str, dict[str, Moments]] = {split: {} for split in SPLITS}
     spectra: dict[str, dict[str, np.ndarray]] = {split: {} for split in SPLITS}
@@ -460,10 +492,15 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
     difference: dict[str, dict[str, dict]] = {split: {} for split in SPLITS}
     last: dict[str, dict[str, np.ndarray]] = {split: {} for split in SPLITS}
     for split in SPLITS:
-        result = compute(split_reductions(caches, split, base, tables), f"{split} split", options.progress)
+        result = compute(split_reductions(caches, split, base, tables, resid_tables), f"{split} split",
+                         options.progress)
         for model, got in result["mlp"].items():
             for index, name in enumerate(others if model == base else [model]):
                 shares[name].setdefault(model, {})[split] = row_space.shares_from_energy(
+                    got["energy"], got["total"], index, options.top_k)
+        for model, got in result["resid_proj"].items():
+            for index, name in enumerate(others if model == base else [model]):
+                column_shares[name].setdefault(model, {})[split] = row_space.shares_from_energy(
                     got["energy"], got["total"], index, options.top_k)
         for model, m in result["resid"].items():
             spectra[split][model] = covariance.layer_spectra(m, map_layers=map_threads)
@@ -500,6 +537,11 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
                 got = shares[name][model]
                 rows.append(row_space.row_space_row(layer, model, basis, rank, got["forget"][layer],
                                                     got["retain"][layer], matrices))
+        for model in (base, name):
+            for layer, (basis, rank, matrices) in columns[name].items():
+                got = column_shares[name][model]
+                rows.append(row_space.row_space_row(layer, model, basis, rank, got["forget"][layer + 1],
+                                                    got["retain"][layer + 1], matrices, space="column"))
         _write_row_space(folder / "row_space_projection", rows, base, name, options.top_k, options.seed)
         written["comparisons"][name] = str(folder)
     stages.done("separation AUCs and comparison outputs")

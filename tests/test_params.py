@@ -100,7 +100,10 @@ def planted_out(neox_dir, planted_dir, tmp_path_factory) -> Path:
 
 def test_planted_low_rank_update(planted_out):
     rows = read_csv(planted_out / "param_stats" / "per_matrix.csv")
-    assert len(rows) == 3 * 4
+    assert len(rows) == 3 * 4 + 2  # blocks, then the input embedding and the untied unembedding
+    embed = {r["name"]: r for r in rows if r["group"] == "embed"}
+    assert set(embed) == {"gpt_neox.embed_in.weight", "embed_out.weight"}
+    assert all(int(r["layer"]) == -1 and float(r["W_fro"]) > 0 for r in embed.values())
     for row in rows:
         if row["name"] in PLANTS:
             rank = PLANTS[row["name"]]
@@ -115,12 +118,14 @@ def test_planted_low_rank_update(planted_out):
     changed = {(int(r["layer"]), r["group"]) for r in layers if float(r["dW_fro_layer"]) > 0}
     assert changed == {(1, "mlp"), (2, "attn")}
     assert all(int(r["count_mats"]) == 2 for r in layers)
+    assert {(int(r["layer"]), r["group"]) for r in layers if int(r["layer"]) < 0} == {(-1, "embed")}
     import json
 
     summary = json.loads((planted_out / "param_stats" / "summary.json").read_text())
     assert {entry["layer"] for entry in summary["top_changed_layers"][:2]} == {1, 2}
     assert summary["mlp_energy_share"] + summary["attn_energy_share"] == pytest.approx(1.0)
     assert summary["mlp_energy_share"] == pytest.approx(2 / 5, rel=1e-3)  # energies 2 * 0.05^2 vs 3 * 0.05^2
+    assert summary["embed_energy_share"] == 0.0 and summary["num_layers"] == 3
     ratio = read_csv(planted_out / "mlp_attn_analysis" / "mlp_attn_summary.csv")
     by_layer = {int(r["layer"]): r for r in ratio}
     assert float(by_layer[1]["mlp_energy_share"]) == 1.0 and math.isinf(float(by_layer[1]["mlp_attn_ratio"]))
@@ -151,7 +156,12 @@ def test_metrics_match_numpy_full_svd(neox_dir, planted_dir, planted_out):
 def test_null_space_step(planted_out, neox_dir, planted_dir):
     table = read_csv(planted_out / "null_space_analysis" / "null_space_results.csv")
     assert header(planted_out / "null_space_analysis" / "null_space_results.csv") == NULL_SPACE_COLUMNS
-    assert len(table) == 6
+    assert {r["name"] for r in table} == set(PLANTS)  # only the 2 changed matrices, though 6 were asked for
+    import json
+
+    summary = json.loads((planted_out / "null_space_analysis" / "summary.json").read_text())
+    assert summary["num_changed"] == 2 and summary["sampled_from"] == "changed matrices"
+    assert sorted(summary["sampled"]) == sorted(PLANTS)
     base = load_file(str(neox_dir / "model.safetensors"))
     new = load_file(str(planted_dir / "model.safetensors"))
     from scipy.linalg import subspace_angles
@@ -173,6 +183,19 @@ def test_null_space_step(planted_out, neox_dir, planted_dir):
         else:
             assert float(row["top10_energy_share"]) == 0.0 and int(row["dW_effective_rank_99"]) == 0
             assert float(row["left_grassmann_distance"]) == 0.0 and float(row["right_grassmann_distance"]) == 0.0
+
+
+def test_null_space_alone_samples_changed_and_dw_rank_by_default(neox_dir, planted_dir, tmp_path):
+    """Without the stats step the changed matrices are found by comparing the stored tensors; dW's
+    empirical rank is in per_matrix.csv without --empirical-rank, W's is not."""
+    run_params(str(neox_dir), str(planted_dir), tmp_path / "ns", steps=("null_space",), num_matrices=50, seed=3)
+    table = read_csv(tmp_path / "ns" / "null_space_analysis" / "null_space_results.csv")
+    assert sorted(r["name"] for r in table) == sorted(PLANTS) and not (tmp_path / "ns" / "param_stats").exists()
+    run_params(str(neox_dir), str(planted_dir), tmp_path / "st", **FAST)
+    path = tmp_path / "st" / "param_stats" / "per_matrix.csv"
+    assert "dW_empirical_rank" in header(path) and "W_empirical_rank" not in header(path)
+    for row in read_csv(path):
+        assert int(row["dW_empirical_rank"]) == PLANTS.get(row["name"], 0)
 
 
 def test_sample_is_seeded(planted_out):
@@ -240,7 +263,7 @@ def test_mismatches_are_one_line_errors(neox_dir, llama_dir, tmp_path):
     from unlearn_lens.testing import save_tiny_model
 
     wider = save_tiny_model("gpt_neox", tmp_path / "wider", hidden=48)
-    with pytest.raises(UserError, match=r"shapes differ: tensor gpt_neox\.layers\.0\.attention\.dense\.weight"):
+    with pytest.raises(UserError, match=r"shapes differ: tensor gpt_neox\.embed_in\.weight"):  # model order
         run_params(str(neox_dir), str(wider), tmp_path / "o1", **FAST)
     deeper = save_tiny_model("gpt_neox", tmp_path / "deeper", layers=4)
     with pytest.raises(UserError, match=r"tensor gpt_neox\.layers\.3\.attention\.dense\.weight is in model B"):
@@ -266,6 +289,7 @@ def test_gpt2_orientation(tmp_path):
     run_params(str(base), str(modified), tmp_path / "out", **FAST)
     rows = {r["name"]: r for r in read_csv(tmp_path / "out" / "param_stats" / "per_matrix.csv")}
     assert (int(rows[name]["shape0"]), int(rows[name]["shape1"])) == (128, 32)  # (out, in)
+    assert {n for n, r in rows.items() if r["group"] == "embed"} == {"transformer.wte.weight", "transformer.wpe.weight"}
     assert (int(rows["transformer.h.0.attn.c_attn.weight"]["shape0"]), int(rows["transformer.h.0.attn.c_attn.weight"]["shape1"])) == (96, 32)
     assert float(rows[name]["dW_stable_rank"]) == pytest.approx(1.0, rel=1e-5)
     assert float(rows[name]["dW_spectral"]) == pytest.approx(1e-2 * np.linalg.norm(u) * np.linalg.norm(v), rel=1e-4)
@@ -284,10 +308,10 @@ def test_cli_end_to_end(neox_dir, planted_dir, tmp_path):
 
     out = tmp_path / "out"
     args = ["params", "--model-a", str(neox_dir), "--model-b", str(planted_dir), "--outdir", str(out),
-            "--empirical-rank", "--num-matrices", "3", "--seed", "1", "--workers", "1"]
+            "--empirical-rank", "--num-matrices", "1", "--seed", "1", "--workers", "1"]
     main(args)
     expected = {
-        "param_stats": ["per_matrix.csv", "per_layer.csv", "summary.json"],
+        "param_stats": ["per_matrix.csv", "per_layer.csv", "quantization_flips.csv", "summary.json"],
         "param_plots": ["layer_locality.png", "spectral_norm.png", "stable_rank.png", "rank_comparison.png"],
         "mlp_attn_analysis": ["mlp_attn_summary.csv", "summary.json", "mlp_vs_attn.png"],
         "null_space_analysis": ["null_space_results.csv", "summary.json", "null_space_analysis.png"],
@@ -301,7 +325,7 @@ def test_cli_end_to_end(neox_dir, planted_dir, tmp_path):
     assert header(out / "param_stats" / "per_matrix.csv") == per_matrix_columns(True)
     assert header(out / "param_stats" / "per_layer.csv") == per_layer_columns(True)
     assert header(out / "mlp_attn_analysis" / "mlp_attn_summary.csv") == MLP_ATTN_COLUMNS
-    assert len(read_csv(out / "null_space_analysis" / "null_space_results.csv")) == 3
+    assert len(read_csv(out / "null_space_analysis" / "null_space_results.csv")) == 1  # 1 of the 2 changed
     # a rerun with the same options is skipped; without --empirical-rank the columns are the base set
     stamp = (out / "param_stats" / "per_matrix.csv").stat().st_mtime_ns
     main(args)
@@ -323,7 +347,7 @@ def test_cli_user_error_exit_2(tmp_path):
 
 
 def test_params_modules_are_torch_free():
-    code = ("import sys, analyses.params, analyses.params_plots, analyses.commands.params; "
+    code = ("import sys, analyses.params, analyses.params_plots, analyses.commands.params, analyses.quantization; "
             "bad=[m for m in sys.modules if m.split('.')[0] in ('torch','transformers','nnsight')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
@@ -337,3 +361,30 @@ def test_gguf_against_its_dequantized_dir(smollm2_gguf, smollm2_dir, tmp_path):
     assert summary["num_matrices"] == 30 * 7 and summary["identical"]
     rows = read_csv(tmp_path / "param_stats" / "per_matrix.csv")
     assert all(float(r["W_spectral"]) > 0 and float(r["W_stable_rank"]) >= 1 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_smollm2_rmu_like_update_fills_every_cell(smollm2_dir, tmp_path):
+    """RMU-like: rank-4 updates of 3 of SmolLM2's 211 matrices (down-projections 5..7). The null-space
+    step samples exactly those, dW's rank is found by default and the flips are predicted."""
+    rng = np.random.default_rng(0)
+    names = [f"model.layers.{i}.mlp.down_proj.weight" for i in (5, 6, 7)]
+
+    def edit(t):
+        for name in names:
+            m, n = t[name].shape
+            t[name] = (t[name] + 0.01 * orthonormal(rng, m, 4) @ orthonormal(rng, n, 4).T).astype(t[name].dtype)
+
+    modified = clone_with(smollm2_dir, tmp_path / "rmu", edit)
+    summary = run_params(str(smollm2_dir), str(modified), tmp_path / "out")
+    assert summary["num_matrices"] == 30 * 7 + 1  # blocks and the (tied) embedding
+    import json
+
+    null_space = json.loads((tmp_path / "out" / "null_space_analysis" / "summary.json").read_text())
+    assert null_space["num_changed"] == 3 and sorted(null_space["sampled"]) == sorted(names)
+    assert null_space["median_top10_energy_share"] == pytest.approx(1.0, abs=1e-5)
+    rows = {r["name"]: r for r in read_csv(tmp_path / "out" / "param_stats" / "per_matrix.csv")}
+    assert all(int(rows[n]["dW_empirical_rank"]) == 4 for n in names)
+    flips = json.loads((tmp_path / "out" / "param_stats" / "summary.json").read_text())["quantization_flips"]
+    assert flips["int8"]["matrices_changed"] == 3 and flips["int8"]["n_flipped"] > 0

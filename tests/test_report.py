@@ -20,7 +20,8 @@ def _study(root):
     """Outputs of a made-up study with round numbers, as the steps would write them."""
     comparison = root / "base__to__edit"
     rows = [dict(zip(PER_MATRIX, ["a", 0, "mlp", 4, 4, 3.0, 10.0, 0.3, 2.0, 5.0, 0.4, 2.0, 4.0])),
-            dict(zip(PER_MATRIX, ["b", 1, "attn", 4, 4, 4.0, 10.0, 0.4, 1.0, 5.0, 0.2, 4.0, 4.0]))]
+            dict(zip(PER_MATRIX, ["b", 1, "attn", 4, 4, 4.0, 10.0, 0.4, 1.0, 5.0, 0.2, 4.0, 4.0])),
+            dict(zip(PER_MATRIX, ["e", -1, "embed", 8, 4, 5.0, 10.0, 0.5, 1.0, 5.0, 0.2, 3.0, 4.0]))]
     atomic_write_csv(comparison / "param_stats" / "per_matrix.csv", rows, PER_MATRIX)
     atomic_write_csv(comparison / "activation_stats" / "activation_stats.csv", [
         {"layer": 0, "split": "forget", "mean_dh_L2": 2.0}, {"layer": 0, "split": "retain", "mean_dh_L2": 0.5}])
@@ -42,9 +43,9 @@ def _study(root):
 
 def test_signature_values_are_computed_from_the_outputs(tmp_path):
     rows = {row["metric"]: row["edit"] for row in signature_table(_study(tmp_path))}
-    assert rows["relative update ‖ΔW‖F / ‖W‖F, all matrices"] == "0.354"  # sqrt(9+16)/sqrt(200)
-    assert rows["MLP share of update energy (rest: attention)"] == "0.36"  # 9 / 25
-    assert rows["median stable rank of ΔW (changed matrices)"] == "3"
+    assert rows["relative update ‖ΔW‖F / ‖W‖F, all matrices"] == "0.408"  # sqrt(9+16+25)/sqrt(300), embeddings in
+    assert rows["MLP share of update energy (rest: attention)"] == "0.36"  # 9 / 25: the embedding row is left out
+    assert rows["median stable rank of ΔW (changed matrices)"] == "3"  # of 2, 4 and the embedding's 3
     assert rows["mean ‖Δh‖2 forget / retain"] == "2 / 0.5"
     assert rows["forget NLL before → after unlearning"] == "3.5 → 4.5"
     assert rows["local Lipschitz (logits) modified/base, forget"] == "—"  # not run: a dash, not an error

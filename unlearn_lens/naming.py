@@ -103,6 +103,10 @@ _GLOBAL_RULES: dict[str, list[tuple[str, str]]] = {
 LINEAR_ROLES = frozenset({"qkv", "q", "k", "v", "out", "up", "gate", "down"})
 #: Roles of the MLP's input-side matrices (they multiply the MLP input).
 MLP_INPUT_ROLES = frozenset({"up", "gate"})
+#: Roles of the matrices that write into the residual stream (attention output, MLP down-projection).
+STREAM_WRITE_ROLES = frozenset({"out", "down"})
+#: Roles of the 2-D weights outside the blocks: token and position embeddings, unembedding.
+EMBED_ROLES = frozenset({"embed", "pos_embed", "unembed"})
 
 
 def family_for_model_type(model_type: str | None) -> str:
@@ -157,3 +161,11 @@ def is_linear_weight(name: str, family: str, ndim: int) -> bool:
         return False
     info = classify(name, family)
     return info.layer >= 0 and info.role in LINEAR_ROLES
+
+
+def is_embedding_weight(name: str, family: str, ndim: int) -> bool:
+    """True for the 2-D embedding, position-embedding and unembedding weights (outside the blocks)."""
+    if ndim != 2 or not name.endswith(".weight"):
+        return False
+    info = classify(name, family)
+    return info.layer < 0 and info.role in EMBED_ROLES

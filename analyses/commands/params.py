@@ -15,13 +15,17 @@ STEP_CHOICES = ("stats", "mlp_attn", "null_space", "mlp_nullspace")
 @click.option("--model-b", required=True, metavar="MODIFIED",
               help="Modified (unlearned / filtered) model, same architecture as --model-a.")
 @click.option("--outdir", required=True, type=click.Path(file_okay=False),
-              help="Output root: param_stats/, param_plots/, mlp_attn_analysis/, null_space_analysis/, mlp_nullspace/.")
+              help="Output root: param_stats/ (with quantization_flips.csv), param_plots/, mlp_attn_analysis/, "
+                   "null_space_analysis/, mlp_nullspace/.")
 @click.option("--revision-a", default=None, help="Hub revision (branch, tag or commit) of --model-a.")
 @click.option("--revision-b", default=None, help="Hub revision (branch, tag or commit) of --model-b.")
 @click.option("--empirical-rank", is_flag=True,
-              help="Also compute the 99%-energy empirical rank of dW and W (slower: near-full-rank matrices need every singular value).")
+              help="Also compute the 99%-energy empirical rank of the base weights W (slower: near-full-rank "
+                   "matrices need every singular value). dW's empirical rank is always computed (Lanczos for "
+                   "low-rank updates; 0 without work for unchanged matrices).")
 @click.option("--num-matrices", type=click.IntRange(min=0), default=50, show_default=True,
-              help="Matrices sampled (fixed seed) for the null-space / subspace analysis (step 7).")
+              help="Matrices sampled (fixed seed) for the null-space / subspace analysis (step 7), among the "
+                   "matrices the intervention changed (all of them when fewer).")
 @click.option("--subspace-k", type=click.IntRange(min=1), default=10, show_default=True,
               help="Dimension k of the top singular subspaces of W_a and W_b compared in step 7.")
 @click.option("--rank-rtol", type=float, default=None,

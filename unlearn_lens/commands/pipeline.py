@@ -19,7 +19,7 @@ def _shared_options(tuned_lens_steps: int = 250, tuned_lens_tokens: int = 512, l
         click.option("--batch-size", type=int, default=8, show_default=True, help="Texts per forward pass during capture."),
         click.option("--force", is_flag=True, help="Redo steps that are already complete."),
         click.option("--skip", default="", help=f"Comma-separated steps to leave out: {', '.join(SKIPPABLE)}."),
-        click.option("--empirical-rank", is_flag=True, help="Also compute the exact 99%-energy rank of every dW and W."),
+        click.option("--empirical-rank", is_flag=True, help="Also compute the 99%-energy rank of every base weight W (dW's is always computed)."),
         click.option("--workers", type=int, default=None, help="Parallel workers for params and analyze."),
         click.option("--lipschitz-samples", type=int, default=lipschitz_samples, show_default=True,
                      help="Texts per split for the Lipschitz step."),
