@@ -57,32 +57,9 @@ def store_for(url: str, read_only: bool = False) -> Any:
 
 
 def metadata_once(store: Any) -> Any:
-    """``store`` wrapped so that each ``zarr.json`` document is fetched at most once.
-
-    Opening a split reads the root document (consolidated metadata: every group and array) several
-    times through zarr and xarray; over HTTP or S3 each read is a request. Only for reading.
-    """
-    import zarr
-
-    class MetadataOnce(zarr.storage.WrapperStore):
-        """Caches whole-document reads of ``zarr.json`` keys; everything else goes through."""
-
-        def __init__(self, store: Any) -> None:
-            super().__init__(store)
-            self._documents: dict[str, Any] = {}
-
-        async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-            if byte_range is not None or not key.endswith("zarr.json"):
-                return await self._store.get(key, prototype, byte_range)
-            if key not in self._documents:
-                self._documents[key] = await self._store.get(key, prototype)
-            return self._documents[key]
-
-        def __getstate__(self) -> dict:  # dask workers fetch what they need themselves
-            return {"_store": self._store, "_documents": {}}
-
-        def __setstate__(self, state: dict) -> None:
-            self.__dict__.update(state)
+    """``store`` wrapped so that each ``zarr.json`` document is fetched at most once (reading only):
+    with consolidated metadata, opening a split then costs one metadata request on HTTP or S3."""
+    from cache_store.metadata_store import MetadataOnce
 
     return MetadataOnce(store)
 

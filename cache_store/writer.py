@@ -209,7 +209,7 @@ class CacheWriter:
         if name in group.array_keys():
             array = group[name]
             if array.shape == tuple(shape) and array.chunks == tuple(chunks) and array.dtype == np.dtype(dtype):
-                return array
+                return writable(array)
             raise UserError(f"{group.store_path}/{name}: exists with another shape or dtype; pass --overwrite")
         from zarr.errors import ContainsArrayError
 
@@ -220,7 +220,13 @@ class CacheWriter:
                     compressors=compressors(), config={"write_empty_chunks": True}, overwrite=False,
                 )
             except ContainsArrayError:  # another shard created it a moment ago
-                return group[name]
+                return writable(group[name])
+
+
+def writable(array: Any) -> Any:
+    """The array writing every chunk, all-zero ones included (``write_empty_chunks`` is not stored
+    with an array: an opened one would otherwise *delete* a chunk it fills with zeros)."""
+    return array.with_config({"write_empty_chunks": True})
 
 
 def zarr_group(url: str, attributes: Mapping[str, Any]) -> Any:
@@ -244,8 +250,8 @@ class SplitWriter:
     def __init__(self, url: str, split: str, layout: SplitLayout, group: Any, dynamic: Mapping[str, Dynamic]):
         self.url, self.split, self.layout, self.group = url, split, layout, group
         self.dynamic = dict(dynamic)
-        self.arrays = {name: group[name] for name in dynamic}
-        self.done_array = group["block_done"]
+        self.arrays = {name: writable(group[name]) for name in dynamic}
+        self.done_array = writable(group["block_done"])
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None

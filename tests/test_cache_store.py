@@ -331,3 +331,31 @@ def test_block_done_is_written_only_for_done_blocks(tmp_path):
     write_synthetic(str(url), LENGTHS, stop_after=1)  # blocks of 3 samples: 3 blocks, 1 done
     assert sorted(p.name for p in (url / "forget" / "block_done" / "c").iterdir()) == ["0"]
 
+
+
+def test_creating_a_split_again_keeps_every_chunk(tmp_path):
+    """A second creation (another shard, or a killed one redone) rewrites identical bytes and
+    deletes nothing, all-zero chunks included (zarr would drop those from an array it opened)."""
+    import zarr
+
+    from cache_store.writer import content_fingerprint
+
+    url = tmp_path / "c.zarr"
+    layout = SplitLayout(np.array([4, 4]), block_samples=2, token_chunk=8)
+
+    def create():
+        return CacheWriter(str(url), PROVENANCE).open_split(
+            "forget", layout, sizes={"layer": LAYERS, "token": layout.n_tokens, "hidden": HIDDEN, "sample": 2},
+            static={"zeros": (("sample",), np.zeros(2, np.float32))},
+            dynamic={"resid": Dynamic(("layer", "token", "hidden"), "float32")},
+            attrs={"content_fingerprint": content_fingerprint(np.zeros(8))})
+
+    create()
+    zarr.open_group(str(url), mode="r+")["forget"].attrs["initialised"] = False  # as if mid-creation
+    writer = create()
+    assert (url / "forget" / "zeros" / "c" / "0").is_file()
+    writer.start()
+    writer.submit(0, {"resid": np.zeros((LAYERS, 8, HIDDEN), np.float32)})
+    writer.end_block(0)
+    writer.close()
+    assert (url / "forget" / "resid" / "c" / "0" / "0" / "0").is_file()  # an all-zero block, resumed writer
