@@ -51,19 +51,37 @@ def info(url: str, as_json: bool) -> None:
 @cache.command("verify")
 @click.argument("url")
 @click.option("--quiet", is_flag=True, help="Print only problems, no progress bar.")
-def verify(url: str, quiet: bool) -> None:
-    """Check completeness and integrity: every chunk readable, offsets consistent, values finite."""
+@click.option("--reset-damaged", is_flag=True,
+              help="Mark the blocks holding damaged chunks as not written, so that rerunning the same "
+                   "`unlearn-lens capture` command rewrites exactly them.")
+def verify(url: str, quiet: bool, reset_damaged: bool) -> None:
+    """Check completeness and integrity: every chunk's checksum, readable, offsets consistent, values finite."""
     from tqdm.auto import tqdm
 
     from cache_store import store
     from cache_store.inspect import verify as run_verify
 
-    store.open_root(url)  # a missing cache is a one-line error before any progress bar
+    store.open_root(url, consolidated=None)  # a missing cache is a one-line error before any progress bar
+    if reset_damaged:
+        store.refuse_read_only(url)
     bar = tqdm(desc="verify", unit="chunk", disable=quiet)
-    problems = run_verify(url, progress=lambda: bar.update(1))
+    notes: list[str] = []
+    damaged: list[str] = []
+    problems = run_verify(url, progress=lambda: bar.update(1), notes=notes, damaged=damaged)
     bar.close()
+    for note in notes:
+        click.echo(f"note: {note}")
     for problem in problems:
         click.echo(f"FAIL {problem}")
+    if damaged and reset_damaged:
+        from cache_store.integrity import reset_damaged as reset
+
+        for split, entry in reset(url, damaged).items():
+            what = [f"blocks {', '.join(map(str, entry['blocks']))}"] if entry["blocks"] else []
+            what += ["static arrays"] if entry["static"] else []
+            click.echo(f"reset {split}: {' and '.join(what)} marked not written; rerun the same "
+                       "`unlearn-lens capture` command to rewrite them")
     if problems:
         raise UserError(f"{url}: verification failed ({len(problems)} problem(s))")
-    click.echo(f"{url}: OK (complete, every chunk readable, offsets consistent, values finite)")
+    checked = "every chunk's checksum, " if not notes else ""
+    click.echo(f"{url}: OK (complete, {checked}every chunk readable, offsets consistent, values finite)")

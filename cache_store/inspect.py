@@ -15,7 +15,7 @@ TOKEN_ACTIVATIONS = ("resid", "mlp_in")
 
 def describe(url: str) -> dict[str, Any]:
     """Provenance and, per split, variables, sizes on disk and compression ratio."""
-    root = stores.open_root(url, consolidated=False)
+    root = stores.open_root(url, consolidated=None)
     report: dict[str, Any] = {"url": str(url), "provenance": dict(root.attrs), "splits": {}}
     for split in sorted(root.group_keys()):
         group = root[split]
@@ -48,19 +48,34 @@ def describe(url: str) -> dict[str, Any]:
     return report
 
 
-def verify(url: str, progress: Callable | None = None) -> list[str]:
+def verify(url: str, progress: Callable | None = None, notes: list[str] | None = None,
+           damaged: list[str] | None = None) -> list[str]:
     """Every problem found in a cache (empty when it is complete and sound).
 
-    Checks completeness, that every chunk exists and decodes, that offsets, masks and sample
-    ids agree with the layout, that activations are finite, and that ``last`` is the state at
-    each sample's last token.
+    Checks every chunk's checksum (naming a damaged chunk by its key), completeness, that every
+    chunk exists and decodes, that offsets, masks and sample ids agree with the layout, that
+    activations are finite, and that ``last`` is the state at each sample's last token. Remarks
+    that are not problems (arrays written without checksums) are appended to ``notes``; the keys
+    of damaged chunks to ``damaged``.
     """
-    root = stores.open_root(url, consolidated=False)
+    from cache_store.integrity import check_split
+
+    root = stores.open_root(url, consolidated=None)
     splits = sorted(root.group_keys())
     if not splits:
         return [f"{url}: no splits"]
     problems: list[str] = []
     for split in splits:
+        sums = check_split(url, split, root[split], progress)
+        if sums.unchecked and notes is not None:
+            notes.append(f"{split}: no checksums in {', '.join(n.split('/', 1)[1] for n in sums.unchecked)} "
+                         "(written before format 2): damage there cannot be detected")
+        if damaged is not None:
+            damaged += sums.damaged
+        if sums.damaged:  # the value checks below would only fail again on the same chunks
+            problems += [f"{key}: damaged chunk (checksum mismatch)" for key in sums.damaged]
+            problems += [f"{key}: missing chunk" for key in sums.missing]
+            continue
         try:
             problems += _verify_split(root[split], split, progress)
         except UserError:
@@ -128,7 +143,8 @@ def _check_activations(array, where: str, layout: SplitLayout, last, last_token:
             try:
                 values = np.asarray(array[layer, start:stop])
             except Exception as exc:  # noqa: BLE001
-                problems.append(f"{where}: chunk (layer {layer}, tokens {start}:{stop}) unreadable "
+                key = array.metadata.encode_chunk_key((layer, start // chunk, 0))
+                problems.append(f"{where}/{key}: chunk (layer {layer}, tokens {start}:{stop}) unreadable "
                                 f"({type(exc).__name__})")
                 continue
             if not np.isfinite(values).all():

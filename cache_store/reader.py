@@ -20,12 +20,12 @@ _INTERNAL_ATTRS = ("splits", "format_version", "initialised")
 
 def list_splits(url: str) -> list[str]:
     """Names of the split groups in a cache (complete or not)."""
-    root = stores.open_root(url, consolidated=False)
+    root = stores.open_root(url, consolidated=None)
     return sorted(root.group_keys())
 
 
-def _split_attrs(url: str, split: str) -> dict[str, Any]:
-    root = stores.open_root(url, consolidated=False)
+def _split_attrs(url: str, split: str, store: Any = None) -> dict[str, Any]:
+    root = stores.open_root(url, consolidated=None, store=store)
     if split not in root.group_keys():
         have = ", ".join(sorted(root.group_keys())) or "none"
         raise UserError(f"{url}: no split {split!r} in this cache (it has: {have})")
@@ -39,7 +39,7 @@ def is_complete(url: str, split: str | None = None) -> bool:
     splits = [split] if split else list_splits(url)
     if not splits:
         return False
-    root = stores.open_root(url, consolidated=False)
+    root = stores.open_root(url, consolidated=None)
     return all(s in root.group_keys() and bool(root[s].attrs.get("complete")) for s in splits)
 
 
@@ -74,7 +74,8 @@ def open_cache(url: str, split: str, *, allow_incomplete: bool = False, keep_sla
     """
     import xarray as xr
 
-    attrs = _split_attrs(url, split)
+    store = stores.metadata_once(stores.store_for(url, read_only=True))  # one metadata request
+    attrs = _split_attrs(url, split, store)
     complete = bool(attrs.get("complete"))
     if not complete and not allow_incomplete:
         raise UserError(
@@ -89,8 +90,7 @@ def open_cache(url: str, split: str, *, allow_incomplete: bool = False, keep_sla
     chunks = {} if layers_per_chunk == 1 else {"layer": layers_per_chunk, "mlp_layer": layers_per_chunk}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = xr.open_zarr(stores.store_for(url, read_only=True), group=split, chunks=chunks,
-                          consolidated=True if complete else False, zarr_format=3)
+        ds = xr.open_zarr(store, group=split, chunks=chunks, consolidated=None, zarr_format=3)
     ds = ds.drop_vars([v for v in ("block_done",) if v in ds.variables])
     ds.attrs = {k: v for k, v in attrs.items() if k not in _INTERNAL_ATTRS}
     lengths = ds["sample_length"].values

@@ -1,7 +1,9 @@
 """Opening a cache location (local path, ``file://`` or any fsspec URL) and guarding it.
 
 Local paths go through zarr's ``LocalStore`` (atomic chunk writes); other URLs through zarr's
-fsspec store, so ``memory://``, ``s3://``, ``gs://``... work unchanged.
+fsspec store, so ``memory://``, ``s3://``, ``gs://``... work unchanged (credentials and endpoints
+come from each filesystem's own environment, e.g. ``AWS_*`` for s3). ``http(s)://`` caches are
+read-only: any static file server can share a finished cache.
 """
 
 from __future__ import annotations
@@ -25,17 +27,41 @@ def local_path(url: str) -> Path | None:
     return Path(url).expanduser()
 
 
+#: URL schemes that can only be read (a static file server); writing to them is refused.
+READ_ONLY_SCHEMES = ("http://", "https://")
+
+
+def is_read_only(url: str) -> bool:
+    """True for locations that cannot be written (``http(s)://``)."""
+    return str(url).lower().startswith(READ_ONLY_SCHEMES)
+
+
+def refuse_read_only(url: str) -> None:
+    """One-line ``UserError`` when ``url`` cannot be written."""
+    if is_read_only(url):
+        raise UserError(f"{url}: http(s) caches are read-only; capture to a path or an object store "
+                        "(s3://...) and serve the finished cache")
+
+
 def store_for(url: str, read_only: bool = False) -> Any:
-    """A zarr store for a path or URL."""
+    """A zarr store for a path or URL (always read-only for ``http(s)://``)."""
     import zarr
 
     path = local_path(url)
     if path is not None:
         return zarr.storage.LocalStore(path, read_only=read_only)
     try:
-        return zarr.storage.FsspecStore.from_url(str(url), read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(str(url), read_only=read_only or is_read_only(url))
     except (ImportError, ValueError) as exc:
         raise UserError(f"{url}: cannot open this URL ({exc})") from None
+
+
+def metadata_once(store: Any) -> Any:
+    """``store`` wrapped so that each ``zarr.json`` document is fetched at most once (reading only):
+    with consolidated metadata, opening a split then costs one metadata request on HTTP or S3."""
+    from cache_store.metadata_store import MetadataOnce
+
+    return MetadataOnce(store)
 
 
 def exists(url: str) -> bool:
@@ -65,18 +91,18 @@ def remove(url: str, member: str | None = None) -> None:
         fs.rm(target, recursive=True)
 
 
-def open_root(url: str, mode: str = "r", consolidated: bool | None = False) -> Any:
-    """The cache's root ``zarr.Group``; a clear error when there is none."""
+def open_root(url: str, mode: str = "r", consolidated: bool | None = False, store: Any = None) -> Any:
+    """The cache's root ``zarr.Group`` (through ``store`` when given); a clear error when there is none."""
     import zarr
 
-    if mode == "r" and not exists(url):
-        raise UserError(f"{url}: no activation cache here (create one with `unlearn-lens capture`)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return zarr.open_group(store_for(url, read_only=mode == "r"), mode=mode, zarr_format=3,
-                                   use_consolidated=consolidated)
+            return zarr.open_group(store if store is not None else store_for(url, read_only=mode == "r"),
+                                   mode=mode, zarr_format=3, use_consolidated=consolidated)
         except (FileNotFoundError, KeyError) as exc:
+            if mode == "r" and not exists(url):
+                raise UserError(f"{url}: no activation cache here (create one with `unlearn-lens capture`)") from None
             raise UserError(f"{url}: not a readable activation cache ({exc})") from None
 
 
@@ -89,12 +115,21 @@ def consolidate(url: str) -> None:
         zarr.consolidate_metadata(store_for(url))
 
 
+def drop_consolidated(url: str) -> None:
+    """Remove consolidated metadata before a split changes state (group created, reset), so that
+    what readers take from it is never stale. Rewrites the root document without it."""
+    root = open_root(url, mode="r+", consolidated=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root.update_attributes({})
+
+
 @contextlib.contextmanager
 def lock(url: str) -> Iterator[None]:
     """Exclusive lock on a local cache (a ``<cache>.lock`` file beside it; ``flock``).
 
     Serialises store creation and finalisation between concurrent ``--shard`` processes. Remote
-    URLs are not locked: create the store with one process before starting shards there.
+    URLs are not locked: there every write is idempotent or owned by one shard (SCHEMA.md, sharing).
     """
     path = local_path(url)
     if path is None:

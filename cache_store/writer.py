@@ -10,11 +10,13 @@ is recorded in ``block_done`` only after all its chunks are written; a cache is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import threading
+import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -22,7 +24,8 @@ from cache_store import store as stores
 from cache_store.layout import SplitLayout
 from unlearn_lens.errors import UserError
 
-FORMAT_VERSION = 1
+#: 2: a crc32c checksum after every chunk's zstd bytes; block_done chunks written only when done.
+FORMAT_VERSION = 2
 
 #: Root attributes that identify what a cache holds; any difference means another capture.
 IDENTITY_KEYS = ("family", "num_layers", "hidden_size", "weights_fingerprint", "tokenizer_fingerprint",
@@ -34,10 +37,15 @@ QUEUE_BATCHES = 4
 
 
 def compressors() -> list:
-    """zstd level 1: chosen by measurement on SmolLM2 float16 activations (benchmarks/RESULTS.md)."""
-    from zarr.codecs import ZstdCodec
+    """zstd level 1, then a crc32c checksum of the compressed bytes (4 bytes per chunk).
 
-    return [ZstdCodec(level=1)]
+    zstd-1 was chosen by measurement on SmolLM2 float16 activations (benchmarks/RESULTS.md). float16
+    barely compresses, so a flipped byte would decode into a wrong value: the checksum makes any
+    damaged chunk fail to decode instead (``cache verify`` names it).
+    """
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(level=1), Crc32cCodec()]
 
 
 @dataclass(frozen=True)
@@ -80,27 +88,35 @@ class CacheWriter:
     """One model's cache at ``url``: created, or checked against ``provenance`` and resumed."""
 
     def __init__(self, url: str, provenance: Mapping[str, Any], *, overwrite: bool = False):
+        stores.refuse_read_only(url)
         self.url = str(url)
         self.provenance = dict(provenance)
         self.overwrite = overwrite
 
     # --- creation / resumption -----------------------------------------------------------
+    # Local caches serialise creation with a lock. Remote ones (s3://...) have none, so every
+    # creation step is idempotent and deletes nothing: concurrent shards write identical metadata
+    # and static arrays, and each shard then writes only its own blocks' chunks (SCHEMA.md).
     def _root(self) -> Any:
         if stores.exists(self.url):
             root = stores.open_root(self.url, mode="r+")
             differs = _differences(dict(root.attrs), self.provenance, IDENTITY_KEYS)
-            if differs:
-                if not self.overwrite:
-                    raise UserError(
-                        f"{self.url} holds a capture with other provenance (differs in: {', '.join(differs)}); "
-                        "pass --overwrite to replace it, or choose another --out"
-                    )
-                stores.remove(self.url)
-            else:
+            if not differs:
                 return root
-        root = stores.open_root(self.url, mode="w")
-        root.attrs.update({**self.provenance, "format_version": FORMAT_VERSION, "splits": []})
-        return root
+            if not self.overwrite:
+                raise UserError(
+                    f"{self.url} holds a capture with other provenance (differs in: {', '.join(differs)}); "
+                    "pass --overwrite to replace it, or choose another --out"
+                )
+            stores.remove(self.url)
+        from zarr.errors import ContainsGroupError
+
+        with _quiet():
+            try:
+                zarr_group(self.url, {**self.provenance, "format_version": FORMAT_VERSION})
+            except ContainsGroupError:  # another shard created it a moment ago: same provenance
+                pass
+        return stores.open_root(self.url, mode="r+")
 
     def open_split(
         self,
@@ -129,13 +145,15 @@ class CacheWriter:
         return SplitWriter(self.url, split, layout, group, dynamic)
 
     def _existing_group(self, root: Any, split: str, split_attrs: Mapping[str, Any]) -> Any:
+        """The split's group when it is initialised with this content and layout, else None.
+
+        A group still being initialised (by a killed run, or by another shard right now) with the
+        same identity is left in place: creating it again is idempotent.
+        """
         if split not in root.group_keys():
             return None
         group = root[split]
         found = dict(group.attrs)
-        if not found.get("initialised"):
-            stores.remove(self.url, split)  # killed while being created: start it again
-            return None
         differs = _differences(found, split_attrs, SPLIT_IDENTITY_KEYS)
         if differs:
             if not self.overwrite:
@@ -144,26 +162,35 @@ class CacheWriter:
                     f"(differs in: {', '.join(differs)}; e.g. another --max-samples or --block-samples); "
                     "pass --overwrite to replace it"
                 )
+            stores.drop_consolidated(self.url)
             stores.remove(self.url, split)
             return None
-        return group
+        return group if found.get("initialised") else None
 
     def _create_group(self, root, split, layout, sizes, static, dynamic, split_attrs) -> Any:
-        group = root.create_group(split, overwrite=True)
-        group.attrs.update({**split_attrs, "complete": False, "initialised": False})
+        """Create the split's group, arrays and static data; idempotent, never deletes anything."""
+        from zarr.errors import ContainsGroupError
+
+        stores.drop_consolidated(self.url)  # the split changes state: readers must not trust a stale copy
+        with _quiet():
+            try:
+                group = root.create_group(split, attributes={**split_attrs, "complete": False, "initialised": False})
+            except ContainsGroupError:
+                group = root[split]
         big = {"token": layout.token_chunk * 64, "sample": layout.block_samples * 64}
         for name, (dims, values) in static.items():
             chunks = tuple(min(sizes[d], big.get(d, sizes[d])) or 1 for d in dims)
             array = self._create_array(group, name, dims, values.shape, str(values.dtype), chunks)
-            array[...] = values
+            array[...] = values  # identical bytes whoever writes them
         for name, spec in dynamic.items():
             shape = tuple(sizes[d] for d in spec.dims)
             chunks = tuple(self._dynamic_chunk(d, sizes[d], layout) for d in spec.dims)
             self._create_array(group, name, spec.dims, shape, spec.dtype, chunks)
-        done = self._create_array(group, "block_done", ("block",), (layout.n_blocks,), "uint8", (1,))
-        done[...] = np.zeros(layout.n_blocks, dtype=np.uint8)
+        # block_done chunks are written only when a block is done (a missing chunk reads 0), so that
+        # no shard ever writes another shard's progress.
+        self._create_array(group, "block_done", ("block",), (layout.n_blocks,), "uint8", (1,))
+        group = stores.open_root(self.url, mode="r+")[split]  # fresh attributes: never rewrite stale ones
         group.attrs["initialised"] = True
-        root.attrs["splits"] = sorted(set(root.attrs.get("splits", [])) | {split})
         return group
 
     @staticmethod
@@ -178,10 +205,43 @@ class CacheWriter:
 
     @staticmethod
     def _create_array(group, name, dims, shape, dtype, chunks) -> Any:
-        return group.create_array(
-            name, shape=shape, chunks=chunks, dtype=dtype, dimension_names=dims, fill_value=0,
-            compressors=compressors(), config={"write_empty_chunks": True}, overwrite=True,
-        )
+        """Create an array, or take the existing one when it has the same shape, chunks and dtype."""
+        if name in group.array_keys():
+            array = group[name]
+            if array.shape == tuple(shape) and array.chunks == tuple(chunks) and array.dtype == np.dtype(dtype):
+                return writable(array)
+            raise UserError(f"{group.store_path}/{name}: exists with another shape or dtype; pass --overwrite")
+        from zarr.errors import ContainsArrayError
+
+        with _quiet():
+            try:
+                return group.create_array(
+                    name, shape=shape, chunks=chunks, dtype=dtype, dimension_names=dims, fill_value=0,
+                    compressors=compressors(), config={"write_empty_chunks": True}, overwrite=False,
+                )
+            except ContainsArrayError:  # another shard created it a moment ago
+                return writable(group[name])
+
+
+def writable(array: Any) -> Any:
+    """The array writing every chunk, all-zero ones included (``write_empty_chunks`` is not stored
+    with an array: an opened one would otherwise *delete* a chunk it fills with zeros)."""
+    return array.with_config({"write_empty_chunks": True})
+
+
+def zarr_group(url: str, attributes: Mapping[str, Any]) -> Any:
+    """Create a cache's root group with its attributes in one write (refused if one exists)."""
+    import zarr
+
+    return zarr.create_group(stores.store_for(url), attributes=dict(attributes), zarr_format=3, overwrite=False)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence zarr's warnings (e.g. consolidated metadata not being in the v3 spec yet)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 class SplitWriter:
@@ -190,8 +250,8 @@ class SplitWriter:
     def __init__(self, url: str, split: str, layout: SplitLayout, group: Any, dynamic: Mapping[str, Dynamic]):
         self.url, self.split, self.layout, self.group = url, split, layout, group
         self.dynamic = dict(dynamic)
-        self.arrays = {name: group[name] for name in dynamic}
-        self.done_array = group["block_done"]
+        self.arrays = {name: writable(group[name]) for name in dynamic}
+        self.done_array = writable(group["block_done"])
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None

@@ -199,7 +199,9 @@ def test_verify_finds_corruption_and_missing_chunks(tmp_path):
     chunks[1].write_bytes(b"\x00garbage")
     chunks[2].unlink()
     problems = verify(str(url))
-    assert any("unreadable" in p for p in problems) and any("missing" in p for p in problems)
+    key = lambda p: "forget/" + p.relative_to(url / "forget").as_posix()  # noqa: E731
+    assert f"{key(chunks[1])}: damaged chunk (checksum mismatch)" in problems
+    assert f"{key(chunks[2])}: missing chunk" in problems
 
 
 def test_verify_finds_inconsistent_offsets_and_bad_last(tmp_path):
@@ -238,3 +240,122 @@ def test_writer_errors_reach_the_producer(tmp_path):
         writer.drain()
     writer.close()
     assert writer._thread is None and not writer.done_blocks().any()
+
+
+# --- integrity: checksums, damaged chunks named, damaged blocks recaptured ------------------------
+
+def flip_middle_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_every_chunk_carries_a_crc32c_checksum(tmp_path):
+    import json
+
+    from cache_store.integrity import checksum_ok
+
+    url = tmp_path / "c.zarr"
+    write_synthetic(str(url), LENGTHS)
+    for meta in (url / "forget").glob("*/zarr.json"):
+        codecs = [codec["name"] for codec in json.loads(meta.read_text())["codecs"]]
+        assert codecs == ["bytes", "zstd", "crc32c"], (meta, codecs)
+    chunks = [p for p in (url / "forget").rglob("c/*") if p.is_file()]
+    assert chunks and all(checksum_ok(p.read_bytes()) for p in chunks)
+    assert not checksum_ok(b"\x00" * 12)
+
+
+def test_flipped_byte_is_named_refused_and_recaptured(tmp_path):
+    import shutil
+
+    from cache_store.integrity import name_damaged_chunks, reset_damaged
+    from cache_store.inspect import verify
+
+    clean, url = tmp_path / "clean.zarr", tmp_path / "c.zarr"
+    write_synthetic(str(clean), LENGTHS)
+    shutil.copytree(clean, url)
+    chunk = url / "forget" / "resid" / "c" / "1" / "2" / "0"  # layer 1, tokens 16:24 (block 1)
+    flip_middle_byte(chunk)
+    damaged: list[str] = []
+    assert verify(str(url), damaged=damaged) == ["forget/resid/c/1/2/0: damaged chunk (checksum mismatch)"]
+    assert damaged == ["forget/resid/c/1/2/0"]
+    with pytest.raises(ValueError, match="checksum"):  # the decoder refuses: no silently wrong value
+        open_cache(str(url), "forget").resid.values
+    with pytest.raises(UserError, match=r"chunk forget/resid/c/1/2/0 is damaged"), name_damaged_chunks([str(url)]):
+        open_cache(str(url), "forget").resid.sum().compute()
+    assert reset_damaged(str(url), damaged) == {"forget": {"blocks": [1], "static": False}}
+    assert not is_complete(str(url))
+    write_synthetic(str(url), LENGTHS)  # the same capture resumes the reset block only
+    assert verify(str(url)) == []
+    files = lambda root: {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}  # noqa: E731
+    assert files(url) == files(clean)
+
+
+def test_damaged_static_chunk_is_rewritten_by_the_capture(tmp_path):
+    import shutil
+
+    from cache_store.integrity import reset_damaged
+    from cache_store.inspect import verify
+
+    clean, url = tmp_path / "clean.zarr", tmp_path / "c.zarr"
+    write_synthetic(str(clean), LENGTHS)
+    shutil.copytree(clean, url)
+    flip_middle_byte(url / "forget" / "input_ids" / "c" / "0")
+    damaged: list[str] = []
+    assert verify(str(url), damaged=damaged) == ["forget/input_ids/c/0: damaged chunk (checksum mismatch)"]
+    assert reset_damaged(str(url), damaged) == {"forget": {"blocks": [], "static": True}}
+    write_synthetic(str(url), LENGTHS)
+    assert verify(str(url)) == []
+    assert (url / "forget" / "input_ids" / "c" / "0").read_bytes() == (clean / "forget" / "input_ids" / "c" / "0").read_bytes()
+
+
+def test_cache_without_checksums_still_opens_and_verify_says_so(tmp_path, monkeypatch):
+    from zarr.codecs import ZstdCodec
+
+    from cache_store import writer
+    from cache_store.inspect import verify
+
+    url = str(tmp_path / "old.zarr")
+    monkeypatch.setattr(writer, "compressors", lambda: [ZstdCodec(level=1)])  # what format 1 wrote
+    _, resid, _ = write_synthetic(url, LENGTHS)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(open_cache(url, "forget").resid.values, np.concatenate(resid, axis=1))
+    notes: list[str] = []
+    assert verify(url, notes=notes) == []
+    assert len(notes) == 1 and "forget: no checksums in" in notes[0] and "resid" in notes[0]
+
+
+def test_block_done_is_written_only_for_done_blocks(tmp_path):
+    """Per-block progress keys: a shard never writes another shard's block_done chunk."""
+    url = tmp_path / "c.zarr"
+    write_synthetic(str(url), LENGTHS, stop_after=1)  # blocks of 3 samples: 3 blocks, 1 done
+    assert sorted(p.name for p in (url / "forget" / "block_done" / "c").iterdir()) == ["0"]
+
+
+
+def test_creating_a_split_again_keeps_every_chunk(tmp_path):
+    """A second creation (another shard, or a killed one redone) rewrites identical bytes and
+    deletes nothing, all-zero chunks included (zarr would drop those from an array it opened)."""
+    import zarr
+
+    from cache_store.writer import content_fingerprint
+
+    url = tmp_path / "c.zarr"
+    layout = SplitLayout(np.array([4, 4]), block_samples=2, token_chunk=8)
+
+    def create():
+        return CacheWriter(str(url), PROVENANCE).open_split(
+            "forget", layout, sizes={"layer": LAYERS, "token": layout.n_tokens, "hidden": HIDDEN, "sample": 2},
+            static={"zeros": (("sample",), np.zeros(2, np.float32))},
+            dynamic={"resid": Dynamic(("layer", "token", "hidden"), "float32")},
+            attrs={"content_fingerprint": content_fingerprint(np.zeros(8))})
+
+    create()
+    zarr.open_group(str(url), mode="r+")["forget"].attrs["initialised"] = False  # as if mid-creation
+    writer = create()
+    assert (url / "forget" / "zeros" / "c" / "0").is_file()
+    writer.start()
+    writer.submit(0, {"resid": np.zeros((LAYERS, 8, HIDDEN), np.float32)})
+    writer.end_block(0)
+    writer.close()
+    assert (url / "forget" / "resid" / "c" / "0" / "0" / "0").is_file()  # an all-zero block, resumed writer

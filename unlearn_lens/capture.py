@@ -274,6 +274,9 @@ def capture(model_spec: str, data_dir: str | Path, out: str, settings: CaptureSe
     from unlearn_lens.capture_provenance import provenance
     from unlearn_lens.loading import load_model
 
+    from cache_store.store import refuse_read_only
+
+    refuse_read_only(out)  # before loading any model
     if settings.dtype not in STORE_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(STORE_DTYPES)}")
     if settings.batch_size <= 0 or settings.block_samples <= 0:

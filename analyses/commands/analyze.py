@@ -78,8 +78,11 @@ def analyze(base_cache, compares, outdir, base_name, scheduler, workers, process
         raise UserError("--top-k must be at least 1")
     if max_iter < 1 or C <= 0:
         raise UserError("--max-iter must be at least 1 and --C positive")
+    from cache_store.integrity import name_damaged_chunks
+
     named = {base_name: base_cache, **parse_compare(compares, base_name)}
-    caches = {name: open_model_caches(url) for name, url in named.items()}
+    with name_damaged_chunks(named.values()):  # a chunk failing its checksum stops the run in one line
+        caches = {name: open_model_caches(url) for name, url in named.items()}
     options = AnalyzeOptions(max_samples=max_samples, C=C, max_iter=max_iter, top_k=top_k, seed=seed,
                              progress=not no_progress)
     from analyses.checkpoints import open_checkpoint
@@ -90,7 +93,7 @@ def analyze(base_cache, compares, outdir, base_name, scheduler, workers, process
         if not sep or name not in named or not spec:
             raise UserError(f"--checkpoint {value!r}: expected NAME=MODEL with NAME one of {', '.join(named)}")
         checkpoints[name] = open_checkpoint(spec)
-    with _scheduler(scheduler, workers, processes):
+    with name_damaged_chunks(named.values()), _scheduler(scheduler, workers, processes):
         written = run_analysis(caches, base_name, outdir, options, checkpoints=checkpoints)
     for name, folder in written["comparisons"].items():
         click.echo(f"{base_name} -> {name}: {folder}")
