@@ -196,3 +196,13 @@ def test_reading_side_gives_the_same_outputs_without_torch(base_venv, written_by
         assert base_csvs[name] == full_csvs[name], name
     for step in ("cache info", "cache verify"):
         assert base_printed[step] == full_printed[step], step
+
+
+def test_missing_model_side_message_names_the_extra():
+    from cli import missing_model_side
+
+    for module in MODEL_SIDE:
+        error = missing_model_side(ModuleNotFoundError(f"No module named '{module}'", name=f"{module}.sub"), "eval")
+        assert error.message == "unlearn-lens eval needs the model side: pip install 'unlearn-lens[models]'"
+    assert missing_model_side(ModuleNotFoundError("No module named 'zarr'", name="zarr"), "analyze") is None
+    assert missing_model_side(ImportError("cannot import name 'x' from 'torch'", name="torch")) is None
