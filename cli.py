@@ -14,6 +14,7 @@ import sys
 import click
 
 from unlearn_lens import __version__
+from unlearn_lens.errors import UserError
 
 #: name -> (import path "module:attribute", one-line help shown by ``unlearn-lens --help``)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,16 +38,40 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: top-level modules of the ``models`` extra; a command that imports one of them needs that extra
+MODEL_SIDE = frozenset({"torch", "transformers", "nnsight", "peft", "accelerate", "datasets", "torchao"})
+
+
+def missing_model_side(exc: ImportError, command: str | None = None) -> UserError | None:
+    """The one-line error for a missing ``models`` extra, or None for any other import error."""
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    if not isinstance(exc, ModuleNotFoundError) or name not in MODEL_SIDE:
+        return None
+    what = f"unlearn-lens {command}" if command else "this command"
+    return UserError(f"{what} needs the model side: pip install 'unlearn-lens[models]'")
+
+
 class LazyGroup(click.Group):
     """A click group that imports each subcommand only when it is invoked."""
+
+    #: the last subcommand looked up (named in the missing-``models`` message)
+    last_command: str | None = None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in COMMANDS:
+            LazyGroup.last_command = name
             module_name, attribute = COMMANDS[name][0].split(":")
-            return getattr(importlib.import_module(module_name), attribute)
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:  # a base install (no torch) running a model-side command
+                error = missing_model_side(exc, name)
+                if error is None:
+                    raise
+                raise error from None
+            return getattr(module, attribute)
         return super().get_command(ctx, name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -84,15 +109,26 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:  # UserError included: "error: ..." and exit 2
         exc.show()
         sys.exit(exc.exit_code)
+    except ImportError as exc:  # a model-side module imported inside a command on a base install
+        error = missing_model_side(exc, LazyGroup.last_command)
+        if error is None:
+            _internal_error(exc)
+        error.show()
+        sys.exit(error.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted; finished work is kept and the same command resumes", err=True)
         sys.exit(130)
     except Exception as exc:  # an internal bug: say so in one line; the traceback on request
-        if os.environ.get("UNLEARN_LENS_DEBUG"):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        click.echo(f"internal error: {type(exc).__name__}: {first} (set UNLEARN_LENS_DEBUG=1 for the traceback)", err=True)
-        sys.exit(1)
+        _internal_error(exc)
+
+
+def _internal_error(exc: BaseException) -> None:
+    """Report an unexpected exception in one line (or re-raise it under UNLEARN_LENS_DEBUG); exit 1."""
+    if os.environ.get("UNLEARN_LENS_DEBUG"):
+        raise exc
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    click.echo(f"internal error: {type(exc).__name__}: {first} (set UNLEARN_LENS_DEBUG=1 for the traceback)", err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,41 @@ def main() -> None:
 
     import torch
 
+    from unlearn_lens.loading import load_model, materialise_demo_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = materialise_demo_model(args.model_dir)
+    model, tokenizer = load_model(str(path), dtype="float32")
+    result = measure_capture(model, tokenizer, str(path), build_texts(args.samples), split=args.split,
+                             batch_size=args.batch_size, max_length=args.max_length, repeats=args.repeats)
+    print(f"SmolLM2-135M, split {args.split}, {args.samples} texts, {result['tokens']} real tokens "
+          f"({result['padded_tokens']} with padding), batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+    rows = [("bare forward (output_hidden_states)", result["bare"]), ("trace only (nnsight, gather, cast)", result["trace"]),
+            ("capture (trace + write + finalise)", result["capture"])]
+    for label, times in rows:
+        walls, cpus = [t[0] for t in times], [t[1] for t in times]
+        print(f"{label:38s} wall best {min(walls):6.2f} s (all {[round(t, 1) for t in walls]}), "
+              f"process CPU best {min(cpus):6.2f} s")
+    best = {label: (min(t[0] for t in times), min(t[1] for t in times)) for label, times in rows}
+    base = best[rows[0][0]]
+    for label, _ in rows[1:]:
+        print(f"ratio {label} / bare forward: wall {best[label][0] / base[0]:.3f}, CPU {best[label][1] / base[1]:.3f}"
+              "  (target <= 1.05)")
+    report = result["report"]
+    for name, per in report["bytes_per_real_token_per_layer"].items():
+        print(f"{name}: {per:.0f} bytes on disk per real token per layer (float16 raw: {2 * result['hidden_size']})")
+    print(f"compression ratio (real data / stored): {report['compression_ratio']:.3f}; stored slots "
+          f"{report['tokens_stored']} for {report['tokens_real']} real tokens")
+
+
+def measure_capture(model, tokenizer, model_path: str, texts: list[str], *, split: str = "forget",
+                    batch_size: int = 8, max_length: int = 256, repeats: int = 3) -> dict:
+    """Time a bare forward with ``output_hidden_states`` and the capture path on the same padded
+    batches (alternating repeats). Returns ``{"bare"|"trace"|"capture": [(wall s, CPU s), ...],
+    "tokens", "padded_tokens", "hidden_size", "report"}`` (``report``: the cache's ``describe``)."""
+    import torch
+
     from cache_store import CacheWriter, SplitLayout, choose_token_chunk
     from cache_store.inspect import describe
     from unlearn_lens.architectures import ArchitectureAdapter
@@ -52,45 +87,46 @@ def main() -> None:
                                       static_arrays, wmdp_static)
     from unlearn_lens.capture_inputs import text_inputs
     from unlearn_lens.capture_provenance import provenance
-    from unlearn_lens.loading import load_model, materialise_demo_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    path = materialise_demo_model(args.model_dir)
-    model, tokenizer = load_model(str(path), dtype="float32")
     adapter = ArchitectureAdapter(model)
-    inputs = text_inputs(tokenizer, build_texts(args.samples), args.split, args.max_length)
-    letters, extras = wmdp_static(model, tokenizer, adapter) if args.split == "wmdp" else (None, {})
-    settings = CaptureSettings(splits=(args.split,), batch_size=args.batch_size, dtype="float16", progress=False)
-    prov = provenance(str(path), None, model, tokenizer, adapter, data_hash="bench", max_length=args.max_length,
+    inputs = text_inputs(tokenizer, texts, split, max_length)
+    letters, extras = wmdp_static(model, tokenizer, adapter) if split == "wmdp" else (None, {})
+    settings = CaptureSettings(splits=(split,), batch_size=batch_size, dtype="float16", progress=False)
+    prov = provenance(model_path, None, model, tokenizer, adapter, data_hash="bench", max_length=max_length,
                       dtype="float16")
     layout = SplitLayout(inputs.lengths, settings.block_samples,
                          choose_token_chunk(prov["hidden_size"], 2, inputs.lengths, settings.block_samples))
     runner = BatchRunner(model, adapter, "float16", letters)
     padded = [runner.pad(inputs.token_ids[a:b]) for block in range(layout.n_blocks)
-              for a, b in batches(layout, block, args.batch_size)]
+              for a, b in batches(layout, block, batch_size)]
+
+    def synchronize() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
     def bare() -> tuple[float, float]:
         start, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for ids, mask in padded:
                 model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        synchronize()
         return time.perf_counter() - start, time.process_time() - cpu
 
     def trace_only() -> tuple[float, float]:
         """The nnsight trace, gather and float16 cast, without any writing."""
         start, cpu = time.perf_counter(), time.process_time()
         for block in range(layout.n_blocks):
-            for a, b in batches(layout, block, args.batch_size):
-                runner.run(inputs.token_ids[a:b], args.split, {})
+            for a, b in batches(layout, block, batch_size):
+                runner.run(inputs.token_ids[a:b], split, {})
+        synchronize()
         return time.perf_counter() - start, time.process_time() - cpu
 
     def captured(out: Path) -> tuple[float, float]:
         sizes = {"layer": adapter.num_layers + 1, "mlp_layer": adapter.num_layers, "hidden": prov["hidden_size"],
                  "choice": 4, "token": layout.n_tokens, "sample": layout.n_samples}
         writer = CacheWriter(str(out), prov).open_split(
-            args.split, layout, sizes=sizes, static=static_arrays(inputs, layout, extras),
-            dynamic=dynamic_arrays(args.split, "float16"), attrs={"content_fingerprint": "bench"})
+            split, layout, sizes=sizes, static=static_arrays(inputs, layout, extras),
+            dynamic=dynamic_arrays(split, "float16"), attrs={"content_fingerprint": "bench"})
         start, cpu = time.perf_counter(), time.process_time()
         writer.start()
         try:
@@ -104,33 +140,17 @@ def main() -> None:
     try:
         bare()  # warm-up
         bare_times, trace_times, capture_times = [], [], []
-        for repeat in range(args.repeats):
+        for repeat in range(repeats):
             bare_times.append(bare())
             trace_times.append(trace_only())
             out = work / f"c{repeat}.zarr"
             capture_times.append(captured(out))
-        report = describe(str(out))["splits"][args.split]
+        report = describe(str(out))["splits"][split]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    tokens = int(inputs.lengths.sum())
-    padded_tokens = sum(int(ids.numel()) for ids, _ in padded)
-    print(f"SmolLM2-135M, split {args.split}, {args.samples} texts, {tokens} real tokens ({padded_tokens} with padding), "
-          f"batch {args.batch_size}, torch threads {torch.get_num_threads()}")
-    rows = [("bare forward (output_hidden_states)", bare_times), ("trace only (nnsight, gather, cast)", trace_times),
-            ("capture (trace + write + finalise)", capture_times)]
-    for label, times in rows:
-        walls, cpus = [t[0] for t in times], [t[1] for t in times]
-        print(f"{label:38s} wall best {min(walls):6.2f} s (all {[round(t, 1) for t in walls]}), "
-              f"process CPU best {min(cpus):6.2f} s")
-    best = {label: (min(t[0] for t in times), min(t[1] for t in times)) for label, times in rows}
-    base = best[rows[0][0]]
-    for label, _ in rows[1:]:
-        print(f"ratio {label} / bare forward: wall {best[label][0] / base[0]:.3f}, CPU {best[label][1] / base[1]:.3f}"
-              "  (target <= 1.05)")
-    for name, per in report["bytes_per_real_token_per_layer"].items():
-        print(f"{name}: {per:.0f} bytes on disk per real token per layer (float16 raw: {2 * prov['hidden_size']})")
-    print(f"compression ratio (real data / stored): {report['compression_ratio']:.3f}; stored slots "
-          f"{report['tokens_stored']} for {report['tokens_real']} real tokens")
+    return {"bare": bare_times, "trace": trace_times, "capture": capture_times, "report": report,
+            "tokens": int(inputs.lengths.sum()), "padded_tokens": sum(int(ids.numel()) for ids, _ in padded),
+            "hidden_size": prov["hidden_size"]}
 
 
 if __name__ == "__main__":

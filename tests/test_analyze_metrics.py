@@ -31,6 +31,8 @@ def test_token_moments_equal_numpy(dtype):
     moments = dask.compute(token_moments(_lazy(x), da.from_array(mask, chunks=11)))[0]
     kept = x[:, mask == 1].astype(np.float64)
     assert moments.n == mask.sum()
+    # tolerances: F64 for the float64 accumulators (mean 1e-10); covariance of float16/float32
+    # inputs with mean 40: the centred update loses ~log2(40) bits of a float32 product, F32-ORDER 1e-4
     np.testing.assert_allclose(moments.mean, kept.mean(axis=1), rtol=1e-10)
     for layer in range(5):
         np.testing.assert_allclose(moments.covariance[layer], np.cov(kept[layer].T, bias=True), rtol=1e-4, atol=1e-6)
@@ -82,6 +84,8 @@ def test_planted_spectrum_effective_rank():
     x = np.stack([_with_covariance(flat3, n, rng), _with_covariance(decaying, n, rng)]).astype(np.float32)
     moments = dask.compute(token_moments(da.from_array(x, chunks=(1, 64, -1)), da.ones(n, chunks=64)))[0]
     spectra = covariance.layer_spectra(moments)
+    # STAT + F32-ORDER: the sample covariance of float32 data drawn with this spectrum (exactly
+    # whitened by _with_covariance, so only float32 rounding remains: 1e-4 of eigenvalues of order 1)
     np.testing.assert_allclose(spectra[0], flat3, atol=1e-4)
     np.testing.assert_allclose(spectra[1], decaying, rtol=1e-3, atol=1e-5)
     assert covariance.effective_rank(spectra[0]) == pytest.approx(3.0, rel=1e-4)
@@ -112,6 +116,7 @@ def test_spectra_in_the_graph_equal_full_matrices_and_drop_them():
     assert kept.m2 is None and kept.spectra.shape == (5, 9)
     reference = np.stack([np.linalg.eigvalsh(np.cov(x[layer, mask == 1].T.astype(np.float64), bias=True))[::-1]
                           for layer in range(5)])
+    # F64 reference vs float64 accumulators of float32 data: 1e-5 (F32-ORDER on the inputs' squares)
     np.testing.assert_allclose(kept.spectra, reference, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(covariance.layer_spectra(kept), covariance.layer_spectra(full), rtol=1e-12)
     compact = full.compact()
@@ -201,6 +206,7 @@ def test_planted_row_space_alignment(tmp_path):
     assert rank == k and basis.shape == (d, k)
     assert names == ["model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"]
     # the recovered subspace is the planted one
+    # F32-ORDER: a projector from a float32 SVD of the planted update
     np.testing.assert_allclose(basis @ basis.T, rows_basis @ rows_basis.T, atol=1e-5)
     forget = rng.normal(size=(2000, k)) @ rows_basis.T  # inputs inside dW's row space
     retain = rng.normal(size=(2000, d))  # isotropic
@@ -236,6 +242,7 @@ def test_final_norm_matches_formula(kind):
     w, b = rng.normal(size=10), rng.normal(size=10)
     got = logit_lens.apply_final_norm(x, kind, w, b if kind == "layernorm" else None, 1e-5)
     assert got.dtype == np.float32
+    # tolerance: F32-ORDER (the float32 result of apply_final_norm vs the float64 formula)
     np.testing.assert_allclose(got, final_norm(x, kind, w, b if kind == "layernorm" else 0.0, 1e-5), rtol=1e-5, atol=1e-5)
 
 
@@ -252,6 +259,7 @@ def test_lens_last_layer_reproduces_model_answers(kind):
     targets = cloze["input_ids"].values[index + 1]
     states = cloze["resid"].values[:, index]
     scores = logit_lens.cloze_scores(states, targets, owner, len(samples), U, norm)
+    # tolerance: F32-ORDER (numpy float32 logit lens vs the torch model's cached log-prob)
     np.testing.assert_allclose(scores[-1], cloze["final_cloze_logprob"].values, atol=1e-4)
     # memory-bounded blocks (one position at a time) give the same log-probs
     tiny_blocks = logit_lens.token_logprobs(states[1], targets, U, norm, block_bytes=1)
@@ -285,4 +293,5 @@ def test_token_logprobs_score_each_distinct_state_once():
     assert sum(scored) == 7
     logits = logit_lens.apply_final_norm(states, **norm).astype(np.float64) @ U.T.astype(np.float64)
     expected = logits[np.arange(9), targets] - np.log(np.exp(logits).sum(axis=1))
+    # tolerance: F32-ORDER (float32 log-softmax vs the float64 formula)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

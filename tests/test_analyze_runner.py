@@ -84,6 +84,7 @@ def test_outputs_equal_direct_computations(tmp_path):
     a, _, _ = raw[("base", "retain")]
     b, _, _ = raw[("unl", "retain")]
     row = next(r for r in stats if r["split"] == "retain" and r["layer"] == "2")
+    # tolerance: F32-ORDER (the float32 cache reduced by dask in chunks vs numpy in one pass)
     assert float(row["model_a_norm_L2"]) == pytest.approx(np.linalg.norm(a[2], axis=1).mean(), rel=1e-6)
     assert float(row["mean_dh_L1"]) == pytest.approx(np.abs(b[2] - a[2]).sum(1).mean(), rel=1e-5)
 

@@ -49,6 +49,7 @@ def test_linear_weights_oriented_out_in(family):
         weight = orient(name, param.detach().numpy(), family)
         x = torch.randn(3, weight.shape[1])
         expected = module(x).detach().numpy() - (module.bias.detach().numpy() if module.bias is not None else 0)
+        # tolerance: F32-ORDER (numpy's matmul vs torch's linear)
         np.testing.assert_allclose(x.numpy() @ weight.T, expected, rtol=1e-4, atol=1e-5)
         checked += 1
     assert checked == adapter.num_layers * (4 if family != "llama" else 7)
@@ -96,6 +97,7 @@ def test_final_norm_description_reproduces_the_norm(family):
         manual = normed * desc["weight"] + desc["bias"]
     else:
         manual = xn / np.sqrt((xn**2).mean(-1, keepdims=True) + desc["eps"]) * desc["weight"]
+    # tolerance: F32-ORDER (numpy norm formula vs the torch module)
     np.testing.assert_allclose(manual, expected, rtol=1e-4, atol=1e-5)
     assert desc["kind"] == ("rmsnorm" if family == "llama" else "layernorm")
 

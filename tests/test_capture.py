@@ -107,6 +107,7 @@ def test_residuals_mlp_inputs_and_logits_equal_hf(captured, tiny_model_dir):
         np.testing.assert_array_equal(forget.token_position[start:start + length].values, np.arange(length))
         assert (forget.token_sample[start:start + length].values == index).all()
         resid, mlp_in, _ = reference(tiny_model_dir, ids)
+        # tolerance: F32-ORDER (the cache's batched nnsight trace vs a plain one-sample HF forward)
         np.testing.assert_allclose(forget.resid[:, start:start + length].values, resid, atol=2e-5, rtol=1e-4)
         np.testing.assert_allclose(forget.mlp_in[:, start:start + length].values, mlp_in, atol=2e-5, rtol=1e-4)
         np.testing.assert_allclose(forget["last"][:, index].values, resid[:, -1], atol=2e-5, rtol=1e-4)
@@ -118,6 +119,7 @@ def test_residuals_mlp_inputs_and_logits_equal_hf(captured, tiny_model_dir):
     for index, (question, choices, _) in enumerate(MCQ):
         ids = np.asarray(tokenizer(letter_prompt(question, choices))["input_ids"])
         _, _, logits = reference(tiny_model_dir, ids)
+        # tolerance: F32-ORDER (logits: larger magnitudes, 1e-4)
         np.testing.assert_allclose(wmdp.final_letter_logits[index].values, logits[-1, letters], atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(wmdp["last"][:, index].values[0],
                                    wmdp.resid[0, int(wmdp.sample_offset[index]) + len(ids) - 1].values)
@@ -146,6 +148,7 @@ def test_cloze_boundaries_and_logprobs(captured, tiny_model_dir):
         logprobs = torch.log_softmax(torch.as_tensor(logits), -1).numpy()
         positions = np.arange(len(context), len(ids))
         expected = logprobs[positions - 1, ids[positions]].mean()
+        # tolerance: F32-ORDER (a mean of float32 log-probs)
         assert float(cloze.final_cloze_logprob[sample]) == pytest.approx(expected, abs=1e-4)
 
 
@@ -168,6 +171,7 @@ def test_head_on_scored_positions_equals_full_forward_logits(tiny_model_dir, dat
         extra = {name: values[:5] for name, values in split_inputs.sample_arrays.items()}
         ours = head_only.run(split_inputs.token_ids[:5], split, extra)
         reference = full.run(split_inputs.token_ids[:5], split, extra)
+        # tolerance: F32-ORDER (the head applied to the last states vs the full forward's logits)
         np.testing.assert_allclose(ours[key], reference[key], atol=1e-5, rtol=1e-5)
         np.testing.assert_array_equal(ours["resid"], reference["resid"])
 
@@ -181,6 +185,7 @@ def test_independent_of_batch_size_and_tokenizer_padding_side(tmp_path, data_dir
     capture(str(tiny_model_dir), data_dir, str(many), settings(batch_size=4, splits=("forget",)))
     a, b = cache_store.open_cache(str(one), "forget"), cache_store.open_cache(str(many), "forget")
     np.testing.assert_array_equal(a.input_ids.values, b.input_ids.values)
+    # tolerance: F32-ORDER (batch size 1 vs 4, left vs right padding)
     np.testing.assert_allclose(a.resid.values, b.resid.values, atol=2e-5, rtol=1e-4)
     np.testing.assert_allclose(a.mlp_in.values, b.mlp_in.values, atol=2e-5, rtol=1e-4)
 
@@ -350,6 +355,7 @@ def test_smollm2_capture_equals_hf(tmp_path, smollm2_dir):
         ids = np.asarray(tokenizer(text)["input_ids"])[:48]
         resid, mlp_in, _ = reference(smollm2_dir, ids)
         start = int(ds.sample_offset[index])
+        # tolerance: F32-ORDER on the real 30-layer SmolLM2 (activations up to ~100): 1e-3
         np.testing.assert_allclose(ds.resid[:, start:start + len(ids)].values, resid, atol=1e-3, rtol=1e-3)
         np.testing.assert_allclose(ds.mlp_in[:, start:start + len(ids)].values, mlp_in, atol=1e-3, rtol=1e-3)
     wmdp = cache_store.open_cache(str(out), "wmdp")

@@ -35,6 +35,7 @@ def test_nll_equals_hf_loss_per_text(tiny):
             loss = model(input_ids=ids, labels=ids).loss
         total += float(loss) * (ids.shape[1] - 1)
         count += ids.shape[1] - 1
+    # tolerance: F32-ORDER (batched, padded NLL vs one text at a time; rel 1e-5 of an O(1) mean)
     assert mean_token_nll(model, tokenizer, texts, batch_size=2) == pytest.approx(total / count, rel=1e-5)
 
 
@@ -49,6 +50,7 @@ def test_letter_scores_equal_manual_last_token_logits(tiny):
             manual.append(model(input_ids=ids).logits[0, -1, letter_ids])
     manual = torch.stack(manual)
     batched = letter_scores(model, tokenizer, ITEMS, batch_size=2)  # padding inside a batch
+    # tolerance: F32-ORDER
     torch.testing.assert_close(batched, manual, atol=1e-4, rtol=1e-4)
     expected = float((manual.argmax(-1) == torch.tensor([i.answer for i in ITEMS])).float().mean())
     assert letter_accuracy(model, tokenizer, ITEMS, batch_size=2) == expected
@@ -65,6 +67,7 @@ def test_cloze_scores_equal_manual_mean_logprob(tiny):
         with torch.no_grad():
             logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
         manual.append(sum(float(logprobs[len(context) - 1 + j, t]) for j, t in enumerate(cont)) / len(cont))
+    # tolerance: F32-ORDER (a mean of float32 log-probs)
     assert cloze_scores(model, tokenizer, [item], batch_size=3)[0] == pytest.approx(manual, abs=1e-4)
 
 

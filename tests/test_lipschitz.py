@@ -61,14 +61,18 @@ def test_linear_map_ratio_matches_hand_computation():
         for k in range(6):
             u = directions[k, row, :length].numpy().astype(np.float64)
             delta = eps * np.linalg.norm(en[row, :length], axis=1, keepdims=True) * u  # relative radius
+            # F64 (np.allclose defaults): the perturbation is scaled to eps x the row norm in float64
             assert np.allclose(np.linalg.norm(delta, axis=1), eps * np.linalg.norm(en[row, :length], axis=1))
             expected_h = np.linalg.norm(delta @ Wn.T) / np.linalg.norm(delta)
             expected_l = np.linalg.norm(delta @ Wn.T @ Un.T) / np.linalg.norm(delta)
+            # tolerance: F32-ORDER through a whole forward (a ratio of two float32 norms: 1e-3)
             assert stats.lipschitz_hidden[row, k] == pytest.approx(expected_h, rel=1e-3)
             assert stats.lipschitz_logits[row, k] == pytest.approx(expected_l, rel=1e-3)
         # output variance: variance across draws of the logits, mean over tokens and vocab
         outs = np.stack([(en[row, :length] + eps * np.linalg.norm(en[row, :length], axis=1, keepdims=True)
                           * directions[k, row, :length].numpy()) @ Wn.T @ Un.T for k in range(6)])
+        # F32-ORDER with cancellation: draws differ by eps = 1e-2 of the outputs, so float32 rounding of
+        # the outputs (1.2e-7 relative) is ~1e-5 of the variance; 1e-2 is loose but not flaky
         assert stats.output_variance[row] == pytest.approx(outs.var(axis=0).mean(), rel=1e-2)
 
 
@@ -118,6 +122,7 @@ def test_gradient_norm_matches_unpadded_autograd(tiny_llama):
         logits = model(inputs_embeds=x).logits[0, :-1]
         loss = torch.nn.functional.cross_entropy(logits, single[0, 1:])
         (grad,) = torch.autograd.grad(loss, x)
+        # tolerance: F32-ORDER (batched autograd vs one sample's torch.autograd.grad)
         assert norms[row] == pytest.approx(float(grad.norm()), rel=1e-4)
 
 
@@ -133,6 +138,7 @@ def test_deterministic_and_independent_of_batch_size_and_padding(tiny_llama):
     for a, b in zip(one, many):
         for key, value in a.items():
             if isinstance(value, float):
+                # tolerance: F32-ORDER (batch size 1 vs 4: padding changes the reduction order)
                 assert b[key] == pytest.approx(value, rel=1e-4), key
     other_seed = split_results(forward, embed, tokenized, batch_size=4, **{**kwargs, "seed": 8})
     assert other_seed[0]["lipschitz_logits_mean"] != many[0]["lipschitz_logits_mean"]
@@ -221,6 +227,7 @@ def test_smollm2_end_to_end(tmp_path, smollm2_dir):
             assert np.isfinite(float(row[key])) and float(row[key]) > 0, (key, row)
     by_eps = {(r["model"], r["split"], float(r["eps"])): float(r["lipschitz_logits_mean"]) for r in rows}
     for split in ("forget", "retain"):  # small balls: the map is close to linear, ratios barely move
+        # STAT: the local Lipschitz estimate of a smooth map barely depends on eps at this scale (25 %)
         assert by_eps[("base", split, 1e-3)] == pytest.approx(by_eps[("base", split, 1e-2)], rel=0.25)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["modified_over_base"]["forget"]["0.01"]["lipschitz_hidden_mean"] == pytest.approx(1.0)

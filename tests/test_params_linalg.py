@@ -54,7 +54,9 @@ def test_spectrum_matches_full_svd(kind, dense_max):
     s = np.linalg.svd(a.astype(np.float64), compute_uv=False)
     energy = np.cumsum(s**2)
     spectrum = Spectrum(a, dense_max=dense_max)
+    # F64 direct sums: 1e-10
     assert spectrum.fro_sq == pytest.approx(energy[-1], rel=1e-10)
+    # Lanczos to its convergence tolerance vs a full SVD: 1e-4
     assert spectrum.spectral_norm() == pytest.approx(s[0], rel=1e-4)
     assert stable_rank(spectrum.fro_sq, spectrum.spectral_norm()) == pytest.approx(energy[-1] / s[0] ** 2, rel=1e-4)
     assert spectrum.empirical_rank() == int(np.searchsorted(energy, 0.99 * energy[-1]) + 1)

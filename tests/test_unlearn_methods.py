@@ -72,7 +72,8 @@ def test_dpo_margin_grows_and_reference_is_frozen(models, unlearn_data_dir):
     model0, tokenizer = base(models)
     result = run(models, unlearn_data_dir, "dpo", lr=3e-3)
     losses = [row["preference_loss"] for row in result.log]
-    assert losses[0] == pytest.approx(20 * 0.693147, abs=1e-3)  # -(2/beta) log sigmoid(0): policy == reference
+    # F32: -(2/beta) log sigmoid(0) = 20 * 0.693147..., to the 4 digits written
+    assert losses[0] == pytest.approx(20 * 0.693147, abs=1e-3)  # policy == reference at step 0
     assert losses[-1] < losses[0] - 0.5
     for name, param in result.reference.model.named_parameters():  # the frozen copy never moved
         assert not param.requires_grad
@@ -158,6 +159,8 @@ def test_cb_lat_runs_with_adversary_and_reroutes(models, unlearn_data_dir):
 def test_wt_dist_noise_has_requested_std(models, unlearn_data_dir):
     model0, tokenizer = base(models)
     result = run(models, unlearn_data_dir, "wt_dist", steps=1, lr=1e-12, optimizer="sgd", wt_noise_std=0.05)
+    # STAT: the std of the noise on every parameter of the tiny model (~5e4 Gaussian draws: relative
+    # standard error 1/sqrt(2n) ~ 0.3 %) is within 2 % of 0.05
     assert result.resolved["weight_noise_std"] == pytest.approx(0.05, rel=0.02)
     before = params(model0)
     diffs = torch.cat([(p.detach() - before[n]).flatten() for n, p in result.model.named_parameters()])
@@ -238,6 +241,7 @@ def test_lora_reference_is_the_base_model(models, unlearn_data_dir):
         expected = model0(**batch).logits
         trained = result.model(**batch).logits
     reference_logits, _ = result.reference(batch)
+    # tolerance: F32-ORDER (the frozen reference model vs the same weights before training)
     torch.testing.assert_close(reference_logits, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(trained, expected, atol=1e-5)
 
@@ -255,4 +259,6 @@ def test_grad_accumulation_equals_larger_batch(models, unlearn_data_dir):
     accumulated = params(run(models, unlearn_data_dir, "ga", batch_size=2, grad_accum_steps=2, **common).model)
     single = params(run(models, unlearn_data_dir, "ga", batch_size=4, **common).model)
     for name in single:
+        # tolerance: OPTIMISER, SGD (linear in the gradient: two micro-batches vs one batch differ
+        # only in summation order, lr 0.05 x 2 steps x float32 rounding)
         torch.testing.assert_close(accumulated[name], single[name], atol=1e-6, rtol=1e-5)

@@ -281,7 +281,7 @@ def capture(model_spec: str, data_dir: str | Path, out: str, settings: CaptureSe
         raise UserError(f"--dtype must be one of {', '.join(STORE_DTYPES)}")
     if settings.batch_size <= 0 or settings.block_samples <= 0:
         raise UserError("--batch-size and --block-samples must be positive")
-    data_hash = str(datasets.read_manifest(data_dir).get("hash", ""))
+    data_hash = datasets.data_hash(data_dir)
     model, tokenizer = load_model(model_spec, revision=revision, dtype=settings.model_dtype,
                                   device=settings.device, trust_remote_code=trust_remote_code)
     adapter = ArchitectureAdapter(model, arch_spec)

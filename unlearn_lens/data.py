@@ -98,6 +98,27 @@ def read_manifest(data_dir: str | Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def files_hash(files: dict[str, str]) -> str:
+    """The content hash of a data directory from its files' SHA-256 (what ``manifest.json`` holds)."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def data_hash(data_dir: str | Path, echo=None) -> str:
+    """The content hash of a data directory: its manifest's, or, for a researcher's own files
+    without a manifest, the same hash computed from the data files present (said in one line)."""
+    path = Path(data_dir) / MANIFEST
+    if path.is_file():
+        return str(read_manifest(data_dir).get("hash", ""))
+    present = [name for name in FILES.values() if (Path(data_dir) / name).is_file()]
+    if not present:
+        raise UserError(f"{data_dir}: none of {', '.join(FILES.values())} (create the data with "
+                        "`unlearn-lens datasets create`, or write your own forget.txt, retain.txt, wmdp_mcq.jsonl)")
+    digest = files_hash({name: _sha256(Path(data_dir) / name) for name in present})
+    (echo or (lambda line: print(line, file=sys.stderr)))(
+        f"{data_dir}: no {MANIFEST}; data hash {digest[:12]} is the SHA-256 of {', '.join(present)}")
+    return digest
+
+
 def warn_if_contaminated(train_texts: Iterable[str], items: Sequence[MCQItem]) -> bool:
     """Warn loudly (stderr) when evaluation questions appear inside training text; True if so."""
     corpus = "\n".join(train_texts)
@@ -261,7 +282,7 @@ def create_datasets(
         "counts": {"forget": len(forget), "retain": len(retain), "wmdp_eval": len(evaluation),
                    "wmdp_train": len(training)},
         "files": files,
-        "hash": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
+        "hash": files_hash(files),
         "heldout_split": {"eval_fraction": eval_fraction if forget_texts is None else 1.0,
                           "seed": seed, "method": "sha256(seed:question) < eval_fraction",
                           "eval_ids": [it.id for it in evaluation], "train_ids": [it.id for it in training]},

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import click
 
 from unlearn_lens.errors import UserError
+from unlearn_lens.relearn import default_name
 
 DEFAULT_BASE = ("base", "EleutherAI/deep-ignorance-unfiltered")
 DEFAULT_MODELS = (("filtered", "EleutherAI/deep-ignorance-e2e-strong-filter"),
@@ -40,7 +41,7 @@ class ModelEntry:
     def parse(cls, value: str, revision: str | None = None) -> "ModelEntry":
         """``NAME=PATH_OR_ID`` (or a bare path/id, named after its last component)."""
         name, _, spec = value.partition("=") if "=" in value else ("", "", value)
-        name = name or spec.rstrip("/").split("/")[-1]
+        name = name or default_name(spec)
         if not _NAME.match(name) or "__to__" in name:
             raise UserError(f"model name {name!r}: use letters, digits, '.', '-' or '_' (NAME=PATH_OR_ID)")
         if not spec:
@@ -180,6 +181,45 @@ def _write_marker(path: Path, info: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, path)
+
+
+#: a hub id: ``name`` or ``owner/name`` (letters, digits, '-', '_', '.'), nothing that reads as a path
+_HUB_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    """Whether an offline run can load ``repo_id`` (its config.json is in the local hub cache)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+
+
+def check_inputs(settings: PipelineSettings) -> None:
+    """Stop in one line, before the first step, on a model that is neither a local path that exists
+    nor a plausible hub id (nor, offline, in the hub cache), or on a missing data directory/file."""
+    from unlearn_lens.data import FILES
+
+    for entry in (settings.base, *settings.models):
+        spec = os.path.expanduser(entry.spec)
+        if os.path.exists(spec):
+            continue
+        if not _HUB_ID.match(entry.spec) or entry.spec.endswith(".gguf"):
+            raise UserError(f"model {entry.name}: {entry.spec}: no such file or directory (and not a hub id)")
+        if _offline() and not _in_hub_cache(entry.spec, entry.revision):
+            raise UserError(f"model {entry.name}: {entry.spec}: no such local path, and HF_HUB_OFFLINE is set but "
+                            "the hub cache does not hold it")
+    if settings.data is not None:
+        if not settings.data.is_dir():
+            raise UserError(f"--data {settings.data}: no such directory")
+        missing = [name for name in FILES.values() if not (settings.data / name).is_file()]
+        if missing:
+            raise UserError(f"--data {settings.data}: missing {', '.join(missing)}")
 
 
 def run_pipeline(settings: PipelineSettings, echo: Callable[[str], None] = click.echo,

@@ -516,7 +516,7 @@ def run_tuned_lens(model_spec: str, *, name: str, data_dir: str, outdir: str, tr
 
     from analyses.io import atomic_write_csv, atomic_write_json, clear_complete, is_complete, mark_complete
     from unlearn_lens.architectures import ArchitectureAdapter
-    from unlearn_lens.data import read_manifest, read_mcq, read_texts
+    from unlearn_lens.data import data_hash, read_mcq, read_texts
     from unlearn_lens.loading import load_model
 
     validate_options(steps=steps, lr=lr, tokens_per_step=tokens_per_step, batch_size=batch_size,
@@ -571,7 +571,7 @@ def run_tuned_lens(model_spec: str, *, name: str, data_dir: str, outdir: str, tr
     _write_safetensors(folder / "translators.safetensors", arrays,
                        {"parametrisation": PARAMETRISATION, "model": str(model_spec)})
     try:
-        manifest_hash = read_manifest(data_dir).get("hash")
+        manifest_hash = data_hash(data_dir)
     except UserError:
         manifest_hash = None
     atomic_write_json(folder / "config.json", {

@@ -18,7 +18,8 @@ def _common_options(func):
                           "(`unlearn-lens datasets create`)."),
         click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Output root."),
         click.option("--name", default=None,
-                     help="Name of the model in outputs (default: the last component of --model's path)."),
+                     help="Name of the model in outputs (default: derived from --model's path: its last "
+                          "component; the parent's for .../model)."),
         click.option("--max-samples", type=int, default=None,
                      help="At most this many measured forget texts, retain texts and questions (default: all)."),
         click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per text (truncated)."),

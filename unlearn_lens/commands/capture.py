@@ -23,7 +23,8 @@ def _parse_shard(value: str | None) -> tuple[int, int]:
 @click.option("--model", "model_spec", required=True, help="Hub id, local HF model directory or .gguf file.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --model.")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Data directory (forget.txt, retain.txt, wmdp_mcq.jsonl, manifest.json).")
+              help="Data directory (forget.txt, retain.txt, wmdp_mcq.jsonl; manifest.json from `datasets create`, "
+                   "or, without it, the files' SHA-256 identifies the data).")
 @click.option("--out", required=True, help="Cache location: a directory or any fsspec URL (s3://..., memory://...).")
 @click.option("--splits", default="forget,retain,wmdp", show_default=True,
               help="Comma-separated splits to capture; wmdp also captures wmdp_cloze.")

@@ -6,7 +6,10 @@ import click
 
 
 def _name_of(spec: str) -> str:
-    return spec.rstrip("/").split("/")[-1]
+    """A model's label: the one naming rule of every command (``unlearn_lens.relearn.default_name``)."""
+    from unlearn_lens.relearn import default_name
+
+    return default_name(spec)
 
 
 @click.command("infer")

@@ -32,7 +32,9 @@ _TRC_HELP = "Allow the model's own code to run (off by default)."
 @click.option("--model-b", required=True, help="Modified (unlearned / filtered) model, same tokenizer as --model-a.")
 @click.option("--revision-b", default=None, help="Hub revision of --model-b.")
 @click.option("--name-a", default="base", show_default=True, help="Name of the base model in outputs.")
-@click.option("--name-b", required=True, help="Name of the modified model in outputs (OUT/<name-a>__to__<name-b>/).")
+@click.option("--name-b", default=None,
+              help="Name of the modified model in outputs (OUT/<name-a>__to__<name-b>/); default: derived from "
+                   "--model-b's path as eval names a model (its last component; the parent's for .../model).")
 @click.option("--data", "data_dir", required=True, type=click.Path(),
               help="Data directory with forget.txt and retain.txt (`unlearn-lens datasets create`).")
 @click.option("--outdir", required=True, type=click.Path(file_okay=False),
@@ -54,12 +56,14 @@ _TRC_HELP = "Allow the model's own code to run (off by default)."
 @click.option("--arch-spec", default=None, type=click.Path(dir_okay=False), help=_ARCH_HELP)
 @click.option("--trust-remote-code", is_flag=True, help=_TRC_HELP)
 @click.option("--overwrite", is_flag=True, help="Recompute even if the output folder is complete.")
-def lipschitz(model_a: str, revision_a: str | None, model_b: str, revision_b: str | None, name_a: str, name_b: str, data_dir: str, outdir: str, eps_text: str,
+def lipschitz(model_a: str, revision_a: str | None, model_b: str, revision_b: str | None, name_a: str, name_b: str | None, data_dir: str, outdir: str, eps_text: str,
               n_perturb: int, max_samples: int, max_length: int, batch_size: int, seed: int, device: str,
               dtype: str, arch_spec: str | None, trust_remote_code: bool, overwrite: bool) -> None:
     """Local Lipschitz estimates, input-gradient norms and output variance, forget vs retain (step 12)."""
     from unlearn_lens.lipschitz import run_lipschitz
+    from unlearn_lens.relearn import default_name
 
+    name_b = name_b or default_name(model_b)
     folder = run_lipschitz(model_a, model_b, name_a=name_a, name_b=name_b, data_dir=data_dir, outdir=outdir,
                            eps_values=parse_eps(eps_text), n_perturb=n_perturb, max_samples=max_samples,
                            max_length=max_length, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
@@ -71,7 +75,9 @@ def lipschitz(model_a: str, revision_a: str | None, model_b: str, revision_b: st
 @click.command("tuned-lens")
 @click.option("--model", "model_spec", required=True, help="Hub id, local HF directory or .gguf file.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --model.")
-@click.option("--name", required=True, help="Name of the model in outputs (OUT/<name>/wmdp_tuned_lens/).")
+@click.option("--name", default=None,
+              help="Name of the model in outputs (OUT/<name>/wmdp_tuned_lens/); default: derived from --model's "
+                   "path as eval names a model (its last component; the parent's for .../model).")
 @click.option("--data", "data_dir", required=True, type=click.Path(),
               help="Data directory (training texts and wmdp_mcq.jsonl).")
 @click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Output root.")
@@ -97,13 +103,15 @@ def lipschitz(model_a: str, revision_a: str | None, model_b: str, revision_b: st
 @click.option("--arch-spec", default=None, type=click.Path(dir_okay=False), help=_ARCH_HELP)
 @click.option("--trust-remote-code", is_flag=True, help=_TRC_HELP)
 @click.option("--overwrite", is_flag=True, help="Recompute even if the output folder is complete.")
-def tuned_lens(model_spec: str, revision: str | None, name: str, data_dir: str, outdir: str, train_split: str, steps: int, lr: float,
+def tuned_lens(model_spec: str, revision: str | None, name: str | None, data_dir: str, outdir: str, train_split: str, steps: int, lr: float,
                tokens_per_step: int, batch_size: int, max_samples: int, max_length: int, cache: str | None,
                device: str, dtype: str, seed: int, arch_spec: str | None, trust_remote_code: bool,
                overwrite: bool) -> None:
     """Train per-layer affine translators (tuned lens) and report WMDP accuracy per layer (step 14)."""
+    from unlearn_lens.relearn import default_name
     from unlearn_lens.tuned_lens import run_tuned_lens
 
+    name = name or default_name(model_spec)
     folder = run_tuned_lens(model_spec, name=name, data_dir=data_dir, outdir=outdir, train_split=train_split,
                             steps=steps, lr=lr, tokens_per_step=tokens_per_step, batch_size=batch_size,
                             max_samples=max_samples, max_length=max_length, cache=cache, device=device,

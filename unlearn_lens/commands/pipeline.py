@@ -77,9 +77,11 @@ def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_cod
 
     Steps: datasets (unless --data), one capture per model, parameter diagnostics, cache
     analyses, Lipschitz, tuned lens, report. Finished steps are skipped (--force redoes them); a
-    failed step is named, the rest still run, and the next run resumes.
+    failed step is named, the rest still run, and the next run resumes. Every model path and the data
+    directory are checked before the first step.
     """
-    from unlearn_lens.pipeline import DEFAULT_BASE, DEFAULT_MODELS, ModelEntry, PipelineSettings, run_pipeline
+    from unlearn_lens.pipeline import (DEFAULT_BASE, DEFAULT_MODELS, ModelEntry, PipelineSettings, check_inputs,
+                                       run_pipeline)
 
     base_entry = ModelEntry.parse(base, revision) if base else ModelEntry(*DEFAULT_BASE, revision)
     if base and "=" not in base:
@@ -96,6 +98,7 @@ def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_cod
         force=force, skip=_skip_set(skip), empirical_rank=empirical_rank, workers=workers,
         lipschitz_samples=lipschitz_samples, tuned_lens_steps=tuned_lens_steps, tuned_lens_tokens=tuned_lens_tokens, trust_remote_code=trust_remote_code,
         relearn=relearn)
+    check_inputs(settings)
     _finish(run_pipeline(settings))
 
 

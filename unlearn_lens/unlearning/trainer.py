@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import json
 import math
 import platform
@@ -80,17 +79,10 @@ def _split(texts: list[str], fraction: float, seed: int) -> tuple[list[str], lis
 
 
 def _data_hash(data_dir: Path) -> str:
+    """The data directory's content hash, by the same rule as ``capture`` (manifest, else the files)."""
     from unlearn_lens import data as data_module
 
-    try:
-        return str(data_module.read_manifest(data_dir)["hash"])
-    except (UserError, KeyError):
-        digest = hashlib.sha256()
-        for name in sorted(data_module.FILES.values()):
-            path = data_dir / name
-            if path.is_file():
-                digest.update(name.encode() + path.read_bytes())
-        return "sha256-of-files:" + digest.hexdigest()
+    return data_module.data_hash(data_dir)
 
 
 def load_run_data(cfg: UnlearnConfig) -> RunData:
