@@ -23,15 +23,26 @@ DEMO_METHOD_FLAGS: dict[str, list[str]] = {
     "cb": ["--layer-id", "7", "--lr", "5e-5", "--steps", "40"],
 }
 COMMON_FLAGS = ["--batch-size", "4", "--max-length", "128", "--seed", "0"]
+#: The demo's relearning attack: 10 steps on 16 forget texts, at an LR at which SmolLM2 moves within 10
+#: steps (the command's 1e-5 is sized for 7B models and 50+ steps).
+DEMO_RELEARN_FLAGS = ("--steps", "10", "--eval-every", "5", "--forget-subset", "16", "--lr", "1e-4")
+#: Texts (and questions) each relearning / attack evaluation reads in the demo (at most --max-samples).
+DEMO_EVAL_SAMPLES = {"relearn": 24, "attack": 16}
+#: The demo's attack options: relearning controls of 10 steps at the same LR.
+DEMO_ATTACK_OPTIONS = {"relearn_steps": 10, "relearn_lr": 1e-4}
 
 
 def demo_settings(outdir: Path, methods: str, **options) -> PipelineSettings:
-    """Pipeline settings of the demo: base SmolLM2, one model per unlearning method."""
+    """Pipeline settings of the demo: base SmolLM2, one model per unlearning method, short attack settings."""
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if not names:
         raise UserError("--methods: name at least one unlearning method")
     base = ModelEntry("smollm2", str(outdir / "models" / "smollm2"))
     models = [ModelEntry(name, str(outdir / "unlearning" / name / "model")) for name in names]
+    samples = options.get("max_samples", PipelineSettings.max_samples)
+    options = {"relearn_flags": (*DEMO_RELEARN_FLAGS, "--max-samples", str(min(DEMO_EVAL_SAMPLES["relearn"], samples))),
+               "attack_max_samples": min(DEMO_EVAL_SAMPLES["attack"], samples),
+               "attack_options": dict(DEMO_ATTACK_OPTIONS), **options}
     return PipelineSettings(outdir=outdir, base=base, models=models, data=outdir / "data", **options)
 
 
