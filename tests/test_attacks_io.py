@@ -237,3 +237,16 @@ def test_relearn_heldout_rows_split_and_reference(tmp_path, pair):
         expected = ctx.evaluate(*ctx.load(which), half)
         assert results[0].reference[which] == {m: expected[m] for m in METRICS}
     assert results[0].reference is results[1].reference
+
+
+def test_options_given_as_command_line_strings(tmp_path):
+    data = write_unlearn_data(tmp_path / "data")
+    ctx = _context(tmp_path, tmp_path / "b", tmp_path / "m", data, quant_settings="int8, int4", quant_bitsandbytes="false")
+    assert Q._settings(ctx) == [("torchao", "int8"), ("torchao", "int4")]
+    ctx = _context(tmp_path, tmp_path / "b", tmp_path / "m", data, quant_settings="int8", quant_bitsandbytes="maybe")
+    with pytest.raises(UserError, match="quant_bitsandbytes must be true or false"):
+        Q._settings(ctx)
+    ctx = _context(tmp_path, tmp_path / "b", tmp_path / "m", data, relearn_steps="3", relearn_lr="1e-4")
+    assert R._check_options(ctx) == (10, 3, 1e-4, 4)
+    with pytest.raises(UserError, match="relearn_steps must be at least 1"):
+        R._check_options(_context(tmp_path, tmp_path / "b", tmp_path / "m", data, relearn_steps="0"))

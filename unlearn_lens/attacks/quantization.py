@@ -43,7 +43,15 @@ TARGETS = (("modified", "modified"), ("control", "base"))  # (row target, model 
 
 
 def _option(ctx: AttackContext, name: str):
-    return ctx.settings.options.get(name, ATTACK_OPTIONS[name])
+    """An option's value (or its default); strings from the command line are read as the default's type."""
+    value = ctx.settings.options.get(name, ATTACK_OPTIONS[name])
+    if isinstance(value, str) and isinstance(ATTACK_OPTIONS[name], tuple):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, str) and isinstance(ATTACK_OPTIONS[name], bool):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise UserError(f"{name} must be true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    return value
 
 
 def _torchao():
@@ -106,18 +114,19 @@ def quantize_bitsandbytes(model, setting: str, lm_head: bool = False) -> int:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child_name)
+        compute = linear.weight.dtype if linear.weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
         weight = linear.weight.data.detach().to("cpu", torch.float16)
         has_bias = linear.bias is not None
         if setting == "bnb-nf4":
             layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
-                                      compute_dtype=torch.float16, quant_type="nf4")
+                                      compute_dtype=compute, quant_type="nf4")
             layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
         else:
             layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
                                         has_fp16_weights=False, threshold=6.0)
             layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
         if has_bias:
-            layer.bias = torch.nn.Parameter(linear.bias.data.detach().to("cpu", torch.float16), requires_grad=False)
+            layer.bias = torch.nn.Parameter(linear.bias.data.detach().to("cpu", compute), requires_grad=False)
         setattr(parent, child_name, layer.to(device))  # moving to CUDA is what quantizes
     model.to(device)
     return len(names)

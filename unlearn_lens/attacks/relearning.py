@@ -49,13 +49,19 @@ def _option(ctx: AttackContext, name: str):
 
 
 def _check_options(ctx: AttackContext) -> tuple[int, int, float, int]:
-    n, steps, lr, batch = (_option(ctx, k) for k in ATTACK_OPTIONS)
-    for key, value in (("relearn_examples", n), ("relearn_steps", steps), ("relearn_batch_size", batch)):
-        if int(value) < 1:
-            raise UserError(f"{key} must be at least 1, got {value}")
-    if not float(lr) > 0:
-        raise UserError(f"relearn_lr must be a positive number, got {lr}")
-    return int(n), int(steps), float(lr), int(batch)
+    """(examples, steps, lr, batch size), read as numbers (the command line gives strings) and checked."""
+    values = {}
+    for key, default in ATTACK_OPTIONS.items():
+        raw = _option(ctx, key)
+        try:
+            values[key] = type(default)(float(raw)) if isinstance(default, int) else float(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"{key} must be a number, got {raw!r}") from None
+        if isinstance(default, int) and values[key] < 1:
+            raise UserError(f"{key} must be at least 1, got {raw}")
+    if not values["relearn_lr"] > 0:
+        raise UserError(f"relearn_lr must be a positive number, got {values['relearn_lr']}")
+    return (values["relearn_examples"], values["relearn_steps"], values["relearn_lr"], values["relearn_batch_size"])
 
 
 # --- the evaluation-leak guard -------------------------------------------------------------------
