@@ -85,8 +85,9 @@ def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_cod
     """Run every step for every comparison base -> NAME and write OUTDIR/report.html.
 
     Steps: datasets (unless --data), one capture per model, parameter diagnostics, cache
-    analyses, Lipschitz, tuned lens, relearning and attacks (with --relearn / --attacks), report. Finished steps are skipped (--force redoes them); a
-    failed step is named, the rest still run, and the next run resumes.
+    analyses, Lipschitz, tuned lens, relearning and attacks (with --relearn / --attacks),
+    report. Finished steps are skipped (--force redoes them); a failed step is named, the rest
+    still run, and the next run resumes.
     """
     from unlearn_lens.pipeline import DEFAULT_BASE, DEFAULT_MODELS, ModelEntry, PipelineSettings, run_pipeline
 
