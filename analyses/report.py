@@ -470,7 +470,8 @@ def recoverability_table(inputs: ReportInputs) -> tuple[list[dict[str, str]], li
     spearman = []
     for short, label in RECOVERY_PREDICTORS:
         xs = [_signature_number(extractors[label](inputs, n)) for n in names]
-        spearman.append({"signature metric": short, **{column: spearman_text(xs, ys) for column, ys in recoveries.items()}})
+        spearman.append({"signature metric": short,
+                         **{column: spearman_text(xs, ys) for column, ys in recoveries.items()}})
     return table, spearman, columns
 
 

@@ -99,7 +99,8 @@ def test_int8_erases_an_update_below_a_quarter_step(tmp_path, dw_in_steps, ident
         differing = [m for m in METRICS if reference["base"][m] != reference["modified"][m]]
         assert "forget_nll" in differing
         for metric in differing:  # recovery against the control row is exactly 1
-            recovery = (attacked[metric] - reference["modified"][metric]) / (control[metric] - reference["modified"][metric])
+            unattacked = reference["modified"][metric]
+            recovery = (attacked[metric] - unattacked) / (control[metric] - unattacked)
             assert recovery == 1.0, metric
     else:
         assert attacked["forget_nll"] != control["forget_nll"]
@@ -241,7 +242,8 @@ def test_relearn_heldout_rows_split_and_reference(tmp_path, pair):
 
 def test_options_given_as_command_line_strings(tmp_path):
     data = write_unlearn_data(tmp_path / "data")
-    ctx = _context(tmp_path, tmp_path / "b", tmp_path / "m", data, quant_settings="int8, int4", quant_bitsandbytes="false")
+    ctx = _context(tmp_path, tmp_path / "b", tmp_path / "m", data, quant_settings="int8, int4",
+                   quant_bitsandbytes="false")
     assert Q._settings(ctx) == [("torchao", "int8"), ("torchao", "int4")]
     ctx = _context(tmp_path, tmp_path / "b", tmp_path / "m", data, quant_settings="int8", quant_bitsandbytes="maybe")
     with pytest.raises(UserError, match="quant_bitsandbytes must be true or false"):

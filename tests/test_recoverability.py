@@ -54,7 +54,8 @@ def test_recoverability_table_and_spearman(tmp_path):
                        "relearn-unrelated: cloze accuracy", "relearn-unrelated: forget NLL"]
     update = next(r for r in spearman if r["signature metric"] == "update norm")
     # ranks of the update (1, 2, 3, 4) vs int4 cloze recovery (4, 2, 3, 1): 1 - 6 * 18 / (4 * 15) = -0.8
-    assert update["quantize: cloze accuracy"].startswith("ρ = -0.80 (p = ") and "n = 4" in update["quantize: cloze accuracy"]
+    cell = update["quantize: cloze accuracy"]
+    assert cell.startswith("ρ = -0.80 (p = ") and "n = 4" in cell
     assert spearmanr([0.01, 0.02, 0.04, 0.08], [0.9, 0.5, 0.6, 0.1]).statistic == pytest.approx(-0.8)  # scipy agrees
     # vs relearning's cloze recovery (ranks 1, 3, 2, 4): 1 - 6 * 2 / 60 = 0.8
     assert update["relearn-unrelated: cloze accuracy"].startswith("ρ = 0.80 (p = ")

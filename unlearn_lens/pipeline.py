@@ -198,7 +198,8 @@ def attack_argv(settings: PipelineSettings, entry: ModelEntry) -> list[str]:
             *(["--model-revision", entry.revision] if entry.revision else []),
             "--max-samples", str(s.attack_max_samples or s.max_samples), "--max-length", str(s.max_length),
             "--batch-size", str(s.batch_size), "--device", s.device, "--dtype", s.model_dtype,
-            *[x for key, value in s.attack_options.items() for x in (ATTACK_OPTION_FLAG, f"{key}={_option_value(value)}")],
+            *[x for key, value in s.attack_options.items()
+              for x in (ATTACK_OPTION_FLAG, f"{key}={_option_value(value)}")],
             *(["--trust-remote-code"] if s.trust_remote_code else []), *(["--force"] if s.force else [])]
 
 
