@@ -133,3 +133,20 @@ def test_demo_and_pipeline_flags():
     assert "[default: attacks]" in demo.output.replace("\n", " ") or "default: attacks" in demo.output
     pipeline = CliRunner().invoke(group, ["pipeline", "--help"])
     assert pipeline.exit_code == 0 and "--no-attacks" in pipeline.output
+
+
+def test_attack_step_runs_once_and_resumes(tmp_path, monkeypatch):
+    """The step runs `attack` with its argv, writes its marker, and a second run skips it (--force redoes it)."""
+    import unlearn_lens.pipeline as P
+
+    calls = []
+    monkeypatch.setattr(P, "run_command", lambda argv: calls.append(list(argv)))
+    skip = frozenset({"datasets", "capture", "params", "analyze", "lipschitz", "tuned-lens", "report"})
+    settings = P.PipelineSettings(outdir=tmp_path, base=P.ModelEntry("base", "/m/base"),
+                                  models=[P.ModelEntry("ga", "/m/ga")], data=tmp_path, attacks=True, skip=skip)
+    assert P.run_pipeline(settings, echo=lambda message: None) == {"attack:ga": "done"}
+    assert [c[0] for c in calls] == ["attack"] and (tmp_path / ".pipeline" / "attack__ga.json").is_file()
+    assert P.run_pipeline(settings, echo=lambda message: None) == {"attack:ga": "skipped (done)"}
+    settings.force = True
+    assert P.run_pipeline(settings, echo=lambda message: None) == {"attack:ga": "done"}
+    assert len(calls) == 2 and calls[-1][-1] == "--force"
