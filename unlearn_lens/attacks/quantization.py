@@ -12,12 +12,13 @@ quantized with a real library, not a simulation:
   per group of ``INT4_GROUP_SIZE`` input weights). ``Int4WeightOnlyConfig`` needs a CUDA kernel,
   so the int4 setting uses the generic ``IntxWeightOnlyConfig``.
 * **bitsandbytes** (only where CUDA is present and the package imports): LLM.int8()
-  (``Linear8bitLt``) and 4-bit NF4 (``Linear4bit``), the quantizers Zhang et al. load through
-  transformers' ``BitsAndBytesConfig``.
+  (``Linear8bitLt``) and 4-bit FP4 and NF4 (``Linear4bit``). Zhang et al.'s code
+  (zzwjames/FailureLLMUnlearning, ``utils.py: load_model``) loads models through transformers'
+  ``BitsAndBytesConfig(load_in_8bit=True)`` / ``(load_in_4bit=True)``, whose 4-bit default is FP4.
 
 Which weights: every ``torch.nn.Linear`` inside the model except the output head (``lm_head``,
 also the tied input embedding in most small models), which stays in full precision by default,
-as transformers' bitsandbytes integration keeps it (``quant_lm_head`` includes it). Embeddings,
+as transformers' bitsandbytes integration (so Zhang et al.) keeps it (``quant_lm_head`` includes it). Embeddings,
 norms and biases are never quantized. GPT-2's ``Conv1D`` layers are not ``nn.Linear``: a model
 with no quantizable layer is refused. The base under the same quantization is the control row.
 """
@@ -34,10 +35,10 @@ from unlearn_lens.errors import UserError
 #: This attack's options (``AttackSettings.options``) and their defaults.
 ATTACK_OPTIONS = {
     "quant_settings": ("int8", "int4"),   # torchao settings (keys of analyses.quantization.QUANT_SETTINGS)
-    "quant_bitsandbytes": True,           # also bnb-int8 / bnb-nf4 when CUDA and bitsandbytes are available
+    "quant_bitsandbytes": True,           # also bnb-int8 / bnb-fp4 / bnb-nf4 when CUDA and bitsandbytes are present
     "quant_lm_head": False,               # quantize the output head too
 }
-BNB_SETTINGS = ("bnb-int8", "bnb-nf4")
+BNB_SETTINGS = ("bnb-int8", "bnb-fp4", "bnb-nf4")
 OUTPUT_HEADS = ("lm_head", "embed_out")  # Llama/GPT-2 and GPT-NeoX names of the unembedding
 TARGETS = (("modified", "modified"), ("control", "base"))  # (row target, model loaded)
 
@@ -104,7 +105,7 @@ def bitsandbytes_available() -> bool:
 
 
 def quantize_bitsandbytes(model, setting: str, lm_head: bool = False) -> int:
-    """Replace the selected linear layers by bitsandbytes 8-bit (LLM.int8()) or 4-bit NF4 layers (CUDA)."""
+    """Replace the selected linear layers by bitsandbytes 8-bit (LLM.int8()) or 4-bit FP4 / NF4 layers (CUDA)."""
     import bitsandbytes as bnb
     import torch
 
@@ -117,10 +118,11 @@ def quantize_bitsandbytes(model, setting: str, lm_head: bool = False) -> int:
         compute = linear.weight.dtype if linear.weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
         weight = linear.weight.data.detach().to("cpu", torch.float16)
         has_bias = linear.bias is not None
-        if setting == "bnb-nf4":
+        if setting in ("bnb-fp4", "bnb-nf4"):
+            kind = setting.split("-")[1]
             layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
-                                      compute_dtype=compute, quant_type="nf4")
-            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+                                      compute_dtype=compute, quant_type=kind)
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=kind)
         else:
             layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
                                         has_fp16_weights=False, threshold=6.0)
