@@ -122,6 +122,10 @@ def _finetune_and_evaluate(ctx: AttackContext, which: str, texts: Sequence[str],
     from unlearn_lens.relearn import relearn_condition
 
     model, tokenizer = ctx.load(which)
+    dtype = next(model.parameters()).dtype
+    if str(dtype) != "torch.float32":
+        ctx.progress(f"WARNING: relearning in {str(dtype)[6:]} weights rounds away updates much smaller than the "
+                     "weights; use --dtype float32")
     start = ctx.evaluate(model, tokenizer, data) if before else None
     rows = relearn_condition(model, tokenizer, list(texts), steps=steps, lr=lr, batch_size=batch,
                              max_length=ctx.settings.max_length, seed=ctx.settings.seed, eval_every=steps,
