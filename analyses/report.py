@@ -21,7 +21,7 @@ from analyses.io import atomic_write_text
 COMPARISON_FOLDERS = ("param_stats", "param_plots", "mlp_attn_analysis", "null_space_analysis", "mlp_nullspace",
                       "activation_stats", "activation_plots", "activation_separation", "activation_covariance",
                       "row_space_projection", "lipschitzness")
-MODEL_FOLDERS = ("linear_probes", "wmdp_logit_lens", "wmdp_tuned_lens", "evaluation", "relearning")
+MODEL_FOLDERS = ("linear_probes", "wmdp_logit_lens", "wmdp_tuned_lens", "evaluation", "relearning", "attacks")
 
 
 @dataclass
@@ -425,6 +425,76 @@ def recovery_section(inputs: ReportInputs) -> str:
     return head + _table(rows, columns) + f"<div class='figs'>{recovery_figure(inputs)}</div>"
 
 
+# --- recoverability: what the attacks bring back (`unlearn-lens attack`) ---------------------------
+
+#: Attacks in the order the table shows them (others found in attacks.csv follow, sorted).
+ATTACK_ORDER = ("ablate", "quantize", "relearn-unrelated", "relearn-heldout")
+#: (attacks.csv metric, label) of the recoverability table.
+RECOVERABILITY_METRICS = (("cloze_accuracy", "cloze accuracy"), ("forget_nll", "forget NLL"))
+
+
+def attack_rows(inputs: ReportInputs, name: str) -> list[dict[str, str]]:
+    return read_rows(inputs.model_dir(name) / "attacks" / "attacks.csv")
+
+
+def best_recovery(rows: Sequence[dict], attack: str, metric: str) -> tuple[float | None, str]:
+    """(largest finite ``recovery_<metric>`` of ``attack``'s rows on the modified model, its setting)."""
+    best, setting = None, ""
+    for row in rows:
+        if row.get("attack") == attack and row.get("target") == "modified":
+            values = _floats([row], f"recovery_{metric}")
+            if values and (best is None or values[0] > best):
+                best, setting = values[0], row.get("setting", "")
+    return best, setting
+
+
+def _attacks_present(per_model: Sequence[Sequence[dict]]) -> list[str]:
+    found = {row.get("attack", "") for rows in per_model for row in rows if row.get("attack")}
+    return [a for a in ATTACK_ORDER if a in found] + sorted(found - set(ATTACK_ORDER))
+
+
+def recoverability_table(inputs: ReportInputs) -> tuple[list[dict[str, str]], list[dict[str, str]], list[str]]:
+    """(rows attack x metric with one best-recovery cell per comparison, Spearman rows, Spearman columns).
+
+    A cell reads "best (setting)"; the Spearman rows correlate each signature metric of
+    ``RECOVERY_PREDICTORS`` with each best recovery across comparisons.
+    """
+    names = inputs.comparisons
+    per_model = [attack_rows(inputs, n) for n in names]
+    extractors = {label: extract for _, label, extract in SIGNATURE}
+    table, recoveries = [], {}
+    for attack in _attacks_present(per_model):
+        for metric, label in RECOVERABILITY_METRICS:
+            best = [best_recovery(rows, attack, metric) for rows in per_model]
+            recoveries[f"{attack}: {label}"] = [value for value, _ in best]
+            table.append({"attack": attack, "metric": f"best recovery of {label}",
+                          **{n: fmt(value) + (f" ({setting})" if value is not None and setting else "")
+                             for n, (value, setting) in zip(names, best)}})
+    columns = ["signature metric", *recoveries]
+    spearman = []
+    for short, label in RECOVERY_PREDICTORS:
+        xs = [_signature_number(extractors[label](inputs, n)) for n in names]
+        spearman.append({"signature metric": short,
+                         **{column: spearman_text(xs, ys) for column, ys in recoveries.items()}})
+    return table, spearman, columns
+
+
+def recoverability_section(inputs: ReportInputs) -> str:
+    """The recoverability table (attack x model) and the Spearman ρ of each signature with each recovery."""
+    head = ("<h2 id='recoverability'>Recoverability: what attacks bring back</h2><p class='muted'>Best recovery "
+            "fraction per attack on the modified model, (attacked − modified) / (base − modified) on the same "
+            "evaluation data: 0 = nothing recovered, 1 = back to the base model (`unlearn-lens attack`: direction "
+            "ablation, int8/int4 quantization, relearning on unrelated text and on held-out facts; the setting "
+            "that recovered most in brackets; — where base and modified do not differ). Below: Spearman ρ of "
+            "each signature metric with each best recovery across comparisons.</p>")
+    if not any(attack_rows(inputs, n) for n in inputs.comparisons):
+        return head + ("<p class='muted'>No attack results yet: run `unlearn-lens attack` per model "
+                       "(--outdir OUT --name NAME), or the pipeline with --attacks.</p>")
+    table, spearman, columns = recoverability_table(inputs)
+    return (head + _table(table, ["attack", "metric", *inputs.comparisons], group_column="attack")
+            + _table(spearman, columns))
+
+
 # --- HTML ---------------------------------------------------------------------------------------
 
 _STYLE = """
@@ -479,6 +549,7 @@ def render_report(inputs: ReportInputs) -> str:
         "A brittle, shallow edit tends to be small, low-rank, attention-localised, null-space aligned, "
         "with little activation change and knowledge still readable at intermediate layers.</p>",
         _table(rows, ["question", "metric", *names], group_column="question"),
+        recoverability_section(inputs),
         recovery_section(inputs),
     ]
     if inputs.steps:

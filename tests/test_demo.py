@@ -26,6 +26,11 @@ def test_demo_runs_every_step_on_smollm2(tmp_path, smollm2_gguf):
     assert "Open the report" in result.stdout and "What unlearning did" in result.stdout
     html = (out / "report.html").read_text()
     assert "smollm2 → rmu" in html and "smollm2 → ga" in html
+    # relearning and the attacks ran: no empty brittleness or recoverability section
+    assert "No relearning results yet" not in html and "No attack results yet" not in html
+    for name in ("rmu", "ga"):
+        assert (out / name / "relearning" / "summary.json").is_file()
+        assert (out / name / "attacks" / "attacks.csv").is_file()
     for name in ("rmu", "ga"):
         assert (out / "unlearning" / name / "model" / "config.json").is_file()
         rows = list(csv.DictReader((out / f"smollm2__to__{name}" / "param_stats" / "per_matrix.csv").open()))

