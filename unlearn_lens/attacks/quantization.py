@@ -60,7 +60,7 @@ def _torchao():
         import torchao.quantization as quantization
         from torchao.quantization.granularity import PerGroup
     except ImportError:
-        raise UserError("the quantize attack needs torchao: pip install 'unlearn-lens[attacks]' "
+        raise UserError("the quantize attack needs torchao: pip install 'unlearn-lens[models]' "
                         "(or pip install torchao)") from None
     return quantization, PerGroup
 
