@@ -159,6 +159,11 @@ class UnlearnConfig:
             raise UserError(f"--adversary-lr must be positive, got {self.adversary_lr}")
         if self.lat_sft_coef < 0:
             raise UserError(f"--lat-sft-coef must be non-negative, got {self.lat_sft_coef}")
+        if (self.method == "cb_lat" and self.adversary_layers and (self.target_layers or self.layer_id is not None)
+                and max(self.adversary_layers) >= min(self.target_layers or [self.layer_id])):
+            raise UserError(f"cb_lat: --adversary-layers must lie strictly before the first target layer "
+                            f"{min(self.target_layers or [self.layer_id])} (got {self.adversary_layers}); "
+                            "-1 is the embedding output")
         if self.lat_eps < 0 or self.lat_steps < 0:
             raise UserError("--lat-eps and --lat-steps must be non-negative")
         if self.wt_noise_std < 0:
