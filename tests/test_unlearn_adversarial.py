@@ -430,3 +430,21 @@ def test_original_preset_reproduces_the_train_log_of_405f6ab(method, tmp_path):
     for row_got, row_want in zip(got, want):
         for key in row_want:
             assert float(row_got[key]) == pytest.approx(float(row_want[key]), rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama", "gpt2"])
+def test_injection_at_minus_one_adds_to_the_embedding_output(family):
+    """Layer -1 (the combined adversary's default) is the embedding output: the same logits as
+    feeding ``inputs_embeds = embed(ids) + delta`` (GPT-2 adds its position embedding after)."""
+    from unlearn_lens.unlearning.hooks import tap_blocks
+
+    model, _ = make_tiny_model(family, layers=2)
+    ids = batch(0, seq=6)["input_ids"]
+    delta = torch.randn(1, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(inputs_embeds=model.get_input_embeddings()(ids) + delta).logits
+        with tap_blocks(ArchitectureAdapter(model), inject={-1: delta}):
+            got = model(input_ids=ids).logits
+        clean = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert float((got - clean).abs().max()) > 1e-3
