@@ -288,6 +288,8 @@ def test_cb_lat_placement_rules():
     # --preset original keeps the original pipeline's placement (the middle target layer)
     original = resolve(PRESETS["cb_lat"]["original"], "cb_lat", N_LAYERS, target_layers=[1, 2, 3])
     assert original.adversary == "pgd" and original.adversary_layers == [2]
+    original.validate()  # a resolved config passes its checks again
+    original.resolve_layers(N_LAYERS)
     lat = resolve(PRESETS["lat"]["original"], "lat", N_LAYERS)
     assert lat.adversary == "pgd" and lat.adversary_layers == [3] and lat.lat_defender == "ascent"
 

@@ -159,11 +159,8 @@ class UnlearnConfig:
             raise UserError(f"--adversary-lr must be positive, got {self.adversary_lr}")
         if self.lat_sft_coef < 0:
             raise UserError(f"--lat-sft-coef must be non-negative, got {self.lat_sft_coef}")
-        if (self.method == "cb_lat" and self.adversary_layers and (self.target_layers or self.layer_id is not None)
-                and max(self.adversary_layers) >= min(self.target_layers or [self.layer_id])):
-            raise UserError(f"cb_lat: --adversary-layers must lie strictly before the first target layer "
-                            f"{min(self.target_layers or [self.layer_id])} (got {self.adversary_layers}); "
-                            "-1 is the embedding output")
+        if self.target_layers or self.layer_id is not None:  # known before the model loads
+            self._check_upstream(min(self.target_layers or [self.layer_id]))
         if self.lat_eps < 0 or self.lat_steps < 0:
             raise UserError("--lat-eps and --lat-steps must be non-negative")
         if self.wt_noise_std < 0:
@@ -229,10 +226,18 @@ class UnlearnConfig:
         if self.adversary == "pgd" and len(self.adversary_layers) != 1:
             raise UserError("--adversary pgd perturbs one layer; give one --adversary-layers value "
                             "(targeted and combined take several)")
-        first = min(self.target_layers)
-        if self.method == "cb_lat" and explicit and max(self.adversary_layers) >= first:
-            raise UserError(f"cb_lat: --adversary-layers must lie strictly before the first target layer {first} "
-                            f"(got {self.adversary_layers}); -1 is the embedding output")
+        if explicit:
+            self._check_upstream(min(self.target_layers))
+
+    def _check_upstream(self, first_target: int) -> None:
+        """cb_lat: explicit adversary layers must lie strictly before the first scored layer, except
+        the original pipeline's placement (pgd at the middle target layer: a resolved config
+        validates again)."""
+        original = self.adversary in (None, "pgd") and self.adversary_layers == [self.adversary_layer]
+        if (self.method == "cb_lat" and self.adversary_layers and not original
+                and max(self.adversary_layers) >= first_target):
+            raise UserError(f"cb_lat: --adversary-layers must lie strictly before the first target layer "
+                            f"{first_target} (got {self.adversary_layers}); -1 is the embedding output")
 
     @property
     def adversary_layer(self) -> int:
