@@ -83,6 +83,9 @@ def test_unlearn_all_skips_finished(neox_dir, unlearn_data_dir, tmp_path):
     (["--method", "ga", "--steps", "0"], "--steps must be at least 1"),
     (["--method", "cb", "--target-layers", "1,x"], "comma-separated integers"),
     (["--method", "ga", "--lora", "--lora-targets", "nonexistent_proj"], "match no module"),
+    (["--method", "cb_lat", "--target-layers", "1,2", "--adversary-layers", "-1,1"],
+     "must lie strictly before the first target layer 1"),
+    (["--method", "lat", "--adversary-layers", "3"], "--adversary-layers 3 is out of range"),
 ])
 def test_bad_input_one_line_error_before_training(neox_dir, unlearn_data_dir, tmp_path, extra, message):
     out = tmp_path / "bad"
@@ -113,7 +116,8 @@ def test_help_lists_every_flag():
     result = invoke("unlearn", "--help")
     assert result.exit_code == 0
     for flag in ("--cb-variant", "--lat-norm", "--wt-reg-lambda", "--lora-targets", "--grad-accum-steps",
-                 "--optimizer", "--eval-split", "--steering-coeff", "--update-roles"):
+                 "--optimizer", "--eval-split", "--steering-coeff", "--update-roles", "--adversary",
+                 "--adversary-layers", "--adversary-lr", "--lat-defender", "--lat-sft-coef"):
         assert flag in result.output
 
 

@@ -36,6 +36,8 @@ def test_every_method_has_original_and_mine_have_reference():
 
     assert set(presets.PRESETS) == set(METHODS)
     for method in METHODS:
+        assert presets.PRESETS[method]["default"].values == {}  # default = this tool's defaults
+    for method in MINE:
         assert presets.PRESETS[method]["original"].values == {}  # original = today's defaults
     for method in MINE:
         preset = presets.PRESETS[method]["reference"]
@@ -53,7 +55,7 @@ def test_resolve_explicit_wins_and_unknown_preset_lists_valid():
     assert "steps" not in presets.resolve("rmu", "reference", {"epochs": 2})  # --epochs replaces the preset's steps
     assert "epochs" not in presets.resolve("npo", "reference", {"steps": 3})
     assert presets.resolve("npo", "original", {"beta": 0.2}) == {"beta": 0.2, "depth_scaled": []}
-    with pytest.raises(UserError, match="unknown --preset 'nope' for npo; choose one of original, reference"):
+    with pytest.raises(UserError, match="unknown --preset 'nope' for npo; choose one of default, original, reference"):
         presets.resolve("npo", "nope", {})
 
 
@@ -75,7 +77,7 @@ def test_help_states_default_and_lists_every_preset_with_source():
         result = invoke(command, "--help")
         assert result.exit_code == 0
         first = " ".join(result.output.split("\n\n")[1].split())  # the docstring's first paragraph
-        assert "default --preset original" in first
+        assert "default --preset default" in first
         text = " ".join(result.output.split())
         for method, named in presets.PRESETS.items():
             for name, preset in named.items():
@@ -90,7 +92,7 @@ def neox_dir(tmp_path_factory):
 def test_unknown_preset_is_one_line_error(neox_dir, unlearn_data_dir, tmp_path):
     result = invoke("unlearn", "--model", neox_dir, "--data", str(unlearn_data_dir), "--outdir", str(tmp_path / "o"),
                     "--method", "rmu", "--preset", "nope", "--device", "cpu")
-    assert result.exit_code == 2 and "choose one of original, reference" in result.output
+    assert result.exit_code == 2 and "choose one of default, original, reference" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
 
 

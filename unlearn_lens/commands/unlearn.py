@@ -13,7 +13,8 @@ import click
 
 from unlearn_lens.errors import UserError
 from unlearn_lens.unlearning import presets
-from unlearn_lens.unlearning.config import CB_VARIANTS, LAT_NORMS, METHODS, OPTIMIZERS, SCHEDULERS, UnlearnConfig
+from unlearn_lens.unlearning.config import (ADVERSARIES, CB_VARIANTS, LAT_DEFENDERS, LAT_NORMS, METHODS, OPTIMIZERS,
+                                            SCHEDULERS, UnlearnConfig)
 
 
 def _ints(value: str | None) -> list[int] | None:
@@ -41,8 +42,9 @@ def _shared_options(func):
         click.option("--outdir", required=True, type=click.Path(file_okay=False),
                      help="Output directory (model/, config.json, train_log.csv, eval.json, COMPLETE)."),
         click.option("--preset", default=presets.DEFAULT_PRESET, show_default=True,
-                     help="Named hyper-parameter set of the method: original (this tool's defaults, what runs "
-                          "did before presets) or reference (the published configuration); flags given "
+                     help="Named hyper-parameter set of the method: default (this tool's defaults), original (what "
+                          "unlearn did before presets: as default except cb_lat's adversary, kept on the scored "
+                          "layer) or reference (the published configuration); flags given "
                           "explicitly override it (--layer-id also the preset's layers derived from it). Every preset and its source: see the end of this help."),
         click.option("--steps", type=int, default=None,
                      help="Optimizer steps (default: one epoch over the forget training texts)."),
@@ -89,7 +91,8 @@ def _shared_options(func):
         click.option("--layer-id", type=int, default=None,
                      help="rmu / cb / lat / cb_lat target layer (default 7 as in WMDP's RMU, or the last block)."),
         click.option("--target-layers", default=None,
-                     help="Comma-separated target layers (default: just --layer-id); LAT's adversary sits at the middle one."),
+                     help="Comma-separated target layers (default: just --layer-id): the block outputs scored by rmu / cb / "
+                          "cb_lat (lat: where its original adversary sits, the middle one)."),
         click.option("--steering-coeff", type=float, default=20.0, show_default=True,
                      help="rmu / cb: norm c of the random target c * u (u = torch.rand normalised, as in WMDP)."),
         click.option("--alpha", type=float, default=100.0, show_default=True,
@@ -100,14 +103,41 @@ def _shared_options(func):
         click.option("--update-layers", default=None,
                      help="Full-parameter: train only these layers (rmu default: layer_id-2..layer_id, WMDP's --layer_ids)."),
         click.option("--cb-variant", type=click.Choice(CB_VARIANTS), default="original", show_default=True,
-                     help="cb / cb_lat: original (cosine to a random direction) or rr (reference circuit "
-                          "breakers: ReLU(cos to frozen) on forget + L2 to frozen on retain, c_rr=a(1-t/2T), c_retain=a t/2T)."),
-        click.option("--lat-eps", type=float, default=1.0, show_default=True, help="lat / cb_lat: adversary budget."),
-        click.option("--lat-steps", type=int, default=5, show_default=True, help="lat / cb_lat: PGD steps per batch."),
+                     help="cb / cb_lat: original (the original pipeline's -cos(h, c u) + alpha (1 - cos to frozen) "
+                          "per target layer) or rr, representation rerouting: mean over target layers of "
+                          "ReLU(cos(h, frozen h)) on forget + mean L2 to frozen on retain. cb rr = GraySwan "
+                          "src/lorra_circuit_breaker.py compute_loss (retain over every block up to the last target; "
+                          "c_rr=a(1-t/2T), c_retain=a t/2T, t from 1); cb_lat rr = deep ignorance "
+                          "unlearn/reference/cas/unlearning.py RRTrainer (retain over every block; s=min(1,t/T), "
+                          "c_rr=a(1-s/4), c_retain=a s)."),
+        click.option("--adversary", type=click.Choice(ADVERSARIES), default=None,
+                     help="lat / cb_lat adversary (default: lat pgd, cb_lat combined). pgd: the original pipeline's "
+                          "PGD on one layer (--lat-norm); targeted: targeted LAT's per-token perturbation, AdamW, "
+                          "clipped to the per-token L2 ball --lat-eps (latent_at/lat_methods.py "
+                          "projected_gradient_descent); combined: deep ignorance's unbounded steering vector + "
+                          "32-token soft prefix, AdamW, kept on for cb_lat's retain pass "
+                          "(unlearn/reference/cas/unlearning.py gradient_descent_attack)."),
+        click.option("--adversary-layers", default=None,
+                     help="lat / cb_lat: comma-separated block outputs the adversary perturbs, -1 = the embedding "
+                          "output (default: lat the middle target layer; cb_lat -1, deep ignorance's embedding "
+                          "adversary). cb_lat requires them strictly before the first target layer."),
+        click.option("--adversary-lr", type=float, default=None,
+                     help="lat / cb_lat: AdamW learning rate of the targeted / combined adversary "
+                          "(default 5e-2 targeted LAT, 2e-3 deep ignorance)."),
+        click.option("--lat-eps", type=float, default=1.0, show_default=True,
+                     help="lat / cb_lat: pgd / targeted adversary budget (targeted: per-token L2 radius)."),
+        click.option("--lat-steps", type=int, default=5, show_default=True, help="lat / cb_lat: adversary steps per batch."),
         click.option("--lat-step-size", type=float, default=None,
-                     help="lat / cb_lat: PGD step size (default 2.5 * eps / steps)."),
+                     help="lat / cb_lat: pgd step size (default 2.5 * eps / steps)."),
         click.option("--lat-norm", type=click.Choice(LAT_NORMS), default="linf", show_default=True,
-                     help="lat / cb_lat: linf (original sign step) or l2 (reference per-token L2-bounded adversary)."),
+                     help="lat / cb_lat --adversary pgd: linf (original sign step) or l2 (normalised-gradient "
+                          "steps in a per-token L2 ball; targeted LAT itself is --adversary targeted)."),
+        click.option("--lat-defender", type=click.Choice(LAT_DEFENDERS), default="ascent", show_default=True,
+                     help="lat: ascent (original: -NLL(forget | adversary) + NLL(retain)) or away (targeted LAT: "
+                          "-log(1-p) on forget under the adversary + --lat-sft-coef x retain NLL, normalised)."),
+        click.option("--lat-sft-coef", type=float, default=4.0, show_default=True,
+                     help="lat --lat-defender away: retain NLL coefficient against away 1 (targeted LAT's WMDP "
+                          "notebook: sft 4)."),
         click.option("--wt-noise-std", type=float, default=0.02, show_default=True,
                      help="wt_dist: std of the Gaussian noise added to every weight before retain fine-tuning."),
         click.option("--wt-reg-lambda", type=float, default=0.1, show_default=True,
@@ -173,7 +203,9 @@ def _plain_config(method: str, outdir: str, kw: dict) -> UnlearnConfig:
         target_layers=_ints(kw["target_layers"]), steering_coeff=kw["steering_coeff"], alpha=kw["alpha"],
         update_roles=_strs(kw["update_roles"]), update_layers=_ints(kw["update_layers"]),
         cb_variant=kw["cb_variant"], lat_eps=kw["lat_eps"], lat_steps=kw["lat_steps"],
-        lat_step_size=kw["lat_step_size"], lat_norm=kw["lat_norm"], wt_noise_std=kw["wt_noise_std"],
+        lat_step_size=kw["lat_step_size"], lat_norm=kw["lat_norm"], adversary=kw["adversary"],
+        adversary_layers=_ints(kw["adversary_layers"]), adversary_lr=kw["adversary_lr"],
+        lat_defender=kw["lat_defender"], lat_sft_coef=kw["lat_sft_coef"], wt_noise_std=kw["wt_noise_std"],
         wt_reg_lambda=kw["wt_reg_lambda"], lora=kw["lora"], lora_r=kw["lora_r"], lora_alpha=kw["lora_alpha"],
         lora_targets=_strs(kw["lora_targets"]), lora_dropout=kw["lora_dropout"], wandb=kw["use_wandb"],
         wandb_project=kw["wandb_project"], trust_remote_code=kw["trust_remote_code"], overwrite=kw["overwrite"],
@@ -188,14 +220,14 @@ def _echo_main(message: str) -> None:
 
 def _presets_epilog() -> str:
     """Every preset with what it sets and its source (``\b``: click keeps the lines as they are)."""
-    return "\b\nPresets (--preset; default original):\n" + presets.describe()
+    return f"\b\nPresets (--preset; default {presets.DEFAULT_PRESET}):\n" + presets.describe()
 
 
 @click.command("unlearn", epilog=_presets_epilog())
 @click.option("--method", required=True, help=f"Unlearning method: {', '.join(METHODS)}.")
 @_shared_options
 def unlearn(method: str, outdir: str, no_progress: bool, **kw) -> None:
-    """Unlearn the forget set from --model with one method (default --preset original); writes OUTDIR/model.
+    """Unlearn the forget set from --model with one method (default --preset default: this tool's defaults); writes OUTDIR/model.
 
     Methods: ga_simple, ga, grad_diff, dpo, npo, simnpo (losses on logits), rmu, cb, lat,
     cb_lat (hidden states), wt_dist, wt_dist_reg (weight space; not with --lora). Runs unchanged
@@ -217,7 +249,7 @@ def unlearn(method: str, outdir: str, no_progress: bool, **kw) -> None:
               help="Comma-separated methods, each run into OUTDIR/<method>/ (finished ones are skipped).")
 @_shared_options
 def unlearn_all(methods: str, outdir: str, no_progress: bool, **kw) -> None:
-    """Run several methods with the same settings (default --preset original) into OUTDIR/<method>/, skipping
+    """Run several methods with the same settings (default --preset default: this tool's defaults) into OUTDIR/<method>/, skipping
     finished runs."""
     from unlearn_lens.unlearning.trainer import is_complete, run_unlearning
 

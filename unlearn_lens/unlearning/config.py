@@ -22,8 +22,10 @@ METHODS: dict[str, tuple[str, str]] = {
     "simnpo": ("loss", "SimNPO on length-normalised log-probs (reference-free) + retain NLL"),
     "rmu": ("representation", "RMU: forget activations -> random target (MSE), retain anchored"),
     "cb": ("representation", "circuit breakers: cosine rerouting (original) or RR loss (--cb-variant rr)"),
-    "lat": ("representation", "latent adversarial training: PGD adversary, then ascent/descent"),
-    "cb_lat": ("representation", "circuit breakers under the LAT adversary"),
+    "lat": ("representation", "latent adversarial training: adversary on the residual stream, then ascent/descent "
+                              "(original) or targeted LAT's away + retain losses"),
+    "cb_lat": ("representation", "circuit breakers under an adversary placed upstream of the scored layers "
+                                 "(deep ignorance's rr-lat with --cb-variant rr)"),
     "wt_dist": ("weight", "Gaussian noise on all weights, then retain fine-tuning"),
     "wt_dist_reg": ("weight", "retain NLL - lambda * RMS distance from the pretrained weights"),
 }
@@ -32,6 +34,13 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor")
 SCHEDULERS = ("cosine", "linear", "constant")
 CB_VARIANTS = ("original", "rr")
 LAT_NORMS = ("linf", "l2")
+#: lat / cb_lat adversaries (see unlearning/adversary.py): the original PGD, targeted LAT's, deep ignorance's.
+ADVERSARIES = ("pgd", "targeted", "combined")
+#: the reference inner learning rates when --adversary-lr is not given (targeted LAT's
+#: inner_learning_rate 5e-2; deep ignorance's --adv_lr 2e-3).
+DEFAULT_ADVERSARY_LR = {"targeted": 5e-2, "combined": 2e-3}
+#: lat's defender: the original ascent on forget NLL, or targeted LAT's log(1 - p) away loss.
+LAT_DEFENDERS = ("ascent", "away")
 #: methods with a frozen reference model (or frozen activations / weights from it).
 REFERENCE_METHODS = frozenset({"dpo", "npo", "rmu", "cb", "cb_lat"})
 #: methods that read hidden states at target layers (need --layer-id).
@@ -47,7 +56,7 @@ class UnlearnConfig:
     outdir: str
     method: str
     revision: str | None = None
-    preset: str = "original"
+    preset: str = "default"
     # data and batching
     max_length: int = 512
     batch_size: int = 4
@@ -86,6 +95,11 @@ class UnlearnConfig:
     lat_steps: int = 5
     lat_step_size: float | None = None
     lat_norm: str = "linf"
+    adversary: str | None = None
+    adversary_layers: list[int] | None = None
+    adversary_lr: float | None = None
+    lat_defender: str = "ascent"
+    lat_sft_coef: float = 4.0
     wt_noise_std: float = 0.02
     wt_reg_lambda: float = 0.1
     wt_reg_eps: float = 1e-12
@@ -144,6 +158,16 @@ class UnlearnConfig:
             raise UserError(f"unknown --cb-variant {self.cb_variant!r}; choose one of {', '.join(CB_VARIANTS)}")
         if self.lat_norm not in LAT_NORMS:
             raise UserError(f"unknown --lat-norm {self.lat_norm!r}; choose one of {', '.join(LAT_NORMS)}")
+        if self.adversary is not None and self.adversary not in ADVERSARIES:
+            raise UserError(f"unknown --adversary {self.adversary!r}; choose one of {', '.join(ADVERSARIES)}")
+        if self.lat_defender not in LAT_DEFENDERS:
+            raise UserError(f"unknown --lat-defender {self.lat_defender!r}; choose one of {', '.join(LAT_DEFENDERS)}")
+        if self.adversary_lr is not None and self.adversary_lr <= 0:
+            raise UserError(f"--adversary-lr must be positive, got {self.adversary_lr}")
+        if self.lat_sft_coef < 0:
+            raise UserError(f"--lat-sft-coef must be non-negative, got {self.lat_sft_coef}")
+        if self.target_layers or self.layer_id is not None:  # known before the model loads
+            self._check_upstream(min(self.target_layers or [self.layer_id]))
         if self.lat_eps < 0 or self.lat_steps < 0:
             raise UserError("--lat-eps and --lat-steps must be non-negative")
         if self.wt_noise_std < 0:
@@ -201,9 +225,52 @@ class UnlearnConfig:
             self.update_roles = ["down"]
         for layer in self.update_layers or []:
             check("--update-layers", layer)
+        if self.method in ("lat", "cb_lat"):
+            self._resolve_adversary(num_layers)
+
+    def _resolve_adversary(self, num_layers: int) -> None:
+        """Fill the adversary's defaults and check its layers (-1 is the embedding output).
+
+        lat: ``pgd`` at the middle target layer (the original pipeline's). cb_lat: deep
+        ignorance's ``combined`` adversary at the embedding output, the one layer of the
+        reference's attack strictly before every scored layer. cb_lat's adversary layers must lie
+        strictly before the first target layer, so that the blocks between them and the scored
+        activations can learn to resist it; the one exception is ``--adversary pgd`` with no
+        ``--adversary-layers``, the original pipeline's placement (the middle target layer itself),
+        kept for ``--preset original``.
+        """
+        if self.adversary is None:
+            self.adversary = "pgd" if self.method == "lat" else "combined"
+        if self.adversary_lr is None and self.adversary != "pgd":
+            self.adversary_lr = DEFAULT_ADVERSARY_LR[self.adversary]
+        explicit = self.adversary_layers is not None
+        if not explicit:
+            middle = [self.adversary_layer]
+            self.adversary_layers = middle if self.method == "lat" or self.adversary == "pgd" else [-1]
+        for layer in self.adversary_layers:
+            if not -1 <= layer < num_layers:
+                raise UserError(f"--adversary-layers {layer} is out of range: the model has layers 0..{num_layers - 1} "
+                                "(-1: the embedding output)")
+        if len(set(self.adversary_layers)) != len(self.adversary_layers):
+            raise UserError(f"--adversary-layers has a repeated layer: {self.adversary_layers}")
+        if self.adversary == "pgd" and len(self.adversary_layers) != 1:
+            raise UserError("--adversary pgd perturbs one layer; give one --adversary-layers value "
+                            "(targeted and combined take several)")
+        if explicit:
+            self._check_upstream(min(self.target_layers))
+
+    def _check_upstream(self, first_target: int) -> None:
+        """cb_lat: explicit adversary layers must lie strictly before the first scored layer, except
+        the original pipeline's placement (pgd at the middle target layer: a resolved config
+        validates again)."""
+        original = self.adversary in (None, "pgd") and self.adversary_layers == [self.adversary_layer]
+        if (self.method == "cb_lat" and self.adversary_layers and not original
+                and max(self.adversary_layers) >= first_target):
+            raise UserError(f"cb_lat: --adversary-layers must lie strictly before the first target layer "
+                            f"{first_target} (got {self.adversary_layers}); -1 is the embedding output")
 
     @property
     def adversary_layer(self) -> int:
-        """LAT's injection point: the middle of the target layers."""
+        """The original pipeline's LAT injection point: the middle of the target layers."""
         layers = sorted(self.target_layers or [self.layer_id or 0])
         return layers[len(layers) // 2]

@@ -2,7 +2,8 @@
 
 Blocks are found through the ``ArchitectureAdapter`` (never by index into ``named_modules``);
 a block's output is a tensor in transformers 5 and a tuple whose first item is the hidden
-state in older versions, and both are handled.
+state in older versions, and both are handled. Layer ``-1`` names the embedding output (the
+input of block 0): an injection there is added by a forward pre-hook on block 0.
 """
 
 from __future__ import annotations
@@ -21,6 +22,19 @@ def _replace_hidden(output, hidden):
     return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
 
+#: the embedding output (input of block 0), as an injection point.
+EMBEDDING = -1
+
+
+def _add_to_input(args, kwargs, delta):
+    """Add ``delta`` to a block's input hidden state, passed positionally or as ``hidden_states``."""
+    if args:
+        hidden = args[0]
+        return (hidden + delta.to(hidden.dtype),) + tuple(args[1:]), kwargs
+    hidden = kwargs["hidden_states"]
+    return args, {**kwargs, "hidden_states": hidden + delta.to(hidden.dtype)}
+
+
 class StopForward(Exception):
     """Raised by a hook once every needed block output is captured (see ``stop_after``)."""
 
@@ -29,7 +43,8 @@ class StopForward(Exception):
 def tap_blocks(adapter, capture: Iterable[int] = (), inject: dict[int, torch.Tensor] | None = None,
                stop_after: int | None = None) -> Iterator[dict[int, torch.Tensor]]:
     """Capture the outputs of blocks ``capture`` (into the yielded dict) and add ``inject[i]`` to
-    the output of block ``i`` (before capture, so downstream layers and captures see it).
+    the output of block ``i`` (before capture, so downstream layers and captures see it);
+    ``inject[-1]`` is added to the embedding output, the input of block 0.
 
     With ``stop_after=i`` the forward pass is cut short by ``StopForward`` after block ``i``
     (the caller catches it): representation losses need no later block and no logits.
@@ -51,8 +66,13 @@ def tap_blocks(adapter, capture: Iterable[int] = (), inject: dict[int, torch.Ten
             return output
         return hook
 
-    hooked = capture | set(inject) | ({stop_after} if stop_after is not None else set())
+    def embedding_hook(module, args, kwargs):
+        return _add_to_input(args, kwargs, inject[EMBEDDING])
+
+    hooked = capture | (set(inject) - {EMBEDDING}) | ({stop_after} if stop_after is not None else set())
     handles = [adapter.block(i).register_forward_hook(make_hook(i)) for i in sorted(hooked)]
+    if EMBEDDING in inject:
+        handles.append(adapter.block(0).register_forward_pre_hook(embedding_hook, with_kwargs=True))
     try:
         yield captured
     finally:

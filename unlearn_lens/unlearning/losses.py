@@ -112,6 +112,63 @@ def rr_loss(forget_hidden, forget_frozen, forget_mask, retain_hidden, retain_fro
     return c_rr * forget + c_retain * retain, forget, retain
 
 
+def rr_coefficients_circuit_breakers(step: int, total_steps: int, alpha: float) -> tuple[float, float]:
+    """GraySwan's schedule (``src/lorra_circuit_breaker.py`` ``compute_loss``): ``(c_rr, c_retain)``.
+
+    ``progress = t / (2T)`` with ``t`` counted from 1 (``current_training_step`` is incremented
+    before use; ``get_training_progress`` divides by 300 = 2 x max_steps 150);
+    ``c_retain = alpha * progress``, ``c_rr = alpha * (1 - progress)``. ``step`` is 0-based.
+    """
+    progress = (step + 1) / (2.0 * max(total_steps, 1))
+    return alpha * (1.0 - progress), alpha * progress
+
+
+def rr_coefficients_deep_ignorance(step: int, total_steps: int, alpha: float) -> tuple[float, float]:
+    """Deep ignorance's schedule (EleutherAI/unlearn ``unlearn/reference/cas/unlearning.py``
+    ``RRTrainer.compute_loss``): ``(c_rr, c_retain)``.
+
+    ``s = min(1, t / T)`` with ``t`` counted from 0 and ``T`` the steps of the (one-epoch) run;
+    ``retain_coeff = retain_coef * s`` (0 -> 1) and ``circuit_breaker_coeff = remove_coef *
+    (1 - 0.25 s)`` (1 -> 0.75); both coefficients are 5 there, ``alpha`` here.
+    """
+    s = min(1.0, step / max(total_steps, 1))
+    return alpha * (1.0 - 0.25 * s), alpha * s
+
+
+def rr_layer_mean_loss(forget_hidden, forget_frozen, forget_mask, retain_hidden, retain_frozen, retain_mask,
+                       c_rr: float, c_retain: float):
+    """RR over several layers, as GraySwan / deep ignorance stack them: ``(loss, forget, retain)``.
+
+    ``forget_*`` and ``retain_*`` are lists of (batch, seq, hidden), one per layer (the forget
+    list: the target layers; the retain list: every anchored layer). forget = mean over layers
+    and real tokens of ReLU(cos(h, h_frozen)); retain = mean over layers and real tokens of
+    ||h - h_frozen||_2; loss = c_rr * forget + c_retain * retain.
+    """
+    forget = torch.stack([_masked_mean(torch.relu(F.cosine_similarity(h.float(), f.float(), dim=-1)), forget_mask)
+                          for h, f in zip(forget_hidden, forget_frozen)]).mean()
+    retain = torch.stack([_masked_mean((h.float() - f.float()).norm(dim=-1), retain_mask)
+                          for h, f in zip(retain_hidden, retain_frozen)]).mean()
+    return c_rr * forget + c_retain * retain, forget, retain
+
+
+def log_one_minus_p_loss(logits, input_ids, attention_mask, threshold: float = -5.0) -> torch.Tensor:
+    """Targeted LAT's bounded "away" loss (aengusl/latent-adversarial-training ``latent_at/utils.py``
+    ``log_1_minus_p_loss``, from HarmBench): -mean over real next tokens of log(1 - p(token)).
+
+    Computed as logsumexp over the other tokens minus logsumexp over all; tokens already unlikely
+    (log p < ``threshold``) contribute 0 but still count in the mean, as in the reference.
+    """
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    mask = attention_mask[:, 1:].float() * attention_mask[:, :-1].float()
+    log_sum_all = torch.logsumexp(logits, dim=-1)
+    log_p = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_sum_all
+    onehot = torch.zeros_like(logits).scatter_(-1, targets.unsqueeze(-1), 1.0)
+    others = torch.logsumexp(logits * (1 - onehot) + onehot * (-1e10), dim=-1)
+    log_1_minus_p = (others - log_sum_all) * (log_p >= threshold).float()
+    return -(log_1_minus_p * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def rms_distance(params, reference, eps: float = 1e-12) -> torch.Tensor:
     """Root-mean-square of (theta - theta_pretrained) over every scalar of ``params``.
 

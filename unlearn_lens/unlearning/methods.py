@@ -3,9 +3,10 @@
 Every method gets a ``MethodContext`` (the model used for trained forward passes, the adapter
 to find its blocks, an optional frozen reference, the run config) and returns, per step, the
 scalar loss to minimise and the metrics to log (always ``forget_loss`` and ``retain_loss``
-where they exist). Losses are those of the original pipeline; where the published reference
-code differs, the variant is a flag (``--cb-variant rr``, ``--lat-norm l2``). ``--forget-weight``
-weighs the forget term of grad_diff, dpo, npo and simnpo (open-unlearning's gamma).
+where they exist). Defaults are the original pipeline's losses; where the published reference
+code differs, the reference is a flag (``--cb-variant rr``, ``--adversary``, ``--lat-defender``)
+and a preset (``unlearning/presets/``). ``--forget-weight`` weighs the forget term of grad_diff,
+dpo, npo and simnpo (open-unlearning's gamma).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from unlearn_lens.unlearning import losses as L
-from unlearn_lens.unlearning.adversary import pgd_perturbation
+from unlearn_lens.unlearning.adversary import adamw_perturbation, pgd_perturbation
 from unlearn_lens.unlearning.config import UnlearnConfig
 from unlearn_lens.unlearning.hooks import StopForward, tap_blocks
 
@@ -198,32 +199,52 @@ class _Representation(UnlearningMethod):
     def _target(self, layer: int, like: torch.Tensor) -> torch.Tensor:
         return self.targets[layer].to(device=like.device)
 
-    def _representation_loss(self, forget, retain, step, inject=None):
-        cfg, ctx = self.cfg, self.ctx
+    def _representation_loss(self, forget, retain, step, inject=None, retain_inject=None):
+        cfg = self.cfg
+        if self.name in ("cb", "cb_lat") and cfg.cb_variant == "rr":
+            return self._rr_loss(forget, retain, step, inject, retain_inject)
+        ctx = self.ctx
         cut = ctx.early_stop
         _, f_hidden = forward(ctx.model, ctx.adapter, forget, self.layers, inject, hidden_only=cut)
-        _, r_hidden = forward(ctx.model, ctx.adapter, retain, self.layers, hidden_only=cut)
+        _, r_hidden = forward(ctx.model, ctx.adapter, retain, self.layers, retain_inject, hidden_only=cut)
         _, r_frozen = ctx.reference(retain, self.layers, hidden_only=True)
         total, forget_terms, retain_terms = 0.0, [], []
-        rr = self.name in ("cb", "cb_lat") and cfg.cb_variant == "rr"
-        if rr:
-            _, f_frozen = ctx.reference(forget, self.layers, hidden_only=True)
-            c_rr, c_retain = L.rr_coefficients(step, ctx.total_steps, cfg.alpha)
         for layer in self.layers:
-            if rr:
-                term, f_term, r_term = L.rr_loss(f_hidden[layer], f_frozen[layer], forget["attention_mask"],
-                                                 r_hidden[layer], r_frozen[layer], retain["attention_mask"],
-                                                 c_rr, c_retain)
-            else:
-                fn = L.rmu_loss if self.name == "rmu" else L.cb_loss
-                term, f_term, r_term = fn(f_hidden[layer], forget["attention_mask"],
-                                          self._target(layer, f_hidden[layer]), r_hidden[layer],
-                                          r_frozen[layer], retain["attention_mask"], cfg.alpha)
+            fn = L.rmu_loss if self.name == "rmu" else L.cb_loss
+            term, f_term, r_term = fn(f_hidden[layer], forget["attention_mask"],
+                                      self._target(layer, f_hidden[layer]), r_hidden[layer],
+                                      r_frozen[layer], retain["attention_mask"], cfg.alpha)
             total = total + term
             forget_terms.append(_f(f_term))
             retain_terms.append(_f(r_term))
         return total, {"forget_loss": sum(forget_terms) / len(forget_terms),
                        "retain_loss": sum(retain_terms) / len(retain_terms)}
+
+    def _rr_layers_and_schedule(self):
+        """cb: GraySwan's retain anchor (every block up to the last target) and schedule;
+        cb_lat: deep ignorance's (every block; its RRTrainer schedule)."""
+        if self.name == "cb":
+            return list(range(max(self.layers) + 1)), L.rr_coefficients_circuit_breakers
+        return list(range(self.ctx.adapter.num_layers)), L.rr_coefficients_deep_ignorance
+
+    def _rr_loss(self, forget, retain, step, inject=None, retain_inject=None):
+        """Representation rerouting, terms averaged over layers: GraySwan
+        ``src/lorra_circuit_breaker.py`` ``compute_loss`` (cb), deep ignorance
+        ``unlearn/reference/cas/unlearning.py`` ``RRTrainer.compute_loss`` (cb_lat). The frozen
+        activations are clean (the reference computes them before the attack)."""
+        ctx, cfg = self.ctx, self.cfg
+        cut = ctx.early_stop
+        retain_layers, schedule = self._rr_layers_and_schedule()
+        c_rr, c_retain = schedule(step, ctx.total_steps, cfg.alpha)
+        _, f_hidden = forward(ctx.model, ctx.adapter, forget, self.layers, inject, hidden_only=cut)
+        _, r_hidden = forward(ctx.model, ctx.adapter, retain, retain_layers, retain_inject, hidden_only=cut)
+        _, f_frozen = ctx.reference(forget, self.layers, hidden_only=True)
+        _, r_frozen = ctx.reference(retain, retain_layers, hidden_only=True)
+        loss, f_term, r_term = L.rr_layer_mean_loss(
+            [f_hidden[i] for i in self.layers], [f_frozen[i] for i in self.layers], forget["attention_mask"],
+            [r_hidden[i] for i in retain_layers], [r_frozen[i] for i in retain_layers], retain["attention_mask"],
+            c_rr, c_retain)
+        return loss, {"forget_loss": _f(f_term), "retain_loss": _f(r_term), "c_rr": c_rr, "c_retain": c_retain}
 
 
 class RMU(_Representation):
@@ -240,48 +261,96 @@ class CB(_Representation):
         return self._representation_loss(forget, retain, step)
 
 
-def adversarial_delta(ctx: MethodContext, forget: Batch) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
-    """Run the PGD adversary at the middle target layer: ``({layer: delta}, metrics)`` with the
-    clean forget NLL (``adversary_start_nll``) and the one at its last step (``adversary_nll``)."""
+@dataclass
+class Attack:
+    """A fitted adversary: the injection for the forget batch it was fitted on and, for the
+    batch-independent ``combined`` adversary, a way to inject it into any other batch."""
+
+    forget: dict[int, torch.Tensor]
+    perturbation: Any = None  # adversary.Perturbation (targeted / combined)
+    metrics: dict[str, float] | None = None
+
+    def for_batch(self, batch: Batch) -> dict[int, torch.Tensor] | None:
+        """The injection for another batch: only the combined adversary applies to any batch."""
+        if self.perturbation is None or self.perturbation.kind != "combined":
+            return None
+        return self.perturbation.inject(batch["input_ids"].shape[1])
+
+
+def fit_attack(ctx: MethodContext, forget: Batch) -> Attack:
+    """Fit the configured adversary (``--adversary``) on the forget batch: it lowers the forget NLL
+    by perturbing the residual stream at ``--adversary-layers``. Metrics: the clean forget NLL
+    (``adversary_start_nll``) and the one before its last update (``adversary_nll``)."""
     cfg = ctx.config
-    layer = cfg.adversary_layer
     model = ctx.plain_model if ctx.plain_model is not None else ctx.model
     ids = forget["input_ids"]
     shape = (ids.shape[0], ids.shape[1], ctx.hidden_size)
+    if cfg.adversary == "pgd":
+        layer = cfg.adversary_layers[0]
+        delta, losses = pgd_perturbation(lambda d: nll(model, ctx.adapter, forget, inject={layer: d}), shape,
+                                         forget["attention_mask"], eps=cfg.lat_eps, steps=cfg.lat_steps,
+                                         norm=cfg.lat_norm, step_size=cfg.lat_step_size, device=ids.device)
+        attack = Attack({layer: delta})
+    else:
+        perturbation, losses = adamw_perturbation(
+            lambda inject: nll(model, ctx.adapter, forget, inject=inject), cfg.adversary, cfg.adversary_layers,
+            shape, forget["attention_mask"], steps=cfg.lat_steps, lr=cfg.adversary_lr, eps=cfg.lat_eps,
+            device=ids.device)
+        attack = Attack(perturbation.inject(ids.shape[1]), perturbation)
+    attack.metrics = {"adversary_start_nll": losses[0], "adversary_nll": losses[-1]} if losses else {}
+    return attack
 
-    def adversary_objective(delta):
-        return nll(model, ctx.adapter, forget, inject={layer: delta})
 
-    delta, losses = pgd_perturbation(adversary_objective, shape, forget["attention_mask"], eps=cfg.lat_eps,
-                                     steps=cfg.lat_steps, norm=cfg.lat_norm, step_size=cfg.lat_step_size,
-                                     device=ids.device)
-    if not losses:
-        return {layer: delta}, {}
-    return {layer: delta}, {"adversary_start_nll": losses[0], "adversary_nll": losses[-1]}
+def adversarial_delta(ctx: MethodContext, forget: Batch) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
+    """``({layer: delta}, metrics)`` of ``fit_attack`` on the forget batch."""
+    attack = fit_attack(ctx, forget)
+    return attack.forget, attack.metrics
 
 
 class LAT(UnlearningMethod):
-    """Adversary lowers forget NLL at the middle target layer; defender ascends on it, descends on retain."""
+    """Latent adversarial training: the adversary lowers forget NLL, then the defender trains.
+
+    ``--lat-defender ascent`` (the original pipeline's): -NLL(forget | adversary) + NLL(retain).
+    ``away`` (targeted LAT, aengusl/latent-adversarial-training ``latent_at/lat_helpers.py``
+    ``do_defense_step`` / ``compute_toward_away_loss``): the bounded away loss -log(1 - p) on the
+    forget text under the adversary plus ``--lat-sft-coef`` x retain NLL without it, normalised
+    by the sum of the coefficients (``normalize_dict``; away 1, sft 4 in the WMDP notebook).
+    """
 
     name = "lat"
 
     def loss(self, forget, retain, step):
-        inject, adversary = adversarial_delta(self.ctx, forget)
-        forget_nll = self._nll(forget, inject)
+        attack = fit_attack(self.ctx, forget)
         retain_nll = self._nll(retain)
+        if self.cfg.lat_defender == "away":
+            logits, _ = forward(self.ctx.model, self.ctx.adapter, forget, inject=attack.forget)
+            away = L.log_one_minus_p_loss(logits, forget["input_ids"], forget["attention_mask"])
+            sft = self.cfg.lat_sft_coef
+            loss = (away + sft * retain_nll) / (1.0 + sft)
+            forget_nll = L.mean_token_nll(logits, forget["input_ids"], forget["attention_mask"])
+            return loss, {"forget_loss": _f(forget_nll), "retain_loss": _f(retain_nll), "away_loss": _f(away),
+                          **attack.metrics}
+        forget_nll = self._nll(forget, attack.forget)
         return -forget_nll + retain_nll, {"forget_loss": _f(forget_nll), "retain_loss": _f(retain_nll),
-                                          **adversary}
+                                          **attack.metrics}
 
 
 class CBLAT(_Representation):
-    """Circuit-breaker loss with forget activations collected under the LAT adversary."""
+    """Circuit-breaker loss with the trained forward passes run under the LAT adversary.
+
+    The adversary sits at ``--adversary-layers`` (default: the embedding output), strictly
+    before the first scored layer, so every block between it and the scored activations learns
+    to resist it; the batch-independent ``combined`` adversary (deep ignorance's) stays on for the
+    retain pass too, as in EleutherAI/unlearn ``unlearn/reference/cas/unlearning.py``
+    ``RRTrainer.compute_loss`` (its hooks are cleared only after the loss).
+    """
 
     name = "cb_lat"
 
     def loss(self, forget, retain, step):
-        inject, adversary = adversarial_delta(self.ctx, forget)
-        loss, metrics = self._representation_loss(forget, retain, step, inject)
-        return loss, {**metrics, **adversary}
+        attack = fit_attack(self.ctx, forget)
+        loss, metrics = self._representation_loss(forget, retain, step, attack.forget, attack.for_batch(retain))
+        return loss, {**metrics, **attack.metrics}
 
 
 @torch.no_grad()

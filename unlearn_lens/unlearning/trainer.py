@@ -315,7 +315,7 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
                                 "n_forget_train": len(data.forget_train), "n_retain_train": len(data.retain_train),
                                 "n_forget_eval": len(data.forget_eval), "n_retain_eval": len(data.retain_eval),
                                 "n_questions": len(data.mcq), "data_hash": data.data_hash,
-                                "adversary_layer": cfg.adversary_layer if cfg.method in ("lat", "cb_lat") else None}
+                                "adversary_layers": cfg.adversary_layers if cfg.method in ("lat", "cb_lat") else None}
     hidden_size = int(model.config.hidden_size)
     reference = None
     if cfg.method in REFERENCE_METHODS and not cfg.lora:

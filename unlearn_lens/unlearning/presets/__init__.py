@@ -1,5 +1,9 @@
-"""Named hyper-parameter presets per method: ``original`` (this tool's defaults) and ``reference``
-(a published configuration, cited in ``Preset.source``).
+"""Named hyper-parameter presets per method: ``default`` (this tool's defaults), ``original`` (what
+``unlearn`` did before presets) and ``reference`` (a published configuration, cited in ``Preset.source``).
+
+``default`` and ``original`` differ only where issue #14 fixed a method itself: cb_lat's adversary
+sits upstream of the scored layers by default, while ``original`` keeps the original pipeline's
+placement on the scored layer (for comparison with runs made before the fix).
 
 ``resolve(method, preset, explicit)`` gives the ``UnlearnConfig`` values of a run: the preset's,
 then the flags the user gave explicitly on top. Layer indices of a preset refer to a 32-layer
@@ -14,7 +18,9 @@ from typing import Any
 
 from unlearn_lens.errors import UserError
 
-DEFAULT_PRESET = "original"
+DEFAULT_PRESET = "default"
+_DEFAULT_SOURCE = ("this tool's defaults (unlearn --help): the original pipeline's settings, with cb_lat's "
+                   "adversary upstream of the scored layers")
 #: depth of the models the published layer choices were made on (Zephyr-7B, Llama-3-8B: 32 layers).
 REFERENCE_DEPTH = 32
 #: flags that exclude each other: a preset's value yields to the user's other one.
@@ -49,7 +55,10 @@ def scale_layers(layers: list[int], n_layers: int, reference_depth: int = REFERE
 def _registry() -> dict[str, dict[str, Preset]]:
     from unlearn_lens.unlearning.presets import adversarial, gradient, representation, weights
 
-    merged: dict[str, dict[str, Preset]] = {}
+    from unlearn_lens.unlearning.config import METHODS
+
+    merged: dict[str, dict[str, Preset]] = {method: {DEFAULT_PRESET: Preset(DEFAULT_PRESET, {}, _DEFAULT_SOURCE)}
+                                            for method in METHODS}
     for module in (gradient, representation, weights, adversarial):
         for method, presets in module.PRESETS.items():
             merged.setdefault(method, {}).update(presets)
