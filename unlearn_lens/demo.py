@@ -30,9 +30,12 @@ DEMO_RELEARN_FLAGS = ("--steps", "4", "--eval-every", "4", "--forget-subset", "8
                       "--lr", "1e-4")
 #: Texts (and questions) each relearning / attack evaluation reads in the demo (at most --max-samples).
 DEMO_EVAL_SAMPLES = {"relearn": 12, "attack": 12}
-#: The demo's attack options: int4 only (the setting Zhang et al. 2024 find recovers knowledge) and
-#: relearning controls of 4 steps of 2 texts at the same LR.
-DEMO_ATTACK_OPTIONS = {"quant_settings": ("int4",), "relearn_steps": 4, "relearn_batch_size": 2, "relearn_lr": 1e-4}
+#: The demo's attack options: int4 only (the setting Zhang et al. 2024 find recovers knowledge),
+#: relearning controls of 4 steps of 2 texts at the same LR, and ablation of the difference-in-means
+#: direction (k = 1) at the layer where it is largest and one more layer, then by weight
+#: orthogonalisation at the first (3 settings instead of the command's up to 12).
+DEMO_ATTACK_OPTIONS = {"quant_settings": ("int4",), "relearn_steps": 4, "relearn_batch_size": 2, "relearn_lr": 1e-4,
+                       "ablate_k": (1,), "ablate_top_layers": 1, "ablate_spread_layers": 1}
 
 def demo_settings(outdir: Path, methods: str, **options) -> PipelineSettings:
     """Pipeline settings of the demo: base SmolLM2, one model per unlearning method, short attack settings."""
