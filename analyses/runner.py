@@ -312,30 +312,28 @@ def _write_covariance(directory: Path, rows: list[dict], selectivity: list[dict]
     _finish(directory, {"rows": len(rows)})
 
 
-def _write_row_space(directory: Path, rows: list[dict], a: str, b: str, top_k: int, seed: int) -> None:
-    atomic_write_csv(_begin(directory) / "row_space_projection.csv", rows, row_space.COLUMNS)
+def _space_panels(rows: list[dict], models: tuple[str, str], space: str, what: str) -> list:
+    """One panel per model: forget / retain / random / chance energy shares of one projection space."""
     panels = []
-    for model in (a, b):
-        chosen = [r for r in rows if r["activations"] == model and r["space"] == "row"]
-        panels.append((f"energy share ({model} MLP inputs)", {
+    for model in models:
+        chosen = [r for r in rows if r["activations"] == model and r["space"] == space]
+        panels.append((f"energy share ({model} {what})", {
             "forget": by(chosen, "mlp_layer", "share_forget"), "retain": by(chosen, "mlp_layer", "share_retain"),
             "random forget": by(chosen, "mlp_layer", "random_share_forget"),
             "random retain": by(chosen, "mlp_layer", "random_share_retain"),
             "chance k/d": by(chosen, "mlp_layer", "chance_share")}, None))
+    return panels
+
+
+def _write_row_space(directory: Path, rows: list[dict], a: str, b: str, top_k: int, seed: int) -> None:
+    atomic_write_csv(_begin(directory) / "row_space_projection.csv", rows, row_space.COLUMNS)
     panel_plot(directory / "row_space_projection.png",
-               f"MLP input energy in dW's top-{top_k} row space: {a} -> {b}", "MLP layer", panels)
+               f"MLP input energy in dW's top-{top_k} row space: {a} -> {b}", "MLP layer",
+               _space_panels(rows, (a, b), "row", "MLP inputs"))
     if any(r["space"] == "column" for r in rows):
-        panels = []
-        for model in (a, b):
-            chosen = [r for r in rows if r["activations"] == model and r["space"] == "column"]
-            panels.append((f"energy share ({model} residual after the block)", {
-                "forget": by(chosen, "mlp_layer", "share_forget"), "retain": by(chosen, "mlp_layer", "share_retain"),
-                "random forget": by(chosen, "mlp_layer", "random_share_forget"),
-                "random retain": by(chosen, "mlp_layer", "random_share_retain"),
-                "chance k/d": by(chosen, "mlp_layer", "chance_share")}, None))
         panel_plot(directory / "column_space_projection.png",
                    f"Residual energy in the top-{top_k} directions dW writes (attention out, MLP down): {a} -> {b}",
-                   "block", panels)
+                   "block", _space_panels(rows, (a, b), "column", "residual after the block"))
     atomic_write_json(directory / "summary.json", {
         "definition": row_space.__doc__.strip(), "top_k": top_k, "seed": seed,
         "mean_selectivity_ratio": {m: _nanmean([r["selectivity_ratio"] for r in rows if r["activations"] == m])

@@ -120,9 +120,10 @@ def test_demo_runs_relearning_and_attacks_with_short_settings(tmp_path):
     assert settings.attack_max_samples == 6  # never more than --max-samples
     assert "--steps" in settings.relearn_flags and settings.relearn_flags[-2:] == ("--max-samples", "6")
     assert settings.attack_options == DEMO_ATTACK_OPTIONS
-    from unlearn_lens.attacks import quantization, relearning
+    from unlearn_lens.attacks import ablation, quantization, relearning
 
-    assert set(DEMO_ATTACK_OPTIONS) <= set(relearning.ATTACK_OPTIONS) | set(quantization.ATTACK_OPTIONS)
+    known = set(relearning.ATTACK_OPTIONS) | set(quantization.ATTACK_OPTIONS) | set(ablation.ATTACK_OPTIONS)
+    assert set(DEMO_ATTACK_OPTIONS) <= known  # every demo option is one an attack declares
 
 
 def test_demo_and_pipeline_flags():
