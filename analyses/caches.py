@@ -6,7 +6,7 @@ import re
 
 import xarray as xr
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 #: Splits analyze reads when a cache has them (forget and retain are required).
 WANTED_SPLITS = ("forget", "retain", "wmdp", "wmdp_cloze")

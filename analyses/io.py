@@ -10,26 +10,15 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from unlearn_lens.core.atomic import atomic_path, atomic_write_text
+
 #: Name of the completion marker written last into a finished output folder.
 COMPLETE_MARKER = "_COMPLETE"
-
-
-def _atomic_target(path: str | Path) -> tuple[Path, int, str]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    return path, fd, tmp
-
-
-def _commit(tmp: str, path: Path) -> None:
-    os.replace(tmp, path)
 
 
 def _plain(value: Any) -> Any:
@@ -47,19 +36,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically (temp file in the same folder, then rename)."""
-    path, fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        _commit(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
@@ -82,18 +58,13 @@ def atomic_write_csv(
     rows = list(rows)
     if columns is None:
         columns = list(rows[0].keys()) if rows else []
-    path, fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(columns)
             for row in rows:
                 writer.writerow([_format_cell(row.get(column, "")) for column in columns])
-        _commit(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def atomic_save_figure(figure: Any, path: str | Path, dpi: int = 120, tight: bool = True) -> Path:
@@ -104,17 +75,12 @@ def atomic_save_figure(figure: Any, path: str | Path, dpi: int = 120, tight: boo
     """
     import matplotlib.pyplot as plt
 
-    path, fd, tmp = _atomic_target(path)
-    os.close(fd)
     try:
-        figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight" if tight else None)
-        _commit(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight" if tight else None)
     finally:
         plt.close(figure)
-    return path
+    return Path(path)
 
 
 def mark_complete(directory: str | Path, info: Mapping[str, Any] | None = None) -> Path:

@@ -36,7 +36,7 @@ from analyses.params_stats import (
     per_layer_columns,
     per_matrix_columns,
 )
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 #: Bumped when an output's contents change meaning, so that older complete folders are recomputed
 #: (2: embedding rows, dW's empirical rank by default, null-space sample among changed matrices,

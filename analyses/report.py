@@ -576,7 +576,7 @@ def write_report(inputs: ReportInputs, path: str | Path | None = None) -> Path:
 
 def discover(root: str | Path) -> ReportInputs:
     """Find the comparisons under ``root`` from its ``<base>__to__<name>`` folders."""
-    from unlearn_lens.errors import UserError
+    from unlearn_lens.core.errors import UserError
 
     root = Path(root)
     pairs = sorted(p.name.split("__to__", 1) for p in root.glob("*__to__*") if p.is_dir())

@@ -33,7 +33,7 @@ from analyses import covariance, logit_lens, norms, probes, row_space, separatio
 from analyses.io import atomic_write_csv, atomic_write_json, clear_complete, mark_complete
 from analyses.plotting import by, panel_plot, spectra_plot
 from analyses.reductions import Moments, difference_norms, projected_energy, token_moments
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 SPLITS = ("forget", "retain")
 LENS_SPLITS = ("wmdp", "wmdp_cloze")

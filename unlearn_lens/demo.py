@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 from unlearn_lens.pipeline import ModelEntry, PipelineSettings, Step, run_command
 
 #: Demo flags per method (SmolLM2-135M, 30 layers, demo data of ~150 forget / ~150 retain lines).

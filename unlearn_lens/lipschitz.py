@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 #: ``forward(inputs_embeds (B,T,d), attention_mask (B,T)) -> (hidden (B,T,h), logits (B,T,V))``
 ForwardFn = Callable[[Any, Any], tuple[Any, Any]]

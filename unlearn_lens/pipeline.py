@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 
 import click
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.atomic import atomic_write_text
+from unlearn_lens.core.errors import UserError
 from unlearn_lens.relearn import default_name
 
 DEFAULT_BASE = ("base", "EleutherAI/deep-ignorance-unfiltered")
@@ -209,10 +210,7 @@ def _marker(settings: PipelineSettings, step_id: str) -> Path:
 
 
 def _write_marker(path: Path, info: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(info, indent=2))
 
 
 #: a hub id: ``name`` or ``owner/name`` (letters, digits, '-', '_', '.'), nothing that reads as a path

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 #: Metrics of one evaluation, in the order of ``eval_results.csv``.
 EVAL_METRICS = ("forget_nll", "retain_nll", "retain_ppl", "letter_accuracy", "cloze_accuracy",
@@ -241,7 +241,7 @@ def relearn_condition(model, tokenizer, texts: Sequence[str], *, steps: int, lr:
 
     torch.manual_seed(seed)
     if lora:
-        from unlearn_lens.naming import family_from_config
+        from unlearn_lens.core.naming import family_from_config
         from unlearn_lens.unlearning.lora import wrap_lora
 
         model = wrap_lora(model, family_from_config(model.config.to_dict()), r=lora_r, alpha=lora_alpha)

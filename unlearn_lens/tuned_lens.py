@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.atomic import atomic_path
+from unlearn_lens.core.errors import UserError
 from unlearn_lens.lipschitz import batched, pad_batch, tokenize_texts
 
 SCORINGS = ("letter", "cloze")
@@ -480,19 +481,10 @@ def check_cache_matches(splits: dict[str, Any], cache: str | None, model, adapte
 
 
 def _write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    import os
-    import tempfile
-
     from safetensors.numpy import save_file
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(arrays, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_translators(path: str | Path) -> dict[str, np.ndarray]:

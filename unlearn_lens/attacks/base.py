@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from analyses.recovery import METRICS
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 #: attack name -> "module:function" (imported lazily).
 ATTACKS: dict[str, str] = {

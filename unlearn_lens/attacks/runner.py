@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from unlearn_lens.attacks.base import (ATTACKS, METRICS, NEEDS_CACHES, AttackContext, AttackSettings,
                                        attack_options, resolve_attack, timed)
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 CSV_NAME = "attacks.csv"
 RESULTS_DIR = "results"

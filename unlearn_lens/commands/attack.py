@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from unlearn_lens.commands.brittleness import _common_options
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 
 def coerce_option(key: str, text: str, default: Any) -> Any:

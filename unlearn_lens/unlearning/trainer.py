@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 from unlearn_lens.unlearning.config import METHODS, REFERENCE_METHODS, UnlearnConfig
 
 COMPLETE_MARKER = "COMPLETE"
