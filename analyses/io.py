@@ -15,10 +15,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from unlearn_lens.core import outputs
 from unlearn_lens.core.atomic import atomic_path, atomic_write_text
-
-#: Name of the completion marker written last into a finished output folder.
-COMPLETE_MARKER = "_COMPLETE"
+from unlearn_lens.core.outputs import COMPLETE_MARKER, clear_complete, is_complete  # noqa: F401  (the one marker scheme)
 
 
 def _plain(value: Any) -> Any:
@@ -85,14 +84,4 @@ def atomic_save_figure(figure: Any, path: str | Path, dpi: int = 120, tight: boo
 
 def mark_complete(directory: str | Path, info: Mapping[str, Any] | None = None) -> Path:
     """Write the completion marker of ``directory`` (call it after every other file is written)."""
-    return atomic_write_json(Path(directory) / COMPLETE_MARKER, dict(info or {}))
-
-
-def is_complete(directory: str | Path) -> bool:
-    """True once ``mark_complete`` has run for ``directory``."""
-    return (Path(directory) / COMPLETE_MARKER).is_file()
-
-
-def clear_complete(directory: str | Path) -> None:
-    """Remove the marker before rewriting a folder, so a crash mid-way leaves it unfinished."""
-    (Path(directory) / COMPLETE_MARKER).unlink(missing_ok=True)
+    return outputs.mark_complete(directory, json.dumps(_plain(dict(info or {})), indent=2, sort_keys=False) + "\n")

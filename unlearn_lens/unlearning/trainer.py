@@ -25,17 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.outputs import RUN_MARKER
 from unlearn_lens.unlearning.config import METHODS, REFERENCE_METHODS, UnlearnConfig
 
-COMPLETE_MARKER = "COMPLETE"
+COMPLETE_MARKER = RUN_MARKER
 LOG_COLUMNS = ["step", "loss", "forget_loss", "retain_loss", "lr", "grad_norm", "eval_forget_nll",
                "eval_retain_nll"]
 
 
 def is_complete(outdir: str | Path) -> bool:
     """True when ``outdir`` holds a finished run (its marker is written last)."""
-    return (Path(outdir) / COMPLETE_MARKER).is_file()
+    return outputs.is_complete(outdir)
 
 
 @dataclass
@@ -487,7 +489,7 @@ def save_run(result: TrainResult) -> Path:
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)
-        (out / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
+        outputs.mark_complete(out, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n", RUN_MARKER)
     accelerator.wait_for_everyone()
     return out
 
