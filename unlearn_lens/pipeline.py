@@ -22,7 +22,7 @@ import click
 from unlearn_lens.core import outputs
 from unlearn_lens.core.atomic import atomic_write_text
 from unlearn_lens.core.errors import UserError
-from unlearn_lens.relearn import default_name
+from unlearn_lens.core.outputs import default_name
 
 DEFAULT_BASE = ("base", "EleutherAI/deep-ignorance-unfiltered")
 DEFAULT_MODELS = (("filtered", "EleutherAI/deep-ignorance-e2e-strong-filter"),

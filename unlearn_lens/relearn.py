@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 
 from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
-from unlearn_lens.core.outputs import check_model_name
+from unlearn_lens.core.outputs import check_model_name, default_name
 
 #: Metrics of one evaluation, in the order of ``eval_results.csv``.
 EVAL_METRICS = ("forget_nll", "retain_nll", "retain_ppl", "letter_accuracy", "cloze_accuracy",
@@ -107,16 +106,6 @@ def eval_steps(steps: int, eval_every: int) -> list[int]:
 
 
 # --- checks -----------------------------------------------------------------------------------
-
-def default_name(spec: str) -> str:
-    """A folder name for a model spec: its last path component (the parent's, for ``.../model``)."""
-    parts = [p for p in str(spec).replace("\\", "/").rstrip("/").split("/") if p]
-    name = parts[-1] if parts else "model"
-    if name == "model" and len(parts) > 1:
-        name = parts[-2]
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", name.removesuffix(".gguf")).lstrip("-_.") or "model"
-    return name
-
 
 def validate_relearn(*, steps: int, lr: float, eval_every: int, batch_size: int, eval_batch_size: int,
                      max_length: int, forget_subset: int, max_samples: int | None) -> None:

@@ -6,8 +6,8 @@ import click
 
 
 def _name_of(spec: str) -> str:
-    """A model's label: the one naming rule of every command (``unlearn_lens.relearn.default_name``)."""
-    from unlearn_lens.relearn import default_name
+    """A model's label: the one naming rule of every command (``unlearn_lens.core.outputs.default_name``)."""
+    from unlearn_lens.core.outputs import default_name
 
     return default_name(spec)
 

@@ -71,6 +71,16 @@ def check_model_name(name: str | None, what: str = "--name", hint: str = "") -> 
     return name
 
 
+def default_name(spec: str) -> str:
+    """The default model name of a spec: its last path component (the parent's, for ``.../model``), made a folder name."""
+    parts = [p for p in str(spec).replace("\\", "/").rstrip("/").split("/") if p]
+    name = parts[-1] if parts else "model"
+    if name == "model" and len(parts) > 1:
+        name = parts[-2]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", name.removesuffix(".gguf")).lstrip("-_.") or "model"
+    return name
+
+
 def comparison_name(base: str, name: str) -> str:
     """``<base>__to__<name>``: the folder of what changed from ``base`` to ``name``."""
     return f"{base}{COMPARISON_SEPARATOR}{name}"
