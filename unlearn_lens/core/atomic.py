@@ -2,12 +2,14 @@
 
 Every writer of the project goes through here (``analyses/io.py`` builds its CSV, JSON and
 figure helpers on it): ``atomic_write_text`` for text, ``atomic_path`` for a library that
-writes a file by name itself (safetensors, ``np.savez``, matplotlib).
+writes a file by name itself (safetensors, ``np.savez``, matplotlib), ``atomic_dir`` for a whole
+directory (a saved model).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,3 +40,20 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         with open(tmp, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
     return Path(path)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty sibling ``<name>.partial`` to fill; on success it replaces the directory ``path``.
+
+    An interrupted write leaves only the ``.partial`` sibling (cleared by the next attempt), never
+    a directory at ``path`` that looks finished.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)

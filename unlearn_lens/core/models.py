@@ -32,7 +32,10 @@ class ModelSource:
 
 
 def looks_like_path(spec: str) -> bool:
-    """True for a spec that can only be a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x.gguf``, ``a\\b`` on Windows)."""
+    """True for a spec that can only be a local path.
+
+    ``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x.gguf``, and ``a\\b`` where the separator is a backslash (Windows).
+    """
     return (
         spec.startswith((".", "/", "~"))
         or spec.endswith(".gguf")

@@ -72,7 +72,10 @@ def check_model_name(name: str | None, what: str = "--name", hint: str = "") -> 
 
 
 def default_name(spec: str) -> str:
-    """The default model name of a spec: its last path component (the parent's, for ``.../model``), made a folder name."""
+    """The default model name of a spec: its last path component (the parent's, for ``.../model``).
+
+    Characters outside the model-name rule become '-' (``check_model_name`` still refuses ``__to__``).
+    """
     parts = [p for p in str(spec).replace("\\", "/").rstrip("/").split("/") if p]
     name = parts[-1] if parts else "model"
     if name == "model" and len(parts) > 1:
