@@ -2,7 +2,8 @@
 
 Subcommands are registered by import path so that ``unlearn-lens analyze`` and ``cache`` never
 import torch (they run on CPU nodes without it) and ``--help`` stays instant. Every
-``UserError`` becomes a one-line message on stderr and exit status 2.
+``UserError`` (a plain exception of the torch-free core) becomes a one-line message on stderr
+and exit status 2.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import click
 
 from unlearn_lens import __version__
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 #: name -> (import path "module:attribute", one-line help shown by ``unlearn-lens --help``)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,6 +39,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class CommandError(click.ClickException):
+    """A ``UserError`` as click shows it: ``error: <message>`` on stderr, exit status 2.
+
+    The core's ``UserError`` is a plain exception (storage and analyses know no CLI framework);
+    ``LazyGroup.invoke`` turns it into this one, so ``cli.main``, click's ``CliRunner`` and the
+    pipeline all print the same line and exit with the same status.
+    """
+
+    exit_code = UserError.exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 #: top-level modules of the ``models`` extra; a command that imports one of them needs that extra
 MODEL_SIDE = frozenset({"torch", "transformers", "nnsight", "peft", "accelerate", "datasets", "torchao"})
 
@@ -56,6 +74,13 @@ class LazyGroup(click.Group):
 
     #: the last subcommand looked up (named in the missing-``models`` message)
     last_command: str | None = None
+
+    def invoke(self, ctx: click.Context):
+        """Run the subcommand; a ``UserError`` (from option parsing too) becomes a ``CommandError``."""
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise CommandError(exc.message) from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
@@ -106,14 +131,17 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:  # UserError included: "error: ..." and exit 2
+    except click.ClickException as exc:  # UserError included (as CommandError): "error: ..." and exit 2
         exc.show()
+        sys.exit(exc.exit_code)
+    except UserError as exc:  # raised outside a subcommand (none today): the same line and status
+        CommandError(exc.message).show()
         sys.exit(exc.exit_code)
     except ImportError as exc:  # a model-side module imported inside a command on a base install
         error = missing_model_side(exc, LazyGroup.last_command)
         if error is None:
             _internal_error(exc)
-        error.show()
+        CommandError(error.message).show()
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted; finished work is kept and the same command resumes", err=True)

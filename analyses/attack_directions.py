@@ -30,7 +30,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from analyses.io import atomic_write_csv
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.atomic import atomic_path
+from unlearn_lens.core.errors import UserError
 
 DIRECTIONS_FILE = "directions.npz"
 DIRECTIONS_CSV = "directions.csv"
@@ -109,7 +110,7 @@ def write_space_projectors(base_spec: str, model_spec: str, num_layers: int, hid
                            model_revision: str | None = None) -> list[np.ndarray]:
     """Per residual layer 0..num_layers, the projector onto the span of the changed writing parameters."""
     from analyses.checkpoints import open_checkpoint
-    from unlearn_lens.naming import classify
+    from unlearn_lens.core.naming import classify
 
     base = open_checkpoint(base_spec, base_revision)
     model = open_checkpoint(model_spec, model_revision)
@@ -171,21 +172,11 @@ def directions_table(directions: Mapping[str, np.ndarray],
 def save_directions(folder: str | Path, directions: Mapping[str, np.ndarray],
                     projectors: list[np.ndarray] | None = None) -> Path:
     """Write ``directions.npz`` (atomically) and ``directions.csv`` into ``folder``; returns the npz path."""
-    import os
-    import tempfile
-
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / DIRECTIONS_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to any other name
         np.savez(tmp, layers=directions["layers"], mean_diff=directions["mean_diff"], pcs=directions["pcs"],
                  pc_variance=directions["pc_variance"], n_tokens=directions["n_tokens"])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     atomic_write_csv(folder / DIRECTIONS_CSV, directions_table(directions, projectors), CSV_COLUMNS)
     return path
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import re
 
 import xarray as xr
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.outputs import check_model_name
 
 #: Splits analyze reads when a cache has them (forget and retain are required).
 WANTED_SPLITS = ("forget", "retain", "wmdp", "wmdp_cloze")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def parse_compare(values: tuple[str, ...] | list[str], base_name: str) -> dict[str, str]:
@@ -20,8 +19,7 @@ def parse_compare(values: tuple[str, ...] | list[str], base_name: str) -> dict[s
         name, sep, url = value.partition("=")
         if not sep or not name or not url:
             raise UserError(f"--compare {value!r}: expected NAME=CACHE")
-        if not _NAME.match(name) or "__" in name:
-            raise UserError(f"--compare {value!r}: NAME may use letters, digits, '.', '_' and '-' (no '__')")
+        check_model_name(name, f"--compare {value!r}: NAME")
         if name == base_name or name in pairs:
             raise UserError(f"--compare {value!r}: the name {name!r} is used twice")
         pairs[name] = url

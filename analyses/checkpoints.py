@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from unlearn_lens.errors import UserError
-from unlearn_lens.naming import classify, family_from_config, orient
+from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.models import resolve_source
+from unlearn_lens.core.naming import classify, family_from_config, orient
 
 #: safetensors dtype codes numpy reads directly (BF16 is decoded by hand; numpy lacks it).
 _SAFETENSORS_NUMPY = {
@@ -304,10 +305,6 @@ class GGUFCheckpoint(Checkpoint):
 # --- opening a spec ---------------------------------------------------------------------------
 
 
-def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
-
-
 def _read_config(directory: Path) -> dict:
     config_file = directory / "config.json"
     if not config_file.is_file():
@@ -339,22 +336,8 @@ def open_checkpoint(spec: str, revision: str | None = None) -> Checkpoint:
     Hub ids download only ``*.json`` and ``*.safetensors`` (at ``revision``). Missing paths,
     directories without safetensors and unknown architectures raise a one-line ``UserError``.
     """
-    if not spec or not str(spec).strip():
-        raise UserError("empty model spec: give a hub id, a local model directory or a .gguf file")
-    spec = str(spec)
-    path = Path(spec).expanduser()
-    if path.exists():
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise UserError(f"{spec}: a model file must be a .gguf file (or give a model directory)")
-            return GGUFCheckpoint(path.resolve())
-        if not (path / "config.json").is_file():
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return GGUFCheckpoint(ggufs[0].resolve())
-        directory = path.resolve()
-        return SafetensorsCheckpoint(directory, _read_config(directory))
-    if _looks_like_path(spec):
-        raise UserError(f"{spec}: no such model file or directory")
-    directory = _download(spec, revision)
+    source = resolve_source(spec)
+    if source.kind == "gguf":
+        return GGUFCheckpoint(source.path)
+    directory = source.path if source.kind == "hf_dir" else _download(source.spec, revision)
     return SafetensorsCheckpoint(directory, _read_config(directory))

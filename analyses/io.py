@@ -10,26 +10,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-#: Name of the completion marker written last into a finished output folder.
-COMPLETE_MARKER = "_COMPLETE"
-
-
-def _atomic_target(path: str | Path) -> tuple[Path, int, str]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    return path, fd, tmp
-
-
-def _commit(tmp: str, path: Path) -> None:
-    os.replace(tmp, path)
+from unlearn_lens.core import outputs
+from unlearn_lens.core.atomic import atomic_path, atomic_write_text
+from unlearn_lens.core.outputs import COMPLETE_MARKER, clear_complete, is_complete  # noqa: F401  (the one marker scheme)
 
 
 def _plain(value: Any) -> Any:
@@ -47,19 +35,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically (temp file in the same folder, then rename)."""
-    path, fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        _commit(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
@@ -82,18 +57,13 @@ def atomic_write_csv(
     rows = list(rows)
     if columns is None:
         columns = list(rows[0].keys()) if rows else []
-    path, fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(columns)
             for row in rows:
                 writer.writerow([_format_cell(row.get(column, "")) for column in columns])
-        _commit(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def atomic_save_figure(figure: Any, path: str | Path, dpi: int = 120, tight: bool = True) -> Path:
@@ -104,29 +74,14 @@ def atomic_save_figure(figure: Any, path: str | Path, dpi: int = 120, tight: boo
     """
     import matplotlib.pyplot as plt
 
-    path, fd, tmp = _atomic_target(path)
-    os.close(fd)
     try:
-        figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight" if tight else None)
-        _commit(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight" if tight else None)
     finally:
         plt.close(figure)
-    return path
+    return Path(path)
 
 
 def mark_complete(directory: str | Path, info: Mapping[str, Any] | None = None) -> Path:
     """Write the completion marker of ``directory`` (call it after every other file is written)."""
-    return atomic_write_json(Path(directory) / COMPLETE_MARKER, dict(info or {}))
-
-
-def is_complete(directory: str | Path) -> bool:
-    """True once ``mark_complete`` has run for ``directory``."""
-    return (Path(directory) / COMPLETE_MARKER).is_file()
-
-
-def clear_complete(directory: str | Path) -> None:
-    """Remove the marker before rewriting a folder, so a crash mid-way leaves it unfinished."""
-    (Path(directory) / COMPLETE_MARKER).unlink(missing_ok=True)
+    return outputs.mark_complete(directory, json.dumps(_plain(dict(info or {})), indent=2, sort_keys=False) + "\n")

@@ -36,7 +36,8 @@ from analyses.params_stats import (
     per_layer_columns,
     per_matrix_columns,
 )
-from unlearn_lens.errors import UserError
+from unlearn_lens.core import outputs
+from unlearn_lens.core.errors import UserError
 
 #: Bumped when an output's contents change meaning, so that older complete folders are recomputed
 #: (2: embedding rows, dW's empirical rank by default, null-space sample among changed matrices,
@@ -44,10 +45,10 @@ from unlearn_lens.errors import UserError
 OUTPUTS_VERSION = 2
 STEPS = ("stats", "mlp_attn", "null_space", "mlp_nullspace")
 FOLDERS = {
-    "stats": ("param_stats", "param_plots"),
-    "mlp_attn": ("mlp_attn_analysis",),
-    "null_space": ("null_space_analysis",),
-    "mlp_nullspace": ("mlp_nullspace",),
+    "stats": (outputs.PARAM_STATS, outputs.PARAM_PLOTS),
+    "mlp_attn": (outputs.MLP_ATTN,),
+    "null_space": (outputs.NULL_SPACE,),
+    "mlp_nullspace": (outputs.MLP_NULLSPACE,),
 }
 
 
@@ -145,13 +146,13 @@ def run_params(
         flips = [row for r in results if r.get("quantization") for row in r["quantization"]]
         _write_stats(outdir, rows, layer_rows, summary, empirical_rank, label, meta, started, flips)
     if "mlp_attn" in todo:
-        _write_mlp_attn(outdir / "mlp_attn_analysis", layer_rows, summary, label, meta)
+        _write_mlp_attn(outdir / outputs.MLP_ATTN, layer_rows, summary, label, meta)
     if "null_space" in todo:
         table = [r["null_space"] for r in results if r["null_space"] is not None]
-        _write_null_space(outdir / "null_space_analysis", table, subspace_k, seed, label, meta, sampling)
+        _write_null_space(outdir / outputs.NULL_SPACE, table, subspace_k, seed, label, meta, sampling)
     if "mlp_nullspace" in todo:
         table = [r["mlp_nullspace"] for r in results if r["mlp_nullspace"] is not None]
-        _write_mlp_nullspace(outdir / "mlp_nullspace", table, rank_rtol, label, meta)
+        _write_mlp_nullspace(outdir / outputs.MLP_NULLSPACE, table, rank_rtol, label, meta)
     return {**summary, "outdir": str(outdir), "steps": todo, "seconds": time.time() - started}
 
 
@@ -176,7 +177,7 @@ def _run_jobs(jobs, ckpt_a, ckpt_b, workers, need_stats, empirical_rank, sampled
 def _write_stats(outdir, rows, layer_rows, summary, empirical_rank, label, meta, started, flips) -> None:
     from analyses.params_plots import plot_param_stats
 
-    stats_dir, plots_dir = outdir / "param_stats", outdir / "param_plots"
+    stats_dir, plots_dir = outdir / outputs.PARAM_STATS, outdir / outputs.PARAM_PLOTS
     atomic_write_csv(stats_dir / "per_matrix.csv", rows, per_matrix_columns(empirical_rank))
     atomic_write_csv(stats_dir / "per_layer.csv", layer_rows, per_layer_columns(empirical_rank))
     atomic_write_csv(stats_dir / "quantization_flips.csv", flips, FLIP_COLUMNS)

@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from analyses.checkpoints import Checkpoint, open_checkpoint
-from unlearn_lens.errors import UserError
-from unlearn_lens.naming import classify, is_embedding_weight, is_linear_weight, is_transposed
+from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.naming import classify, is_embedding_weight, is_linear_weight, is_transposed
 
 #: Group of the weights outside the blocks (embeddings, untied unembedding); layer -1.
 EMBED_GROUP = "embed"

@@ -17,7 +17,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 COLUMNS = ["layer", "accuracy", "accuracy_std", "majority_baseline", "selectivity", "auc", "n_forget",
            "n_retain", "n_folds"]

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from analyses.io import atomic_write_text
+from unlearn_lens.core import outputs
 
-COMPARISON_FOLDERS = ("param_stats", "param_plots", "mlp_attn_analysis", "null_space_analysis", "mlp_nullspace",
-                      "activation_stats", "activation_plots", "activation_separation", "activation_covariance",
-                      "row_space_projection", "lipschitzness")
-MODEL_FOLDERS = ("linear_probes", "wmdp_logit_lens", "wmdp_tuned_lens", "evaluation", "relearning", "attacks")
+COMPARISON_FOLDERS = outputs.COMPARISON_FOLDERS
+MODEL_FOLDERS = outputs.MODEL_FOLDERS
 
 
 @dataclass
@@ -34,10 +33,10 @@ class ReportInputs:
     steps: dict[str, str] = field(default_factory=dict)  # pipeline step -> status
 
     def comparison_dir(self, name: str) -> Path:
-        return self.root / f"{self.base}__to__{name}"
+        return outputs.comparison_dir(self.root, self.base, name)
 
     def model_dir(self, name: str) -> Path:
-        return self.root / name
+        return outputs.model_dir(self.root, name)
 
 
 # --- small readers ---------------------------------------------------------------------------
@@ -98,7 +97,7 @@ Extractor = Callable[[ReportInputs, str], str]
 
 
 def _matrix_rows(inputs: ReportInputs, name: str) -> list[dict]:
-    return read_rows(inputs.comparison_dir(name) / "param_stats" / "per_matrix.csv")
+    return read_rows(inputs.comparison_dir(name) / outputs.PARAM_STATS / "per_matrix.csv")
 
 
 def relative_update(inputs: ReportInputs, name: str) -> str:
@@ -121,7 +120,7 @@ def mlp_energy_share(inputs: ReportInputs, name: str) -> str:
 
 
 def top_layers(inputs: ReportInputs, name: str) -> str:
-    rows = read_rows(inputs.comparison_dir(name) / "param_stats" / "per_layer.csv")
+    rows = read_rows(inputs.comparison_dir(name) / outputs.PARAM_STATS / "per_layer.csv")
     energy: dict[int, float] = {}
     for row in rows:
         try:
@@ -149,12 +148,12 @@ def _column_stat(folder: str, filename: str, column: str, stat=_median, where=_c
 
 
 def grassmann(inputs: ReportInputs, name: str) -> str:
-    rows = read_rows(inputs.comparison_dir(name) / "null_space_analysis" / "null_space_results.csv")
+    rows = read_rows(inputs.comparison_dir(name) / outputs.NULL_SPACE / "null_space_results.csv")
     return fmt(_mean(_floats(rows, "left_grassmann_distance", _changed) + _floats(rows, "right_grassmann_distance", _changed)))
 
 
 def dh_forget_over_retain(inputs: ReportInputs, name: str) -> str:
-    rows = read_rows(inputs.comparison_dir(name) / "activation_stats" / "activation_stats.csv")
+    rows = read_rows(inputs.comparison_dir(name) / outputs.ACTIVATION_STATS / "activation_stats.csv")
     forget = _mean(_floats(rows, "mean_dh_L2", lambda r: r.get("split") == "forget"))
     retain = _mean(_floats(rows, "mean_dh_L2", lambda r: r.get("split") == "retain"))
     if forget is None or retain is None:
@@ -166,12 +165,12 @@ def row_space_selectivity(inputs: ReportInputs, name: str) -> str:
     """Mean forget/retain energy ratio over every row of ``row_space_projection.csv`` with a finite one:
     the row space of the matrices that read the stream (MLP inputs) and the column space of those
     that write into it (residual after the block), so an update of down-projections only gets a value."""
-    summary = read_json(inputs.comparison_dir(name) / "row_space_projection" / "summary.json")
+    summary = read_json(inputs.comparison_dir(name) / outputs.ROW_SPACE / "summary.json")
     return fmt((summary.get("mean_selectivity_ratio") or {}).get(inputs.base))
 
 
 def separation_auc_change(inputs: ReportInputs, name: str) -> str:
-    rows = read_rows(inputs.comparison_dir(name) / "activation_separation" / "separation_metrics.csv")
+    rows = read_rows(inputs.comparison_dir(name) / outputs.SEPARATION / "separation_metrics.csv")
     base = _mean(_floats(rows, "auc", lambda r: r.get("model") == inputs.base))
     modified = _mean(_floats(rows, "auc", lambda r: r.get("model") == name))
     return fmt(modified - base) if base is not None and modified is not None else fmt(None)
@@ -179,7 +178,7 @@ def separation_auc_change(inputs: ReportInputs, name: str) -> str:
 
 def lipschitz_ratio(split: str) -> Extractor:
     def extract(inputs: ReportInputs, name: str) -> str:
-        rows = read_rows(inputs.comparison_dir(name) / "lipschitzness" / "lipschitz_results.csv")
+        rows = read_rows(inputs.comparison_dir(name) / outputs.LIPSCHITZ / "lipschitz_results.csv")
         eps = _floats(rows, "eps")
         if not eps:
             return fmt(None)
@@ -201,7 +200,7 @@ def _before_after(base_value: float | None, value: float | None) -> str:
 
 def probe_selectivity(inputs: ReportInputs, name: str) -> str:
     def best(model):
-        return read_json(inputs.model_dir(model) / "linear_probes" / "summary.json").get("best_selectivity")
+        return read_json(inputs.model_dir(model) / outputs.PROBES / "summary.json").get("best_selectivity")
     return _before_after(best(inputs.base), best(name))
 
 
@@ -228,7 +227,7 @@ def lens_final(folder: str, scoring: str = "cloze") -> Extractor:
 
 def evaluation_for(inputs: ReportInputs, name: str) -> dict:
     """Before/after evaluation of an unlearning run made by this tool, if there is one."""
-    for path in (inputs.root / "unlearning" / name / "eval.json", inputs.model_dir(name) / "evaluation" / "eval.json"):
+    for path in (inputs.root / outputs.UNLEARNING / name / "eval.json", inputs.model_dir(name) / outputs.EVALUATION / "eval.json"):
         data = read_json(path)
         if data:
             return data
@@ -248,26 +247,26 @@ SIGNATURE: list[tuple[str, str, Extractor]] = [
     ("Magnitude", "largest relative spectral norm σ1(ΔW)/σ1(W)", max_spectral_rel),
     ("Location", "MLP share of update energy (rest: attention)", mlp_energy_share),
     ("Location", "layers with the largest change", top_layers),
-    ("Geometry", "median stable rank of ΔW (changed matrices)", _column_stat("param_stats", "per_matrix.csv", "dW_stable_rank")),
+    ("Geometry", "median stable rank of ΔW (changed matrices)", _column_stat(outputs.PARAM_STATS, "per_matrix.csv", "dW_stable_rank")),
     ("Geometry", "median empirical rank of ΔW (99% energy, changed matrices)",
-     _column_stat("param_stats", "per_matrix.csv", "dW_empirical_rank")),
+     _column_stat(outputs.PARAM_STATS, "per_matrix.csv", "dW_empirical_rank")),
     ("Geometry", "top-10 singular values' share of ΔW energy (sampled, changed)",
-     _column_stat("null_space_analysis", "null_space_results.csv", "top10_energy_share", _mean)),
+     _column_stat(outputs.NULL_SPACE, "null_space_results.csv", "top10_energy_share", _mean)),
     ("Geometry", "null-space share of MLP updates (output side, changed)",
-     _column_stat("mlp_nullspace", "mlp_nullspace.csv", "col_null_share", _mean)),
+     _column_stat(outputs.MLP_NULLSPACE, "mlp_nullspace.csv", "col_null_share", _mean)),
     ("Geometry", "Grassmann distance of top-k singular subspaces (mean, changed)", grassmann),
     ("Activation change", "mean ‖Δh‖2 forget / retain", dh_forget_over_retain),
     ("Selectivity", "covariance Wasserstein selectivity W(forget)/W(retain)",
-     _column_stat("activation_covariance", "covariance_selectivity.csv", "selectivity_ratio", _median,
+     _column_stat(outputs.COVARIANCE, "covariance_selectivity.csv", "selectivity_ratio", _median,
                    lambda r: True)),
     ("Selectivity", "row/column-space selectivity (forget/retain energy where ΔW reads or writes)", row_space_selectivity),
     ("Selectivity", "forget/retain separation AUC, modified − base", separation_auc_change),
     ("Stability", "local Lipschitz (logits) modified/base, forget", lipschitz_ratio("forget")),
     ("Stability", "local Lipschitz (logits) modified/base, retain", lipschitz_ratio("retain")),
     ("Knowledge depth", "best probe selectivity, base → modified", probe_selectivity),
-    ("Knowledge depth", "logit lens cloze accuracy, best layer", lens_best("wmdp_logit_lens")),
-    ("Knowledge depth", "logit lens cloze accuracy, final layer", lens_final("wmdp_logit_lens")),
-    ("Knowledge depth", "tuned lens cloze accuracy, best layer", lens_best("wmdp_tuned_lens")),
+    ("Knowledge depth", "logit lens cloze accuracy, best layer", lens_best(outputs.LOGIT_LENS)),
+    ("Knowledge depth", "logit lens cloze accuracy, final layer", lens_final(outputs.LOGIT_LENS)),
+    ("Knowledge depth", "tuned lens cloze accuracy, best layer", lens_best(outputs.TUNED_LENS)),
     ("Behaviour", "forget NLL before → after unlearning", behaviour("forget_nll")),
     ("Behaviour", "retain NLL before → after unlearning", behaviour("retain_nll")),
     ("Behaviour", "WMDP cloze accuracy before → after", behaviour("cloze_accuracy")),
@@ -296,7 +295,7 @@ NEEDS_THREE = "needs >= 3 comparisons"
 
 
 def relearning_summary(inputs: ReportInputs, name: str) -> dict:
-    return read_json(inputs.model_dir(name) / "relearning" / "summary.json")
+    return read_json(inputs.model_dir(name) / outputs.RELEARNING / "summary.json")
 
 
 def _signature_number(text: str) -> float | None:
@@ -434,7 +433,7 @@ RECOVERABILITY_METRICS = (("cloze_accuracy", "cloze accuracy"), ("forget_nll", "
 
 
 def attack_rows(inputs: ReportInputs, name: str) -> list[dict[str, str]]:
-    return read_rows(inputs.model_dir(name) / "attacks" / "attacks.csv")
+    return read_rows(inputs.model_dir(name) / outputs.ATTACKS / "attacks.csv")
 
 
 def best_recovery(rows: Sequence[dict], attack: str, metric: str) -> tuple[float | None, str]:
@@ -569,17 +568,18 @@ def render_report(inputs: ReportInputs) -> str:
 
 def write_report(inputs: ReportInputs, path: str | Path | None = None) -> Path:
     """Write ``report.html`` (default ``inputs.root/report.html``) atomically; returns its path."""
-    target = Path(path) if path else inputs.root / "report.html"
+    target = Path(path) if path else inputs.root / outputs.REPORT
     atomic_write_text(target, render_report(inputs))
     return target
 
 
 def discover(root: str | Path) -> ReportInputs:
     """Find the comparisons under ``root`` from its ``<base>__to__<name>`` folders."""
-    from unlearn_lens.errors import UserError
+    from unlearn_lens.core.errors import UserError
 
     root = Path(root)
-    pairs = sorted(p.name.split("__to__", 1) for p in root.glob("*__to__*") if p.is_dir())
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    pairs = [pair for pair in map(outputs.parse_comparison_name, folders) if pair is not None]
     bases = {base for base, _ in pairs}
     if not pairs:
         raise UserError(f"{root}: no <base>__to__<name> folders to report on")

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from unlearn_lens.errors import UserError
-from unlearn_lens.naming import MLP_INPUT_ROLES, STREAM_WRITE_ROLES, classify
+from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.naming import MLP_INPUT_ROLES, STREAM_WRITE_ROLES, classify
 
 COLUMNS = ["mlp_layer", "activations", "k", "hidden", "dW_rank", "share_forget", "share_retain",
            "selectivity_ratio", "random_share_forget", "random_share_retain", "random_selectivity_ratio",

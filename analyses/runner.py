@@ -33,7 +33,9 @@ from analyses import covariance, logit_lens, norms, probes, row_space, separatio
 from analyses.io import atomic_write_csv, atomic_write_json, clear_complete, mark_complete
 from analyses.plotting import by, panel_plot, spectra_plot
 from analyses.reductions import Moments, difference_norms, projected_energy, token_moments
-from unlearn_lens.errors import UserError
+from unlearn_lens.core import outputs
+from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.outputs import comparison_name
 
 SPLITS = ("forget", "retain")
 LENS_SPLITS = ("wmdp", "wmdp_cloze")
@@ -52,10 +54,6 @@ class AnalyzeOptions:
     top_k: int = 16
     seed: int = 0
     progress: bool = True
-
-
-def comparison_name(base: str, name: str) -> str:
-    return f"{base}__to__{name}"
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -517,15 +515,15 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
         folder = outdir / comparison_name(base, name)
         norm_rows = [row for split in SPLITS for row in norms.norm_rows(
             split, moments[split][base], moments[split][name], difference[split][name])]
-        _write_norms(folder / "activation_stats", folder / "activation_plots", norm_rows, base, name)
+        _write_norms(folder / outputs.ACTIVATION_STATS, folder / outputs.ACTIVATION_PLOTS, norm_rows, base, name)
         separation_rows = (separation.separation_rows(base, "a", moments["forget"][base], moments["retain"][base],
                                                       aucs[base])
                            + separation.separation_rows(name, "b", moments["forget"][name],
                                                         moments["retain"][name], aucs[name]))
-        _write_separation(folder / "activation_separation", separation_rows, base, name)
+        _write_separation(folder / outputs.SEPARATION, separation_rows, base, name)
         per_split = {split: covariance.covariance_rows(split, spectra[split][base], spectra[split][name])
                      for split in SPLITS}
-        _write_covariance(folder / "activation_covariance", per_split["forget"] + per_split["retain"],
+        _write_covariance(folder / outputs.COVARIANCE, per_split["forget"] + per_split["retain"],
                           covariance.selectivity_rows(per_split["forget"], per_split["retain"]),
                           {(split, model): spectra[split][model] for split in SPLITS for model in (base, name)},
                           base, name)
@@ -540,7 +538,7 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
                 got = column_shares[name][model]
                 rows.append(row_space.row_space_row(layer, model, basis, rank, got["forget"][layer + 1],
                                                     got["retain"][layer + 1], matrices, space="column"))
-        _write_row_space(folder / "row_space_projection", rows, base, name, options.top_k, options.seed)
+        _write_row_space(folder / outputs.ROW_SPACE, rows, base, name, options.top_k, options.seed)
         written["comparisons"][name] = str(folder)
     stages.done("separation AUCs and comparison outputs")
 
@@ -548,8 +546,8 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
         folder = outdir / model
         rows = probes.probe_rows(last["forget"][model], last["retain"][model], options.C, options.max_iter,
                                  options.seed, map_layers=map_processes)
-        _write_probes(folder / "linear_probes", rows, model, options)
-        written["models"][model] = {"linear_probes": str(folder / "linear_probes")}
+        _write_probes(folder / outputs.PROBES, rows, model, options)
+        written["models"][model] = {outputs.PROBES: str(folder / outputs.PROBES)}
         stages.done("linear probes")
 
     lens_models = [model for model in caches if all(split in caches[model] for split in LENS_SPLITS)]
@@ -559,8 +557,8 @@ def run_analysis(caches: Caches, base: str, outdir: str | Path, options: Analyze
         loaded = compute({model: inputs[model]["lazy"] for model in lens_models}, "wmdp splits", options.progress)
         for model in lens_models:
             rows, summary = lens_results(inputs[model], loaded[model], opened[model].unembedding(), options.progress)
-            _write_lens(outdir / model / "wmdp_logit_lens", rows, summary, model)
-            written["models"][model]["wmdp_logit_lens"] = str(outdir / model / "wmdp_logit_lens")
+            _write_lens(outputs.model_dir(outdir, model) / outputs.LOGIT_LENS, rows, summary, model)
+            written["models"][model][outputs.LOGIT_LENS] = str(outputs.model_dir(outdir, model) / outputs.LOGIT_LENS)
     else:
         written["skipped"] = "no wmdp/wmdp_cloze splits in the caches: the logit lens was not run"
     stages.done("logit lens")

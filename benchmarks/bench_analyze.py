@@ -37,7 +37,7 @@ def prepare(workdir: Path, n_texts: int, n_questions: int) -> tuple[Path, Path, 
     from safetensors.numpy import load_file, save_file
 
     from unlearn_lens.loading import materialise_demo_model
-    from unlearn_lens.naming import MLP_INPUT_ROLES, classify
+    from unlearn_lens.core.naming import MLP_INPUT_ROLES, classify
 
     base = materialise_demo_model(workdir / "smollm2")
     modified = workdir / "smollm2-modified"

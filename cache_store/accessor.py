@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 from cache_store.tokenizer_id import directory_fingerprints, load_tokenizer_file, tokenizer_file
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 
 @xr.register_dataset_accessor("ulens")

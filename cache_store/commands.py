@@ -6,7 +6,7 @@ import json
 
 import click
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 
 def _size(n: float) -> str:

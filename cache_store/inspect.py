@@ -8,7 +8,7 @@ import numpy as np
 
 from cache_store import store as stores
 from cache_store.layout import SplitLayout
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 TOKEN_ACTIVATIONS = ("resid", "mlp_in")
 

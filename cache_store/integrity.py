@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from cache_store import store as stores
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 #: Arrays filled block by block by the forward passes; all others are static (written at creation).
 DYNAMIC_ARRAYS = ("resid", "mlp_in", "last", "final_letter_logits", "final_cloze_logprob")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 #: Target size of one (token chunk x hidden) chunk of activations, uncompressed.
 TARGET_CHUNK_BYTES = 4 * 2**20

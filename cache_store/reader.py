@@ -9,7 +9,7 @@ import numpy as np
 
 from cache_store import store as stores
 from cache_store.layout import SplitLayout
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 #: Variables that describe the data, identical across models of one comparison (never stacked).
 SHARED_VARIABLES = ("input_ids", "attention_mask", "token_sample", "token_position", "sample_offset",

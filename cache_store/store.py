@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 
 def local_path(url: str) -> Path | None:

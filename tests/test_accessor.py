@@ -16,7 +16,7 @@ import cache_store
 from cache_store import open_cache, open_caches
 from test_analyze_runner import blocked_env
 from test_cache_store import HIDDEN, LAYERS, LENGTHS, write_synthetic
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 
 def test_sample_slices_every_token_variable(tmp_path):

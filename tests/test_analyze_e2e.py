@@ -42,7 +42,7 @@ def plant_mlp_change(source: Path, target: Path, family: str, block: int) -> Pat
     space (input side) is the same 2-D subspace for every matrix: the stacked update has rank 2."""
     from safetensors.numpy import load_file, save_file
 
-    from unlearn_lens.naming import MLP_INPUT_ROLES, classify
+    from unlearn_lens.core.naming import MLP_INPUT_ROLES, classify
 
     shutil.copytree(source, target)
     tensors = load_file(str(target / "model.safetensors"))

@@ -182,7 +182,7 @@ def test_probe_equals_sklearn_cross_validation():
 
 
 def test_probe_refuses_too_few_samples():
-    from unlearn_lens.errors import UserError
+    from unlearn_lens.core.errors import UserError
 
     with pytest.raises(UserError, match="at least 2"):
         probes.probe_layer(np.zeros((1, 3)), np.zeros((5, 3)))
@@ -227,7 +227,7 @@ def test_planted_row_space_alignment(tmp_path):
 
 
 def test_shape_mismatch_refused(tmp_path):
-    from unlearn_lens.errors import UserError
+    from unlearn_lens.core.errors import UserError
 
     a = open_checkpoint(write_checkpoint(tmp_path / "a", llama_tensors(2, 8, 16, 20)))
     b = open_checkpoint(write_checkpoint(tmp_path / "b", llama_tensors(2, 8, 24, 20)))

@@ -19,7 +19,7 @@ import pytest
 
 from analyses.runner import AnalyzeOptions, run_analysis
 from analyses.testing import llama_tensors, make_cache, make_wmdp_pair, random_lengths, write_checkpoint
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 LAYERS, HIDDEN, FF, VOCAB = 3, 8, 16, 40
 OPTIONS = AnalyzeOptions(progress=False, top_k=4)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from unlearn_lens.architectures import ArchitectureAdapter, load_arch_spec
-from unlearn_lens.errors import UserError
-from unlearn_lens.naming import LINEAR_ROLES, classify, is_linear_weight, orient
+from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.naming import LINEAR_ROLES, classify, is_linear_weight, orient
 from unlearn_lens.testing import make_tiny_model
 
 EXPECTED_ROLES = {

@@ -165,7 +165,7 @@ def test_write_space_of_a_rank_one_change(tmp_path, family, name):
 
 def test_mismatched_caches_are_refused(planted, tmp_path):
     from analyses.attack_directions import compute_and_save
-    from unlearn_lens.errors import UserError
+    from unlearn_lens.core.errors import UserError
 
     other = capture_forget(planted["base"], planted["data"], tmp_path / "short.zarr", max_length=8)
     with pytest.raises(UserError) as info:

@@ -13,7 +13,7 @@ from unlearn_lens.attacks import quantization as Q
 from unlearn_lens.attacks import relearning as R
 from unlearn_lens.attacks.base import METRICS, AttackContext, AttackResult, AttackSettings
 from unlearn_lens.data import MCQItem, read_mcq
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 pytest.importorskip("torchao")
 

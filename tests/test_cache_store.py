@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cache_store import CacheWriter, Dynamic, SplitLayout, is_complete, list_splits, open_cache, open_caches
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 LAYERS, HIDDEN = 3, 8
 

@@ -226,7 +226,7 @@ def test_float16_overflow_is_a_user_error(tmp_path, data_dir):
     import torch
 
     from unlearn_lens.capture import capture
-    from unlearn_lens.errors import UserError
+    from unlearn_lens.core.errors import UserError
     from unlearn_lens.testing import make_tiny_model
 
     model, tokenizer = make_tiny_model("gpt2")
@@ -242,7 +242,7 @@ def test_float16_overflow_is_a_user_error(tmp_path, data_dir):
 def test_other_provenance_refused_without_overwrite(tmp_path, data_dir):
     import cache_store
     from unlearn_lens.capture import capture
-    from unlearn_lens.errors import UserError
+    from unlearn_lens.core.errors import UserError
     from unlearn_lens.testing import save_tiny_model
 
     first, second = save_tiny_model("gpt2", tmp_path / "a", seed=0), save_tiny_model("gpt2", tmp_path / "b", seed=1)
@@ -300,7 +300,7 @@ def reference_cache(tmp_path_factory, llama_dir, data_dir) -> Path:
 def test_sigkill_then_resume_is_byte_identical(tmp_path, llama_dir, data_dir, reference_cache):
     import cache_store
     from unlearn_lens.capture import KILL_ENV
-    from unlearn_lens.errors import UserError
+    from unlearn_lens.core.errors import UserError
 
     out = tmp_path / "c.zarr"
     code, _, _ = run_cli(capture_args(llama_dir, data_dir, out), {KILL_ENV: "3"})  # mid-block 2 of forget
@@ -366,7 +366,7 @@ def test_store_check_tells_overflow_from_nan():
     import torch
 
     from unlearn_lens.capture import BatchRunner
-    from unlearn_lens.errors import UserError
+    from unlearn_lens.core.errors import UserError
 
     runner = BatchRunner.__new__(BatchRunner)
     runner.store_dtype = "float16"

@@ -18,7 +18,7 @@ from analyses.checkpoints import (
     read_safetensors_header,
     unpermute_rows,
 )
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 LLAMA_CONFIG = {"model_type": "llama", "hidden_size": 4, "num_hidden_layers": 1, "tie_word_embeddings": False}
 
@@ -120,7 +120,7 @@ def test_tiny_models_match_hf(tiny_model_dir, family):
     import torch  # noqa: F401  (tests may use torch; analyses/ may not)
     from transformers import AutoModelForCausalLM
 
-    from unlearn_lens.naming import is_linear_weight
+    from unlearn_lens.core.naming import is_linear_weight
 
     ckpt = open_checkpoint(str(tiny_model_dir))
     assert ckpt.family == family

@@ -10,7 +10,7 @@ import pytest
 
 from unlearn_lens.data import (MCQItem, create_datasets, is_wikitext_body, read_manifest, read_mcq,
                                read_texts, split_heldout, warn_if_contaminated)
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 QUESTIONS = [
     {"question": f"Which structure number {i} stores the genetic material of a eukaryotic cell?",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from test_analyze_e2e import write_data
-from unlearn_lens.relearn import default_name
+from unlearn_lens.core.outputs import default_name
 
 
 def without_manifest(path: Path) -> Path:

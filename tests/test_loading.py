@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 from unlearn_lens.loading import load_model, resolve_source
 
 

@@ -21,7 +21,7 @@ from analyses.params_stats import (
     per_layer_columns,
     per_matrix_columns,
 )
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 FAST = dict(steps=("stats",), num_matrices=0)
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearn_lens.architectures import ArchitectureAdapter
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 from unlearn_lens.testing import make_tiny_model
 from unlearn_lens.unlearning.config import UnlearnConfig
 from unlearn_lens.unlearning.methods import MethodContext, Reference, build_method, fit_attack, forward

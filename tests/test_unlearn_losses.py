@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 from unlearn_lens.unlearning import losses as L
 from unlearn_lens.unlearning.adversary import pgd_perturbation, project
 from unlearn_lens.unlearning.config import UnlearnConfig

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from cli import group
 from conftest import UNLEARN_FORGET, UNLEARN_RETAIN, write_unlearn_data
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 from unlearn_lens.unlearning import presets
 from unlearn_lens.unlearning.config import UnlearnConfig
 from unlearn_lens.testing import make_tiny_model, save_tiny_model

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from unlearn_lens.errors import UserError
-from unlearn_lens.naming import MODEL_TYPES, ParamInfo, classify, family_for_model_type
+from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.naming import MODEL_TYPES, ParamInfo, classify, family_for_model_type
 
 
 @dataclass(frozen=True)

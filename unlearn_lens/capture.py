@@ -20,7 +20,7 @@ import numpy as np
 from cache_store import CacheWriter, Dynamic, SplitLayout, SplitWriter, choose_token_chunk
 from cache_store.writer import content_fingerprint
 from unlearn_lens.capture_inputs import SplitInputs, build_inputs
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 STORE_DTYPES = ("float16", "float32")
 DEFAULT_BLOCK_SAMPLES = 32

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from unlearn_lens import data as datasets
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 from unlearn_lens.prompts import cloze_context, cloze_continuations, encode_prompt, letter_prompt
 
 #: Splits the capture command accepts; ``wmdp`` brings ``wmdp_cloze`` with it.

@@ -7,7 +7,7 @@ from importlib import metadata
 from typing import Any
 
 from cache_store.tokenizer_id import tokenizer_fingerprint
-from unlearn_lens.loading import resolve_source
+from unlearn_lens.core.models import resolve_source
 
 _PACKAGES = ("unlearn-lens", "torch", "transformers", "nnsight", "zarr", "numpy", "xarray")
 

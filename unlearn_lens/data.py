@@ -13,12 +13,12 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.atomic import atomic_write_text
+from unlearn_lens.core.errors import UserError
 
 SPLITS = ("forget", "retain", "wmdp")
 FILES = {"forget": "forget.txt", "retain": "retain.txt", "wmdp": "wmdp_mcq.jsonl"}
@@ -265,15 +265,11 @@ def create_datasets(
         raise UserError(f"empty split: forget={len(forget)} retain={len(retain)} evaluation={len(evaluation)}")
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / MANIFEST).unlink(missing_ok=True)  # incomplete until the manifest is rewritten
-    with tempfile.TemporaryDirectory(dir=outdir, prefix=".partial-") as tmp:
-        tmp_path = Path(tmp)
-        (tmp_path / FILES["forget"]).write_text("\n".join(forget) + "\n", encoding="utf-8")
-        (tmp_path / FILES["retain"]).write_text("\n".join(retain) + "\n", encoding="utf-8")
-        (tmp_path / FILES["wmdp"]).write_text(
-            "".join(json.dumps({"id": it.id, "question": it.question, "choices": list(it.choices),
-                                "answer": it.answer}) + "\n" for it in evaluation), encoding="utf-8")
-        for name in FILES.values():
-            os.replace(tmp_path / name, outdir / name)
+    atomic_write_text(outdir / FILES["forget"], "\n".join(forget) + "\n")
+    atomic_write_text(outdir / FILES["retain"], "\n".join(retain) + "\n")
+    atomic_write_text(outdir / FILES["wmdp"], "".join(
+        json.dumps({"id": it.id, "question": it.question, "choices": list(it.choices), "answer": it.answer}) + "\n"
+        for it in evaluation))
     files = {name: _sha256(outdir / name) for name in FILES.values()}
     manifest = {
         "format": 1,
@@ -287,7 +283,5 @@ def create_datasets(
                           "seed": seed, "method": "sha256(seed:question) < eval_fraction",
                           "eval_ids": [it.id for it in evaluation], "train_ids": [it.id for it in training]},
     }
-    tmp_manifest = outdir / (MANIFEST + ".tmp")
-    tmp_manifest.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    os.replace(tmp_manifest, outdir / MANIFEST)
+    atomic_write_text(outdir / MANIFEST, json.dumps(manifest, indent=2))
     return manifest

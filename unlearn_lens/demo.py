@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core import outputs
+from unlearn_lens.core.errors import UserError
 from unlearn_lens.pipeline import ModelEntry, PipelineSettings, Step, run_command
 
 #: Demo flags per method (SmolLM2-135M, 30 layers, demo data of ~150 forget / ~150 retain lines).
@@ -43,12 +44,12 @@ def demo_settings(outdir: Path, methods: str, **options) -> PipelineSettings:
     if not names:
         raise UserError("--methods: name at least one unlearning method")
     base = ModelEntry("smollm2", str(outdir / "models" / "smollm2"))
-    models = [ModelEntry(name, str(outdir / "unlearning" / name / "model")) for name in names]
+    models = [ModelEntry(name, str(outdir / outputs.UNLEARNING / name / "model")) for name in names]
     samples = options.get("max_samples", PipelineSettings.max_samples)
     options = {"relearn_flags": (*DEMO_RELEARN_FLAGS, "--max-samples", str(min(DEMO_EVAL_SAMPLES["relearn"], samples))),
                "attack_max_samples": min(DEMO_EVAL_SAMPLES["attack"], samples),
                "attack_options": dict(DEMO_ATTACK_OPTIONS), **options}
-    return PipelineSettings(outdir=outdir, base=base, models=models, data=outdir / "data", **options)
+    return PipelineSettings(outdir=outdir, base=base, models=models, data=outdir / outputs.DATA, **options)
 
 
 def demo_steps(settings: PipelineSettings, unlearn_steps: int | None = None, preset: str = "original") -> list[Step]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from unlearn_lens.core.atomic import atomic_write_text
 
 DEEP_IGNORANCE_MODELS = {
     "unfiltered": "EleutherAI/deep-ignorance-unfiltered",
@@ -60,7 +61,4 @@ def write_sweep_csv(path: Path, rows: list[dict[str, str]]) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_suffix(".csv.tmp")
-    tmp.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, buffer.getvalue())

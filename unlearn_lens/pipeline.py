@@ -19,14 +19,15 @@ from typing import Callable, Sequence
 
 import click
 
-from unlearn_lens.errors import UserError
-from unlearn_lens.relearn import default_name
+from unlearn_lens.core import outputs
+from unlearn_lens.core.atomic import atomic_write_text
+from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.outputs import default_name
 
 DEFAULT_BASE = ("base", "EleutherAI/deep-ignorance-unfiltered")
 DEFAULT_MODELS = (("filtered", "EleutherAI/deep-ignorance-e2e-strong-filter"),
                   ("unlearned", "EleutherAI/deep-ignorance-unfiltered-cb-lat"))
 STEP_KINDS = ("datasets", "capture", "params", "analyze", "lipschitz", "tuned-lens", "report")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,7 @@ class ModelEntry:
         """``NAME=PATH_OR_ID`` (or a bare path/id, named after its last component)."""
         name, _, spec = value.partition("=") if "=" in value else ("", "", value)
         name = name or default_name(spec)
-        if not _NAME.match(name) or "__to__" in name:
-            raise UserError(f"model name {name!r}: use letters, digits, '.', '-' or '_' (NAME=PATH_OR_ID)")
+        outputs.check_model_name(name, "model name", " (NAME=PATH_OR_ID)")
         if not spec:
             raise UserError(f"{value!r}: expected NAME=PATH_OR_ID")
         return cls(name, spec, revision)
@@ -80,14 +80,14 @@ class PipelineSettings:
     extra_report: dict = field(default_factory=dict)
 
     def comparison_dir(self, name: str) -> Path:
-        return self.outdir / f"{self.base.name}__to__{name}"
+        return outputs.comparison_dir(self.outdir, self.base.name, name)
 
     def cache(self, name: str) -> Path:
-        return self.outdir / "caches" / f"{name}.zarr"
+        return outputs.cache_path(self.outdir, name)
 
     @property
     def data_dir(self) -> Path:
-        return self.data if self.data is not None else self.outdir / "data"
+        return self.data if self.data is not None else self.outdir / outputs.DATA
 
 
 @dataclass
@@ -205,14 +205,11 @@ def attack_argv(settings: PipelineSettings, entry: ModelEntry) -> list[str]:
 
 
 def _marker(settings: PipelineSettings, step_id: str) -> Path:
-    return settings.outdir / ".pipeline" / (step_id.replace(":", "__") + ".json")
+    return outputs.pipeline_record(settings.outdir, step_id)
 
 
 def _write_marker(path: Path, info: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(info, indent=2))
 
 
 #: a hub id: ``name`` or ``owner/name`` (letters, digits, '-', '_', '.'), nothing that reads as a path

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 LETTERS = ("A", "B", "C", "D")
 DESCRIPTION = "The following are multiple choice questions (with answers) about biology.\n\n"

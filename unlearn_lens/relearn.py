@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core import outputs
+from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.outputs import check_model_name, default_name
 
 #: Metrics of one evaluation, in the order of ``eval_results.csv``.
 EVAL_METRICS = ("forget_nll", "retain_nll", "retain_ppl", "letter_accuracy", "cloze_accuracy",
@@ -35,7 +36,6 @@ SCORINGS = ("cloze", "letter")
 #: (metric, True when higher is better) of the half-recovery summary.
 RECOVERY_METRICS = (("cloze_accuracy", True), ("letter_accuracy", True), ("forget_nll", False))
 _SPLIT_SALT = "unlearn-lens/measure-vs-pool"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -106,22 +106,6 @@ def eval_steps(steps: int, eval_every: int) -> list[int]:
 
 
 # --- checks -----------------------------------------------------------------------------------
-
-def check_name(name: str, flag: str = "--name") -> str:
-    if not _NAME.match(name or "") or "__to__" in name:
-        raise UserError(f"{flag} {name!r}: use letters, digits, '.', '-' or '_'")
-    return name
-
-
-def default_name(spec: str) -> str:
-    """A folder name for a model spec: its last path component (the parent's, for ``.../model``)."""
-    parts = [p for p in str(spec).replace("\\", "/").rstrip("/").split("/") if p]
-    name = parts[-1] if parts else "model"
-    if name == "model" and len(parts) > 1:
-        name = parts[-2]
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", name.removesuffix(".gguf")).lstrip("-_.") or "model"
-    return name
-
 
 def validate_relearn(*, steps: int, lr: float, eval_every: int, batch_size: int, eval_batch_size: int,
                      max_length: int, forget_subset: int, max_samples: int | None) -> None:
@@ -241,7 +225,7 @@ def relearn_condition(model, tokenizer, texts: Sequence[str], *, steps: int, lr:
 
     torch.manual_seed(seed)
     if lora:
-        from unlearn_lens.naming import family_from_config
+        from unlearn_lens.core.naming import family_from_config
         from unlearn_lens.unlearning.lora import wrap_lora
 
         model = wrap_lora(model, family_from_config(model.config.to_dict()), r=lora_r, alpha=lora_alpha)
@@ -281,12 +265,12 @@ def run_eval(model_spec: str, *, data_dir: str, outdir: str, name: str | None = 
     from analyses.io import atomic_write_csv, atomic_write_json, clear_complete, is_complete, mark_complete
     from unlearn_lens.data import warn_if_contaminated
 
-    name = check_name(name or default_name(model_spec))
+    name = check_model_name(name or default_name(model_spec))
     if max_samples is not None and max_samples < 1:
         raise UserError(f"--max-samples must be at least 1, got {max_samples}")
     if batch_size < 1 or max_length < 2:
         raise UserError("--batch-size must be at least 1 and --max-length at least 2")
-    folder = Path(outdir) / name / "evaluation"
+    folder = outputs.model_dir(outdir, name) / outputs.EVALUATION
     if is_complete(folder) and not overwrite:
         return folder
     data = load_eval_data(data_dir, max_samples)
@@ -366,8 +350,8 @@ def run_relearn(model_spec: str, base_spec: str, *, data_dir: str, outdir: str, 
                      max_samples=max_samples)
     if scoring not in SCORINGS:
         raise UserError(f"--scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
-    name = check_name(name or default_name(model_spec))
-    folder = Path(outdir) / name / "relearning"
+    name = check_model_name(name or default_name(model_spec))
+    folder = outputs.model_dir(outdir, name) / outputs.RELEARNING
     if is_complete(folder) and not overwrite:
         return folder
     data = load_eval_data(data_dir, max_samples)

@@ -26,7 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core import outputs
+from unlearn_lens.core.atomic import atomic_path
+from unlearn_lens.core.errors import UserError
 from unlearn_lens.lipschitz import batched, pad_batch, tokenize_texts
 
 SCORINGS = ("letter", "cloze")
@@ -430,7 +432,6 @@ def plot_accuracies(rows: Sequence[dict], title: str, path) -> None:
 def validate_options(*, steps: int, lr: float, tokens_per_step: int, batch_size: int, max_length: int,
                      max_samples: int | None, train_split: str, name: str) -> None:
     """One-line errors for option values that cannot work."""
-    from unlearn_lens.lipschitz import check_name
 
     if steps < 0:
         raise UserError(f"--steps must be >= 0 (0 keeps the identity translators: the logit lens), got {steps}")
@@ -446,7 +447,7 @@ def validate_options(*, steps: int, lr: float, tokens_per_step: int, batch_size:
         raise UserError(f"--max-samples must be at least 1, got {max_samples}")
     if train_split not in ("forget", "retain"):
         raise UserError(f"--train-split must be forget or retain, got {train_split!r}")
-    check_name(name, "--name")
+    outputs.check_model_name(name, "--name")
 
 
 def open_cache_splits(cache: str | None) -> dict[str, Any]:
@@ -480,19 +481,10 @@ def check_cache_matches(splits: dict[str, Any], cache: str | None, model, adapte
 
 
 def _write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    import os
-    import tempfile
-
     from safetensors.numpy import save_file
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(arrays, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_translators(path: str | Path) -> dict[str, np.ndarray]:
@@ -521,7 +513,7 @@ def run_tuned_lens(model_spec: str, *, name: str, data_dir: str, outdir: str, tr
 
     validate_options(steps=steps, lr=lr, tokens_per_step=tokens_per_step, batch_size=batch_size,
                      max_length=max_length, max_samples=max_samples, train_split=train_split, name=name)
-    folder = Path(outdir) / name / "wmdp_tuned_lens"
+    folder = outputs.model_dir(outdir, name) / outputs.TUNED_LENS
     if is_complete(folder) and not overwrite:
         return folder
     items = read_mcq(data_dir)

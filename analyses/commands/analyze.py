@@ -6,7 +6,7 @@ import contextlib
 
 import click
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 
 def _scheduler(address: str | None, workers: int | None, processes: bool):

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from unlearn_lens.attacks.base import AttackContext, AttackResult, timed
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 MODES = ("single", "all", "orthogonalize")
 #: option -> default (``--option KEY=VALUE`` on the command line).
@@ -149,7 +149,7 @@ def orthogonalize(model, basis: np.ndarray) -> list[str]:
     import torch
 
     from unlearn_lens.architectures import ArchitectureAdapter
-    from unlearn_lens.naming import is_transposed
+    from unlearn_lens.core.naming import is_transposed
 
     adapter = ArchitectureAdapter(model)
     unembed = adapter.unembed()

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from analyses.recovery import METRICS
-from unlearn_lens.errors import UserError
+from unlearn_lens.core import outputs
+from unlearn_lens.core.errors import UserError
 
 #: attack name -> "module:function" (imported lazily).
 ATTACKS: dict[str, str] = {
@@ -117,7 +118,7 @@ class AttackContext:
 
         self.settings = settings
         self.data = load_eval_data(settings.data, settings.max_samples)
-        self.attack_dir = Path(settings.outdir) / settings.name / "attacks"
+        self.attack_dir = outputs.model_dir(settings.outdir, settings.name) / outputs.ATTACKS
         self.reference = reference or {}
         self._echo = echo or (lambda message: print(message, file=sys.stderr))
 

@@ -30,7 +30,7 @@ from typing import Iterator
 
 from analyses.quantization import INT4_GROUP_SIZE, QUANT_SETTINGS
 from unlearn_lens.attacks.base import METRICS, AttackContext, AttackResult
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 #: This attack's options (``AttackSettings.options``) and their defaults.
 ATTACK_OPTIONS = {

@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 from analyses.io import atomic_write_json
 from unlearn_lens.attacks.base import METRICS, AttackContext, AttackResult
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 #: This module's options (``AttackSettings.options``) and their defaults.
 ATTACK_OPTIONS = {

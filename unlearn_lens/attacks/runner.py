@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from unlearn_lens.attacks.base import (ATTACKS, METRICS, NEEDS_CACHES, AttackContext, AttackSettings,
                                        attack_options, resolve_attack, timed)
-from unlearn_lens.errors import UserError
+from unlearn_lens.core import outputs
+from unlearn_lens.core.errors import UserError
 
 CSV_NAME = "attacks.csv"
 RESULTS_DIR = "results"
@@ -25,7 +26,7 @@ RESULTS_DIR = "results"
 
 def default_cache(outdir: str | Path, name: str, which: str) -> Path:
     """Where the pipeline puts a model's cache: ``OUT/caches/<name>.zarr`` (the base: ``base.zarr``)."""
-    return Path(outdir) / "caches" / f"{'base' if which == 'base' else name}.zarr"
+    return outputs.cache_path(outdir, "base" if which == "base" else name)
 
 
 def resolve_caches(settings: AttackSettings) -> AttackSettings:
@@ -57,9 +58,9 @@ def parse_options(settings: AttackSettings) -> None:
 
 def validate(settings: AttackSettings) -> AttackSettings:
     """Every check that needs no model; returns the settings with the caches resolved."""
-    from unlearn_lens.relearn import check_name
+    from unlearn_lens.core.outputs import check_model_name
 
-    check_name(settings.name)
+    check_model_name(settings.name)
     checks = [(settings.batch_size >= 1, f"--batch-size must be at least 1, got {settings.batch_size}"),
               (settings.max_length >= 2, f"--max-length must be at least 2, got {settings.max_length}"),
               (settings.max_samples is None or settings.max_samples >= 1,
@@ -123,7 +124,7 @@ def run_attacks(settings: AttackSettings, echo: Callable[[str], None] | None = N
 
     echo = echo or (lambda message: print(message, file=sys.stderr))
     settings = validate(settings)
-    folder = Path(settings.outdir) / settings.name / "attacks"
+    folder = outputs.model_dir(settings.outdir, settings.name) / outputs.ATTACKS
     pending = [a for a in settings.attacks if settings.force or not _result_path(folder, a).is_file()]
     if not pending and is_complete(folder):
         echo(f"attack: {', '.join(settings.attacks)} already done in {folder} (--overwrite to redo)")

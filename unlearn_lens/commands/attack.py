@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from unlearn_lens.commands.brittleness import _common_options
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 
 def coerce_option(key: str, text: str, default: Any) -> Any:
@@ -82,7 +82,7 @@ def attack(model_spec, revision, data_dir, outdir, name, max_samples, max_length
     """
     from unlearn_lens.attacks.base import AttackSettings
     from unlearn_lens.attacks.runner import run_attacks
-    from unlearn_lens.relearn import default_name
+    from unlearn_lens.core.outputs import default_name
 
     attacks = tuple(a.strip() for a in attacks_text.split(",") if a.strip())
     settings = AttackSettings(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 
 def _parse_shard(value: str | None) -> tuple[int, int]:

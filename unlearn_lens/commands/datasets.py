@@ -33,7 +33,7 @@ def create(outdir: str, demo: bool, source_dir: str | None, eval_fraction: float
            max_retain: int | None, seed: int) -> None:
     """Write the data sets and a manifest (sources, counts, content hash, held-out split)."""
     from unlearn_lens.data import create_datasets
-    from unlearn_lens.errors import UserError
+    from unlearn_lens.core.errors import UserError
 
     if demo and source_dir:
         raise UserError("--demo and --source-dir exclude each other")

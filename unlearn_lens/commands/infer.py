@@ -6,8 +6,8 @@ import click
 
 
 def _name_of(spec: str) -> str:
-    """A model's label: the one naming rule of every command (``unlearn_lens.relearn.default_name``)."""
-    from unlearn_lens.relearn import default_name
+    """A model's label: the one naming rule of every command (``unlearn_lens.core.outputs.default_name``)."""
+    from unlearn_lens.core.outputs import default_name
 
     return default_name(spec)
 
@@ -37,7 +37,7 @@ def infer(model_spec, model_b, prompt, interactive, sweep, sweep_models, include
           max_new_tokens, temperature, top_p, greedy, chat_template, seed, outdir, device, dtype,
           trust_remote_code) -> None:
     """Generate text: one prompt, side by side (--model-b), --interactive, or a --sweep to CSV."""
-    from unlearn_lens.errors import UserError
+    from unlearn_lens.core.errors import UserError
     from unlearn_lens.inference import (DEEP_IGNORANCE_MODELS, GenerationSettings, generate,
                                         prompt_csv_path, write_sweep_csv)
     from unlearn_lens.loading import load_model

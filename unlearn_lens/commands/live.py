@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 
 def parse_eps(text: str) -> list[float]:
@@ -61,7 +61,7 @@ def lipschitz(model_a: str, revision_a: str | None, model_b: str, revision_b: st
               dtype: str, arch_spec: str | None, trust_remote_code: bool, overwrite: bool) -> None:
     """Local Lipschitz estimates, input-gradient norms and output variance, forget vs retain (step 12)."""
     from unlearn_lens.lipschitz import run_lipschitz
-    from unlearn_lens.relearn import default_name
+    from unlearn_lens.core.outputs import default_name
 
     name_b = name_b or default_name(model_b)
     folder = run_lipschitz(model_a, model_b, name_a=name_a, name_b=name_b, data_dir=data_dir, outdir=outdir,
@@ -108,7 +108,7 @@ def tuned_lens(model_spec: str, revision: str | None, name: str | None, data_dir
                device: str, dtype: str, seed: int, arch_spec: str | None, trust_remote_code: bool,
                overwrite: bool) -> None:
     """Train per-layer affine translators (tuned lens) and report WMDP accuracy per layer (step 14)."""
-    from unlearn_lens.relearn import default_name
+    from unlearn_lens.core.outputs import default_name
     from unlearn_lens.tuned_lens import run_tuned_lens
 
     name = name or default_name(model_spec)

@@ -47,7 +47,7 @@ def _shared_options(tuned_lens_steps: int = 250, tuned_lens_tokens: int = 512, l
 
 
 def _skip_set(skip: str) -> frozenset[str]:
-    from unlearn_lens.errors import UserError
+    from unlearn_lens.core.errors import UserError
 
     names = frozenset(s.strip() for s in skip.split(",") if s.strip())
     unknown = names - set(SKIPPABLE)
@@ -97,7 +97,7 @@ def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_cod
     if base and "=" not in base:
         base_entry = ModelEntry("base", base_entry.spec, revision)
     entries = [ModelEntry.parse(m, revision) for m in models] or [ModelEntry(n, s, revision) for n, s in DEFAULT_MODELS]
-    from unlearn_lens.errors import UserError
+    from unlearn_lens.core.errors import UserError
 
     names = [base_entry.name, *[e.name for e in entries]]
     if len(set(names)) != len(names):

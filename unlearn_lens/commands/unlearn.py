@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 from unlearn_lens.unlearning import presets
 from unlearn_lens.unlearning.config import (ADVERSARIES, CB_VARIANTS, LAT_DEFENDERS, LAT_NORMS, METHODS, OPTIMIZERS,
                                             SCHEDULERS, UnlearnConfig)

@@ -9,26 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from unlearn_lens.errors import UserError
-
-#: method -> (kind, one-line description). Kind: "loss" (logits), "representation" (hidden
-#: states), "weight" (weight space; not compatible with LoRA).
-METHODS: dict[str, tuple[str, str]] = {
-    "ga_simple": ("loss", "gradient ascent on forget NLL"),
-    "ga": ("loss", "ascent on forget NLL + descent on retain NLL"),
-    "grad_diff": ("loss", "retain NLL - forget_weight * forget NLL"),
-    "dpo": ("loss", "DPO: a refusal preferred over the forget continuation (frozen reference) + retain NLL"),
-    "npo": ("loss", "NPO on summed sequence log-probs (frozen reference) + retain NLL"),
-    "simnpo": ("loss", "SimNPO on length-normalised log-probs (reference-free) + retain NLL"),
-    "rmu": ("representation", "RMU: forget activations -> random target (MSE), retain anchored"),
-    "cb": ("representation", "circuit breakers: cosine rerouting (original) or RR loss (--cb-variant rr)"),
-    "lat": ("representation", "latent adversarial training: adversary on the residual stream, then ascent/descent "
-                              "(original) or targeted LAT's away + retain losses"),
-    "cb_lat": ("representation", "circuit breakers under an adversary placed upstream of the scored layers "
-                                 "(deep ignorance's rr-lat with --cb-variant rr)"),
-    "wt_dist": ("weight", "Gaussian noise on all weights, then retain fine-tuning"),
-    "wt_dist_reg": ("weight", "retain NLL - lambda * RMS distance from the pretrained weights"),
-}
+from unlearn_lens.core.errors import UserError
+from unlearn_lens.unlearning.method_names import METHODS
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor")
 SCHEDULERS = ("cosine", "linear", "constant")

@@ -8,7 +8,7 @@ needs ``fan_in_fan_out=True``.
 
 from __future__ import annotations
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 #: every linear (attention + MLP) module name per family; the unembedding is never a target.
 LORA_TARGETS: dict[str, list[str]] = {

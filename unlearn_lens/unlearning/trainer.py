@@ -18,24 +18,26 @@ import csv
 import json
 import math
 import platform
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core import outputs
+from unlearn_lens.core.atomic import atomic_dir
+from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.outputs import RUN_MARKER
 from unlearn_lens.unlearning.config import METHODS, REFERENCE_METHODS, UnlearnConfig
 
-COMPLETE_MARKER = "COMPLETE"
+COMPLETE_MARKER = RUN_MARKER
 LOG_COLUMNS = ["step", "loss", "forget_loss", "retain_loss", "lr", "grad_norm", "eval_forget_nll",
                "eval_retain_nll"]
 
 
 def is_complete(outdir: str | Path) -> bool:
     """True when ``outdir`` holds a finished run (its marker is written last)."""
-    return (Path(outdir) / COMPLETE_MARKER).is_file()
+    return outputs.is_complete(outdir)
 
 
 @dataclass
@@ -467,27 +469,21 @@ def save_run(result: TrainResult) -> Path:
 
         final = final.to(getattr(torch, save_dtype))
     if accelerator.is_main_process:
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        final.config.name_or_path = f"{cfg.model} unlearned with {cfg.method}"
-        final.save_pretrained(tmp / "model", state_dict=state_dict)
-        result.tokenizer.save_pretrained(tmp / "model")
-        record = {"config": cfg.to_dict(), "resolved": result.resolved, "method_kind": METHODS[cfg.method][0],
-                  "data_manifest_hash": result.resolved.get("data_hash"), "seed": cfg.seed,
-                  "versions": versions(), "command": sys.argv, "finished_utc": time.strftime(
-                      "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        (tmp / "config.json").write_text(json.dumps(_json_safe(record), indent=2))
-        _write_log(tmp / "train_log.csv", result.log)
-        (tmp / "eval.json").write_text(json.dumps(_json_safe(
-            {"before": result.eval_before, "after": result.eval_after,
-             "scorings": {"letter": "lm-eval wmdp_bio zero-shot letter logits",
-                          "cloze": "mean log-prob of each choice given the question"}}), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
-        (out / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
+        with atomic_dir(out) as tmp:
+            final.config.name_or_path = f"{cfg.model} unlearned with {cfg.method}"
+            final.save_pretrained(tmp / "model", state_dict=state_dict)
+            result.tokenizer.save_pretrained(tmp / "model")
+            record = {"config": cfg.to_dict(), "resolved": result.resolved, "method_kind": METHODS[cfg.method][0],
+                      "data_manifest_hash": result.resolved.get("data_hash"), "seed": cfg.seed,
+                      "versions": versions(), "command": sys.argv, "finished_utc": time.strftime(
+                          "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            (tmp / "config.json").write_text(json.dumps(_json_safe(record), indent=2))
+            _write_log(tmp / "train_log.csv", result.log)
+            (tmp / "eval.json").write_text(json.dumps(_json_safe(
+                {"before": result.eval_before, "after": result.eval_after,
+                 "scorings": {"letter": "lm-eval wmdp_bio zero-shot letter logits",
+                              "cloze": "mean log-prob of each choice given the question"}}), indent=2))
+        outputs.mark_complete(out, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n", RUN_MARKER)
     accelerator.wait_for_everyone()
     return out
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from unlearn_lens.errors import UserError
+from unlearn_lens.core.errors import UserError
 
 DEFAULT_PRESET = "default"
 _DEFAULT_SOURCE = ("this tool's defaults (unlearn --help): the original pipeline's settings, with cb_lat's "
@@ -55,7 +55,7 @@ def scale_layers(layers: list[int], n_layers: int, reference_depth: int = REFERE
 def _registry() -> dict[str, dict[str, Preset]]:
     from unlearn_lens.unlearning.presets import adversarial, gradient, representation, weights
 
-    from unlearn_lens.unlearning.config import METHODS
+    from unlearn_lens.unlearning.method_names import METHODS
 
     merged: dict[str, dict[str, Preset]] = {method: {DEFAULT_PRESET: Preset(DEFAULT_PRESET, {}, _DEFAULT_SOURCE)}
                                             for method in METHODS}
