@@ -15,11 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 
-from unlearn_lens.testing import save_tiny_model
+from unlearn_lens.testing import save_tiny_study
 
 BEFORE = Path(__file__).parent / "data" / "pipeline_before_issue17"
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,17 +35,8 @@ def _same_cell(a: str, b: str) -> bool:
 
 @pytest.mark.slow
 def test_tiny_pipeline_writes_the_csvs_it_wrote_before_the_refactor(tmp_path):
-    base = save_tiny_model("gpt_neox", tmp_path / "base")
-    edited = save_tiny_model("gpt_neox", tmp_path / "edited")
-    weights = load_file(str(edited / "model.safetensors"))
-    rng = np.random.default_rng(0)
-    name = "gpt_neox.layers.1.mlp.dense_h_to_4h.weight"
-    weights[name] = weights[name] + 0.05 * np.outer(rng.normal(size=weights[name].shape[0]),
-                                                    rng.normal(size=weights[name].shape[1])).astype(np.float32)
-    save_file(weights, str(edited / "model.safetensors"), metadata={"format": "pt"})
-    from unlearn_lens.data import create_datasets
-
-    create_datasets(tmp_path / "data", source="demo")
+    study = save_tiny_study(tmp_path)
+    base, edited = study["base"], study["edited"]
     out = tmp_path / "out"
     args = ["pipeline", "--base", f"base={base}", "--model", f"edited={edited}", "--data", str(tmp_path / "data"),
             "--outdir", str(out), "--max-samples", "12", "--max-length", "32", "--batch-size", "4",

@@ -12,11 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 
-from unlearn_lens.testing import save_tiny_model
+from unlearn_lens.testing import save_tiny_study
 
 COMPARISON_FILES = {
     "param_stats/per_matrix.csv": ["name", "layer", "group", "shape0", "shape1", "dW_fro", "W_fro", "dW_fro_rel",
@@ -46,20 +44,7 @@ PLOT_FOLDERS = ["param_plots", "activation_plots", "activation_separation", "act
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A tiny base model, a copy with a planted MLP edit, and a small demo data directory."""
-    root = tmp_path_factory.mktemp("study")
-    base = save_tiny_model("gpt_neox", root / "base")
-    edited = root / "edited"
-    save_tiny_model("gpt_neox", edited)
-    weights = load_file(str(edited / "model.safetensors"))
-    rng = np.random.default_rng(0)
-    name = "gpt_neox.layers.1.mlp.dense_h_to_4h.weight"
-    weights[name] = weights[name] + 0.05 * np.outer(rng.normal(size=weights[name].shape[0]),
-                                                    rng.normal(size=weights[name].shape[1])).astype(np.float32)
-    save_file(weights, str(edited / "model.safetensors"), metadata={"format": "pt"})
-    from unlearn_lens.data import create_datasets
-
-    create_datasets(root / "data", source="demo")
-    return {"root": root, "base": base, "edited": edited, "data": root / "data"}
+    return save_tiny_study(tmp_path_factory.mktemp("study"))
 
 
 def _pipeline_args(study, outdir: Path) -> list[str]:

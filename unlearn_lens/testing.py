@@ -95,3 +95,24 @@ def save_tiny_model(family: str, path: str | Path, seed: int = 0, **config_kwarg
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_tiny_study(root: str | Path) -> dict[str, Path]:
+    """A tiny GPT-NeoX base, a copy with a planted rank-one MLP edit (block 1's up projection) and
+    the demo data under ``root``: the study the pipeline tests run end to end."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from unlearn_lens.data import create_datasets
+
+    root = Path(root)
+    base = save_tiny_model("gpt_neox", root / "base")
+    edited = save_tiny_model("gpt_neox", root / "edited")
+    weights = load_file(str(edited / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    name = "gpt_neox.layers.1.mlp.dense_h_to_4h.weight"
+    weights[name] = weights[name] + 0.05 * np.outer(rng.normal(size=weights[name].shape[0]),
+                                                    rng.normal(size=weights[name].shape[1])).astype(np.float32)
+    save_file(weights, str(edited / "model.safetensors"), metadata={"format": "pt"})
+    create_datasets(root / "data", source="demo")
+    return {"root": root, "base": base, "edited": edited, "data": root / "data"}
