@@ -142,14 +142,27 @@ def lens_final(folder: str, scoring: str = "cloze") -> Extractor:
     return lambda inputs, name: _before_after(inputs, name, final)
 
 
+def eval_metrics(model_dir: Path) -> dict[str, float]:
+    """``metric -> value`` of a finished ``unlearn-lens eval`` (``<model>/evaluation/eval_results.csv``)."""
+    folder = model_dir / outputs.EVALUATION
+    if not outputs.is_complete(folder):
+        return {}
+    return {row["metric"]: value for row in read_rows(folder / outputs.EVAL_CSV)
+            for value in floats([row], "value")}
+
+
 def evaluation_for(inputs: ReportInputs, name: str) -> dict:
-    """Before/after evaluation of an unlearning run made by this tool, if there is one."""
-    for path in (inputs.root / outputs.UNLEARNING / name / outputs.UNLEARN_EVAL_JSON,
-                 inputs.model_dir(name) / outputs.EVALUATION / "eval.json"):
-        data = read_json(path)
-        if data:
-            return data
-    return {}
+    """``{"before": metrics, "after": metrics}`` of the behaviour rows, or {} when nothing measured it.
+
+    The unlearning run's own record (``unlearning/<name>/eval.json``, written by ``unlearn``) when
+    this tool made the model; otherwise what ``eval`` wrote for the base (before) and for ``name``
+    (after).
+    """
+    data = read_json(inputs.root / outputs.UNLEARNING / name / outputs.UNLEARN_EVAL_JSON)
+    if data:
+        return data
+    before, after = eval_metrics(inputs.model_dir(inputs.base)), eval_metrics(inputs.model_dir(name))
+    return {"before": before, "after": after} if before or after else {}
 
 
 def behaviour(metric: str) -> Extractor:
