@@ -127,9 +127,11 @@ def test_behaviour_rows_read_what_eval_writes(tmp_path):
     _eval_folder(tmp_path, "base", {"forget_nll": 3.5, "retain_nll": 3.0, "cloze_accuracy": 0.5, "n_questions": 4})
     _eval_folder(tmp_path, "edit", {"forget_nll": 4.25, "retain_nll": 3.125, "cloze_accuracy": 0.25})
     _eval_folder(tmp_path, "other", {"forget_nll": 9.0, "retain_nll": 9.0, "cloze_accuracy": 1.0}, complete=False)
-    assert _behaviour(tmp_path) == {"forget_nll": "3.5 → 4.25", "retain_nll": "3 → 3.12", "cloze_accuracy": "0.5 → 0.25"}
+    assert _behaviour(tmp_path) == {"forget_nll": "3.5 → 4.25", "retain_nll": "3 → 3.12",
+                                    "cloze_accuracy": "0.5 → 0.25"}
     # an unfinished eval folder (no marker yet) is not read: the base alone is shown
-    assert _behaviour(tmp_path, "other") == {"forget_nll": "3.5 → —", "retain_nll": "3 → —", "cloze_accuracy": "0.5 → —"}
+    assert _behaviour(tmp_path, "other") == {"forget_nll": "3.5 → —", "retain_nll": "3 → —",
+                                             "cloze_accuracy": "0.5 → —"}
     # an unlearning run made by this tool keeps its own before/after record
     atomic_write_json(tmp_path / "unlearning" / "edit" / "eval.json",
                       {"before": {"forget_nll": 1.0, "retain_nll": 2.0, "cloze_accuracy": 0.75},

@@ -27,7 +27,7 @@ def muted(text: str) -> str:
     return f"<p class='muted'>{text}</p>"
 
 
-def section(anchor: str, title: str, intro: str, body: str | None, empty: str) -> str:
+def section(anchor: str, title: str, intro: str, body: str | None, empty: str = "") -> str:
     """An ``<h2>`` section: title, intro, then ``body``, or the ``empty`` note when ``body`` is None.
 
     The one place a section says how to get results it does not have yet (``intro`` and ``empty``

@@ -36,7 +36,7 @@ def render_report(inputs: ReportInputs) -> str:
     sections = [
         f"<h1>unlearn-lens report</h1><p class='muted'>Base model <b>{base}</b>; "
         f"compared with {', '.join(f'<b>{html.escape(n)}</b>' for n in names)}.</p><nav>{nav}</nav>",
-        section("signature", "Mechanistic signature", SIGNATURE_INTRO, signature, ""),
+        section("signature", "Mechanistic signature", SIGNATURE_INTRO, signature),
         recoverability_section(inputs),
         recovery_section(inputs),
     ]

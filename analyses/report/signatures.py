@@ -71,7 +71,8 @@ def _column_stat(folder: str, filename: str, column: str, stat=median, where=_ch
 
 def grassmann(inputs: ReportInputs, name: str) -> str:
     rows = read_rows(inputs.comparison_dir(name) / outputs.NULL_SPACE / outputs.NULL_SPACE_CSV)
-    return fmt(mean(floats(rows, "left_grassmann_distance", _changed) + floats(rows, "right_grassmann_distance", _changed)))
+    distances = floats(rows, "left_grassmann_distance", _changed) + floats(rows, "right_grassmann_distance", _changed)
+    return fmt(mean(distances))
 
 
 def dh_forget_over_retain(inputs: ReportInputs, name: str) -> str:
@@ -190,7 +191,8 @@ SIGNATURE: list[tuple[str, str, Extractor]] = [
     ("Activation change", "mean ‖Δh‖2 forget / retain", dh_forget_over_retain),
     ("Selectivity", "covariance Wasserstein selectivity W(forget)/W(retain)",
      _column_stat(outputs.COVARIANCE, outputs.COVARIANCE_CSV, "selectivity_ratio", median, lambda r: True)),
-    ("Selectivity", "row/column-space selectivity (forget/retain energy where ΔW reads or writes)", row_space_selectivity),
+    ("Selectivity", "row/column-space selectivity (forget/retain energy where ΔW reads or writes)",
+     row_space_selectivity),
     ("Selectivity", "forget/retain separation AUC, modified − base", separation_auc_change),
     ("Stability", "local Lipschitz (logits) modified/base, forget", lipschitz_ratio("forget")),
     ("Stability", "local Lipschitz (logits) modified/base, retain", lipschitz_ratio("retain")),
