@@ -95,3 +95,80 @@ def test_report_renders_in_headless_chromium(tmp_path):
     image = Image.open(shot).convert("L")
     assert image.size == (1200, 1600)
     assert len(set(image.getdata())) > 20  # text, table borders and the plot, not a blank page
+
+
+# --- behaviour rows: what `unlearn-lens eval` writes --------------------------------------------
+
+BEHAVIOUR = {"forget_nll": "forget NLL before → after unlearning",
+             "retain_nll": "retain NLL before → after unlearning",
+             "cloze_accuracy": "WMDP cloze accuracy before → after"}
+
+
+def _eval_folder(root, model, metrics, complete=True):
+    """``<model>/evaluation/`` as `eval` writes it: eval_results.csv, summary.json, the marker last."""
+    from unlearn_lens.core import outputs
+
+    folder = root / model / "evaluation"
+    atomic_write_csv(folder / "eval_results.csv", [{"metric": m, "value": v} for m, v in metrics.items()],
+                     ["metric", "value"])
+    atomic_write_json(folder / "summary.json", {"name": model, "metrics": metrics})
+    if complete:
+        outputs.mark_complete(folder, "{}")
+
+
+def _behaviour(root, name="edit"):
+    rows = {row["metric"]: row[name] for row in signature_table(discover(root))}
+    return {metric: rows[label] for metric, label in BEHAVIOUR.items()}
+
+
+def test_behaviour_rows_read_what_eval_writes(tmp_path):
+    (tmp_path / "base__to__edit").mkdir()
+    (tmp_path / "base__to__other").mkdir()
+    _eval_folder(tmp_path, "base", {"forget_nll": 3.5, "retain_nll": 3.0, "cloze_accuracy": 0.5, "n_questions": 4})
+    _eval_folder(tmp_path, "edit", {"forget_nll": 4.25, "retain_nll": 3.125, "cloze_accuracy": 0.25})
+    _eval_folder(tmp_path, "other", {"forget_nll": 9.0, "retain_nll": 9.0, "cloze_accuracy": 1.0}, complete=False)
+    assert _behaviour(tmp_path) == {"forget_nll": "3.5 → 4.25", "retain_nll": "3 → 3.12",
+                                    "cloze_accuracy": "0.5 → 0.25"}
+    # an unfinished eval folder (no marker yet) is not read: the base alone is shown
+    assert _behaviour(tmp_path, "other") == {"forget_nll": "3.5 → —", "retain_nll": "3 → —",
+                                             "cloze_accuracy": "0.5 → —"}
+    # an unlearning run made by this tool keeps its own before/after record
+    atomic_write_json(tmp_path / "unlearning" / "edit" / "eval.json",
+                      {"before": {"forget_nll": 1.0, "retain_nll": 2.0, "cloze_accuracy": 0.75},
+                       "after": {"forget_nll": 1.5, "retain_nll": 2.5, "cloze_accuracy": 0.5}})
+    assert _behaviour(tmp_path)["forget_nll"] == "1 → 1.5"
+
+
+def test_report_of_a_tree_where_eval_ran_shows_its_values(tmp_path):
+    """`unlearn-lens eval` on a base and a modified tiny model, then `unlearn-lens report`: the page
+    shows eval_results.csv's values in the behaviour rows."""
+    import csv
+
+    from click.testing import CliRunner
+
+    from cli import group
+    from conftest import write_unlearn_data
+    from unlearn_lens.testing import save_tiny_model
+
+    data = write_unlearn_data(tmp_path / "data")
+    out = tmp_path / "out"
+    for name, seed in (("base", 0), ("edit", 1)):
+        model = save_tiny_model("llama", tmp_path / name, seed=seed)
+        result = CliRunner().invoke(group, ["eval", "--model", str(model), "--name", name, "--data", str(data),
+                                            "--outdir", str(out), "--max-length", "32", "--batch-size", "4"])
+        assert result.exit_code == 0, result.output
+    (out / "base__to__edit").mkdir()
+    result = CliRunner().invoke(group, ["report", "--outdir", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+
+    def written(model):
+        with (out / model / "evaluation" / "eval_results.csv").open() as handle:
+            return {row["metric"]: float(row["value"]) for row in csv.DictReader(handle)}
+
+    before, after = written("base"), written("edit")
+    for metric, cell in _behaviour(out).items():
+        assert html.escape(cell) in page
+        shown = [float(part) for part in cell.split("→")]
+        assert shown == pytest.approx([before[metric], after[metric]], rel=5e-3, abs=1e-9), metric
+    assert before["forget_nll"] != after["forget_nll"]  # two different models, so the row says something

@@ -1,7 +1,7 @@
 """The output tree (``OUTPUTS.md``): folder names, the comparison name, the model-name rule, markers.
 
 Every producer (``params``, ``analyze``, ``lipschitz``, ``tuned-lens``, ``eval``, ``relearn``,
-``attack``, ``unlearn``, the pipeline) builds its paths here and ``analyses/report.py`` reads them
+``attack``, ``unlearn``, the pipeline) builds its paths here and ``analyses/report/`` reads them
 back from here, so a folder name is written once. Layout under ``OUT/``::
 
     <base>__to__<name>/<comparison folder>/   what changed from the base to one modified model
@@ -10,7 +10,7 @@ back from here, so a folder name is written once. Layout under ``OUT/``::
     data/                                     forget / retain / WMDP texts (``datasets create``)
     unlearning/<method>/                      models unlearned by the demo (``unlearn-all``)
     .pipeline/<step>.json                     the pipeline's record of each finished step
-    report.html                               the report (``analyses/report.py``)
+    report.html                               the report (``analyses/report/``)
 """
 
 from __future__ import annotations
@@ -44,6 +44,21 @@ EVALUATION = "evaluation"
 RELEARNING = "relearning"
 ATTACKS = "attacks"
 MODEL_FOLDERS = (PROBES, LOGIT_LENS, TUNED_LENS, EVALUATION, RELEARNING, ATTACKS)
+
+# --- files in those folders that the report reads (OUTPUTS.md lists their columns) --------------
+PER_MATRIX_CSV = "per_matrix.csv"  # param_stats/ (params)
+PER_LAYER_CSV = "per_layer.csv"  # param_stats/ (params)
+NULL_SPACE_CSV = "null_space_results.csv"  # null_space_analysis/ (params)
+MLP_NULLSPACE_CSV = "mlp_nullspace.csv"  # mlp_nullspace/ (params)
+ACTIVATION_STATS_CSV = "activation_stats.csv"  # activation_stats/ (analyze)
+COVARIANCE_CSV = "covariance_selectivity.csv"  # activation_covariance/ (analyze)
+SEPARATION_CSV = "separation_metrics.csv"  # activation_separation/ (analyze)
+LIPSCHITZ_CSV = "lipschitz_results.csv"  # lipschitzness/ (lipschitz)
+LENS_CSV = "wmdp_lens_results.csv"  # wmdp_logit_lens/ (analyze), wmdp_tuned_lens/ (tuned-lens)
+EVAL_CSV = "eval_results.csv"  # evaluation/ (eval): columns metric, value
+ATTACKS_CSV = "attacks.csv"  # attacks/ (attack)
+SUMMARY_JSON = "summary.json"  # most folders' summary
+UNLEARN_EVAL_JSON = "eval.json"  # unlearning/<method>/ (unlearn): before / after unlearning
 
 # --- the top level of OUT/ ----------------------------------------------------------------------
 CACHES = "caches"
