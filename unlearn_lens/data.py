@@ -20,7 +20,6 @@ from typing import Iterable, Sequence
 from unlearn_lens.core.atomic import atomic_write_text
 from unlearn_lens.core.errors import UserError
 
-SPLITS = ("forget", "retain", "wmdp")
 FILES = {"forget": "forget.txt", "retain": "retain.txt", "wmdp": "wmdp_mcq.jsonl"}
 MANIFEST = "manifest.json"
 DEMO_DIR = Path(__file__).with_name("demo_data")

@@ -1,4 +1,4 @@
-"""Local Lipschitz estimates of a causal LM around forget and retain texts (step 12).
+"""Local Lipschitz estimates of a causal LM around forget and retain texts.
 
 Did the intervention make the model more or less sensitive to small input changes? For every
 text we perturb the input embeddings (``inputs_embeds``) and measure how far the outputs move.

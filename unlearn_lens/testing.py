@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FAMILY_NAMES = ("gpt_neox", "llama", "gpt2")
-
 _CORPUS = [
     "The cell membrane controls what enters and leaves the cell.",
     "Viruses replicate inside host cells using the host's machinery.",

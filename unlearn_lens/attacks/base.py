@@ -28,7 +28,6 @@ ATTACKS: dict[str, str] = {
 }
 #: Attacks that read the activation caches.
 NEEDS_CACHES = frozenset({"ablate"})
-TARGETS = ("modified", "control")
 
 __all__ = ["ATTACKS", "METRICS", "NEEDS_CACHES", "AttackContext", "AttackResult", "AttackSettings",
            "attack_options", "resolve_attack"]

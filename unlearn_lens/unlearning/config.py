@@ -25,8 +25,6 @@ DEFAULT_ADVERSARY_LR = {"targeted": 5e-2, "combined": 2e-3}
 LAT_DEFENDERS = ("ascent", "away")
 #: methods with a frozen reference model (or frozen activations / weights from it).
 REFERENCE_METHODS = frozenset({"dpo", "npo", "rmu", "cb", "cb_lat"})
-#: methods that read hidden states at target layers (need --layer-id).
-LAYER_METHODS = frozenset({"rmu", "cb", "lat", "cb_lat"})
 
 
 @dataclass

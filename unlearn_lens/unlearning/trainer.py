@@ -30,7 +30,6 @@ from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.outputs import RUN_MARKER
 from unlearn_lens.unlearning.config import METHODS, REFERENCE_METHODS, UnlearnConfig
 
-COMPLETE_MARKER = RUN_MARKER
 LOG_COLUMNS = ["step", "loss", "forget_loss", "retain_loss", "lr", "grad_norm", "eval_forget_nll",
                "eval_retain_nll"]
 
