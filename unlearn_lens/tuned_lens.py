@@ -12,7 +12,7 @@ Hidden states come from the activation cache when one is given (no forward pass:
 and unembedding modules are taken from the loaded checkpoint) or from forward hooks on
 ``ArchitectureAdapter.block(i)``. WMDP accuracy per layer is scored in two ways (``letter`` and
 ``cloze``, see ``unlearn_lens.prompts`` and ``cache_store/SCHEMA.md``) by ``lens_accuracies``:
-the translated states go through the logit lens's own scoring (``analyses.logit_lens``), so the
+the translated states go through the logit lens's own scoring (``analyses.activations.logit_lens``), so the
 two lenses differ only by the translators.
 """
 
@@ -366,10 +366,10 @@ def lens_accuracies(lens, letter: LetterData | None, cloze: ClozeData | None, *,
     """Rows (layer, scoring, accuracy, delta_from_final, n_questions) for every layer 0..L.
 
     The tuned lens is the logit lens on translated states, so the scoring is the logit lens's own
-    (``analyses.logit_lens``: final norm once, in float32; letter = argmax over the four letter
+    (``analyses.activations.logit_lens``: final norm once, in float32; letter = argmax over the four letter
     logits at the last token; cloze = argmax over choices of the mean continuation log-prob).
     """
-    from analyses import logit_lens
+    from analyses.activations import logit_lens
 
     rows: list[dict] = []
     if letter is not None:

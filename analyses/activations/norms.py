@@ -7,7 +7,7 @@ input_ids, checked before any reduction).
 
 from __future__ import annotations
 
-from analyses.reductions import Moments
+from analyses.activations.reductions import Moments
 
 COLUMNS = ["layer", "split", "model_a_norm_L1", "model_a_norm_L2", "model_b_norm_L1", "model_b_norm_L2",
            "mean_dh_L1", "mean_dh_L2"]

@@ -15,8 +15,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from analyses.checkpoints import Checkpoint
-from analyses.params_linalg import (
+from analyses.weights.checkpoints import Checkpoint
+from analyses.weights.params_linalg import (
     RANK_ENERGY,
     Spectrum,
     frobenius_sq,
@@ -27,8 +27,8 @@ from analyses.params_linalg import (
     stable_rank,
     top_singular_subspaces,
 )
-from analyses.params_pairs import MatrixPair
-from analyses.quantization import flip_rows
+from analyses.weights.params_pairs import MatrixPair
+from analyses.weights.quantization import flip_rows
 
 PER_MATRIX_COLUMNS = [
     "name", "layer", "group", "shape0", "shape1", "dW_fro", "W_fro", "dW_fro_rel", "dW_spectral",

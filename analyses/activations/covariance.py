@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import wasserstein_distance
 
-from analyses.reductions import Moments
+from analyses.activations.reductions import Moments
 
 DEFINITIONS = {
     "covariance": "population covariance (m2 / n) of masked token states, per layer",

@@ -16,8 +16,8 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from analyses.probes import labelled, make_classifier
-from analyses.reductions import Moments
+from analyses.activations.probes import labelled, make_classifier
+from analyses.activations.reductions import Moments
 
 COLUMNS = ["layer", "model", "role", "cosine_distance", "auc", "variance_ratio", "between_variance",
            "within_variance"]

@@ -29,10 +29,10 @@ import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
-from analyses import covariance, logit_lens, norms, probes, row_space, separation
+from analyses.activations import covariance, logit_lens, norms, probes, row_space, separation
 from analyses.io import atomic_write_csv, atomic_write_json, clear_complete, mark_complete
 from analyses.plotting import by, panel_plot, spectra_plot
-from analyses.reductions import Moments, difference_norms, projected_energy, token_moments
+from analyses.activations.reductions import Moments, difference_norms, projected_energy, token_moments
 from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.outputs import comparison_name
@@ -118,7 +118,7 @@ def open_checkpoints(caches: Caches, checkpoints: Mapping[str, Any] | None,
         if not path:
             raise UserError(f"{model}: the cache records no model_path, so its checkpoint cannot be read")
         if opener is None:
-            from analyses.checkpoints import open_checkpoint as opener
+            from analyses.weights.checkpoints import open_checkpoint as opener
         opened[model] = opener(str(path), attrs.get("revision") or None)
     return opened
 
