@@ -219,29 +219,29 @@ def test_local_cluster_matches_threads(tmp_path):
 
 
 def test_fits_in_worker_processes_equal_in_process(monkeypatch):
-    from analyses.activations import probes, runner, separation
+    from analyses.activations import execution, probes, separation
 
     rng = np.random.default_rng(3)
     forget = rng.normal(0.3, 1.0, size=(4, 20, 6)).astype(np.float32)
     retain = rng.normal(0.0, 1.0, size=(4, 20, 6)).astype(np.float32)
     expected = (probes.probe_rows(forget, retain, seed=2), separation.layer_aucs(forget, retain, seed=2))
-    monkeypatch.setattr(runner, "PROCESS_POOL_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(runner, "_local_workers", lambda: 2)
-    assert runner._process_pool(1) is not None  # the pool path, not the in-process fallback
-    got = (probes.probe_rows(forget, retain, seed=2, map_layers=runner.map_processes),
-           separation.layer_aucs(forget, retain, seed=2, map_layers=runner.map_processes))
+    monkeypatch.setattr(execution, "PROCESS_POOL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(execution, "_local_workers", lambda: 2)
+    assert execution._process_pool(1) is not None  # the pool path, not the in-process fallback
+    got = (probes.probe_rows(forget, retain, seed=2, map_layers=execution.map_processes),
+           separation.layer_aucs(forget, retain, seed=2, map_layers=execution.map_processes))
     assert got == expected
     with pytest.raises(UserError, match="at least 2 forget"):  # a worker's refusal stays a one-line error
-        probes.probe_rows(forget[:, :1], retain, map_layers=runner.map_processes)
+        probes.probe_rows(forget[:, :1], retain, map_layers=execution.map_processes)
 
 
 def test_run_with_fits_in_worker_processes_writes_the_same(tmp_path, monkeypatch):
-    from analyses.activations import runner
+    from analyses.activations import execution
 
     caches, _, _ = build(tmp_path)
     run_analysis(caches, "base", tmp_path / "in_process", OPTIONS)
-    monkeypatch.setattr(runner, "PROCESS_POOL_MIN_ELEMENTS", 0)  # warm-up thread and pool, however small
-    monkeypatch.setattr(runner, "_local_workers", lambda: 2)
+    monkeypatch.setattr(execution, "PROCESS_POOL_MIN_ELEMENTS", 0)  # warm-up thread and pool, however small
+    monkeypatch.setattr(execution, "_local_workers", lambda: 2)
     run_analysis(caches, "base", tmp_path / "pool", OPTIONS)
     assert not [t for t in threading.enumerate() if t.name == "process-pool-warm-up"]
     for csv_path in sorted((tmp_path / "in_process").rglob("*.csv")):
