@@ -1,4 +1,4 @@
-"""Covariance spectra (step 9): eigenvalues, effective rank, spectral entropy, Wasserstein shift.
+"""Covariance spectra (``activation_covariance/``): eigenvalues, effective rank, spectral entropy, Wasserstein shift.
 
 Definitions (stated in every CSV's companion ``summary.json``):
 - covariance: population covariance of the masked token states of one layer (m2 / n);

@@ -1,4 +1,4 @@
-"""Forget / retain separation (step 8): centroid cosine distance, held-out AUC, variance ratio.
+"""Forget / retain separation (``activation_separation/``): centroid cosine distance, held-out AUC, variance ratio.
 
 - centroids: mean of the masked token states of each split (token-weighted), per layer;
 - cosine distance = 1 - cos(centroid_forget, centroid_retain);
