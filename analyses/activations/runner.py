@@ -12,9 +12,9 @@ activation_separation, activation_covariance, row_space_projection}/`` and per m
 ``OUT/<model>/{linear_probes, wmdp_logit_lens}/``; CSVs written atomically, each folder's
 completion marker last.
 
-This module is the orchestration (``AnalyzeOptions``, ``run_analysis``); the caches are opened and
-checked in ``caches``, evaluated by ``execution``, the lens is fed by ``lens_step`` and every folder
-is written by ``writers``.
+This module is the orchestration (``AnalyzeOptions``, ``run_analysis``); the caches are opened in
+``caches`` and checked in ``inputs``, evaluated by ``execution``, the lens is fed by ``lens_step``
+and every folder is written by ``writers``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from analyses.activations import covariance, norms, probes, row_space, separation
-from analyses.activations.caches import LENS_SPLITS, SPLITS, Caches, open_checkpoints, subset_samples, validate_caches
+from analyses.activations.caches import LENS_SPLITS, SPLITS
 from analyses.activations.execution import compute, map_processes, map_threads, start_process_pool
+from analyses.activations.inputs import Caches, open_checkpoints, subset_samples, validate_caches
 from analyses.activations.lens_step import lens_inputs, lens_results
 from analyses.activations.reductions import Moments, difference_norms, projected_energy, token_moments
 from analyses.activations.writers import (
