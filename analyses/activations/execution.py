@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import dask
 import dask.array as da
@@ -20,6 +20,7 @@ from analyses.activations import separation
 
 
 def _client_active() -> bool:
+    """True when a ``dask.distributed`` client is the default scheduler."""
     if "distributed" not in sys.modules:
         return False
     from distributed import default_client
@@ -54,10 +55,11 @@ def compute(objects: Any, description: str, progress: bool) -> Any:
 
 
 def _local_workers() -> int:
+    """Workers of the local pools: dask's ``num_workers`` setting, else every core."""
     return dask.config.get("num_workers", None) or os.cpu_count() or 1
 
 
-def map_threads(function: Callable, items) -> list:
+def map_threads(function: Callable, items: Iterable) -> list:
     """``map`` over in-memory work on local threads, BLAS single-threaded inside (no oversubscription)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -82,7 +84,7 @@ def _process_pool(elements: int):
     return Parallel(n_jobs=workers, backend="loky", inner_max_num_threads=1)
 
 
-def map_processes(function: Callable, *iterables) -> list:
+def map_processes(function: Callable, *iterables: Iterable) -> list:
     """``map`` over in-memory tasks whose time is Python, not BLAS (scikit-learn fits: threads would
     queue on the GIL), in local worker processes with one BLAS thread each; in this process when the
     arrays are small. ``function`` and the items travel by pickle: give each task only its slice."""

@@ -18,16 +18,19 @@ from analyses.plotting import by, panel_plot, spectra_plot
 
 
 def _begin(directory: Path) -> Path:
+    """Create the folder and drop its completion marker before anything in it is rewritten."""
     directory.mkdir(parents=True, exist_ok=True)
     clear_complete(directory)
     return directory
 
 
 def _finish(directory: Path, info: Mapping[str, Any]) -> None:
+    """Mark the folder complete, last."""
     mark_complete(directory, info)
 
 
 def write_norms(directory: Path, plots: Path, rows: list[dict], a: str, b: str) -> None:
+    """``activation_stats/`` (norms of a, b and their difference per layer and split) and its plots folder."""
     atomic_write_csv(_begin(directory) / "activation_stats.csv", rows, norms.COLUMNS)
     _begin(plots)
     panels = []
@@ -46,6 +49,7 @@ def write_norms(directory: Path, plots: Path, rows: list[dict], a: str, b: str) 
 
 
 def write_separation(directory: Path, rows: list[dict], a: str, b: str) -> None:
+    """``activation_separation/``: forget/retain separation of both models per layer."""
     atomic_write_csv(_begin(directory) / "separation_metrics.csv", rows, separation.COLUMNS)
     panels = [(metric, {m: by(rows, "layer", metric, model=m) for m in (a, b)}, 0.5 if metric == "auc" else None)
               for metric in ("cosine_distance", "auc", "variance_ratio")]
@@ -55,7 +59,8 @@ def write_separation(directory: Path, rows: list[dict], a: str, b: str) -> None:
 
 
 def write_covariance(directory: Path, rows: list[dict], selectivity: list[dict], spectra: dict, a: str,
-                      b: str) -> None:
+                     b: str) -> None:
+    """``activation_covariance/``: spectrum metrics, forget/retain selectivity and every eigenvalue."""
     _begin(directory)
     columns = list(rows[0].keys())
     atomic_write_csv(directory / "covariance_metrics.csv", rows, columns)
@@ -93,6 +98,7 @@ def _space_panels(rows: list[dict], models: tuple[str, str], space: str, what: s
 
 
 def write_row_space(directory: Path, rows: list[dict], a: str, b: str, top_k: int, seed: int) -> None:
+    """``row_space_projection/``: energy shares in dW's row (and column) spaces, both models' activations."""
     atomic_write_csv(_begin(directory) / "row_space_projection.csv", rows, row_space.COLUMNS)
     panel_plot(directory / "row_space_projection.png",
                f"MLP input energy in dW's top-{top_k} row space: {a} -> {b}", "MLP layer",
@@ -117,6 +123,7 @@ def _nanmean(values: list[float]) -> float | None:
 
 
 def write_probes(directory: Path, rows: list[dict], model: str, C: float, max_iter: int, seed: int) -> None:
+    """``linear_probes/`` of one model, with the probe's settings in ``summary.json``."""
     atomic_write_csv(_begin(directory) / "probe_results.csv", rows, probes.COLUMNS)
     atomic_write_json(directory / "summary.json", {**probes.summarise(rows), "model": model, "C": C,
                                                    "max_iter": max_iter, "seed": seed})
@@ -127,6 +134,7 @@ def write_probes(directory: Path, rows: list[dict], model: str, C: float, max_it
 
 
 def write_lens(directory: Path, rows: list[dict], summary: dict, model: str) -> None:
+    """``wmdp_logit_lens/`` of one model: accuracy per layer for both scorings."""
     atomic_write_csv(_begin(directory) / "wmdp_lens_results.csv", rows, logit_lens.COLUMNS)
     atomic_write_json(directory / "summary.json", {"model": model, **summary})
     series = {scoring: by(rows, "layer", "accuracy", scoring=scoring) for scoring in ("letter", "cloze")}
