@@ -91,7 +91,7 @@ def random_lengths(n_samples: int, rng: np.random.Generator, low: int = 3, high:
 
 
 def final_norm(x: np.ndarray, kind: str, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
-    """Reference final norm in float64 (independent of ``analyses.logit_lens``)."""
+    """Reference final norm in float64 (independent of ``analyses.activations.logit_lens``)."""
     x = np.asarray(x, dtype=np.float64)
     if kind == "layernorm":
         centred = x - x.mean(-1, keepdims=True)

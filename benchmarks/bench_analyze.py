@@ -92,8 +92,8 @@ def time_analyze(workdir: Path, repeats: int) -> None:
 
 def read_then_analyze(caches: dict[str, Path], workdir: Path) -> dict[str, float]:
     """Time reading every cached chunk once, then ``analyze``; count the chunk bytes each fetched."""
-    from analyses.caches import open_model_caches
-    from analyses.runner import AnalyzeOptions, run_analysis
+    from analyses.activations.caches import open_model_caches
+    from analyses.activations.runner import AnalyzeOptions, run_analysis
 
     stored = chunk_bytes(caches)
     with counting_reads() as counted:
@@ -145,7 +145,7 @@ def read_once(caches: dict[str, Path]) -> None:
     """Read and decompress every cached array once, doing nothing with the values."""
     import dask
 
-    from analyses.caches import open_model_caches
+    from analyses.activations.caches import open_model_caches
 
     lazy = []
     for url in caches.values():

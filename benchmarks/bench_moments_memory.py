@@ -28,8 +28,8 @@ def run_variant(variant: str, layers: int, hidden: int, tokens: int, chunk: int)
     import dask.array as da
     import numpy as np
 
-    from analyses import covariance
-    from analyses.reductions import token_moments
+    from analyses.activations import covariance
+    from analyses.activations.reductions import token_moments
 
     rng = da.random.default_rng(0)
     x = (rng.standard_normal((layers, tokens, hidden), chunks=(1, chunk, hidden), dtype=np.float32)

@@ -98,7 +98,7 @@ def write_pair(root: Path, layers: int, seed: int = 0) -> tuple[Path, Path]:
 
 _CHILD = """
 import json, resource, sys, time
-from analyses.params import run_params
+from analyses.weights.params import run_params
 a, b, out, emp = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 t = time.perf_counter()
 s = run_params(a, b, out, steps=("stats",), num_matrices=0, empirical_rank=emp, force=True)
@@ -118,7 +118,7 @@ def run_ours(a: Path, b: Path, out: Path, empirical: bool) -> dict:
 
 def reference_seconds(a: Path, b: Path) -> dict[str, float]:
     """Full-SVD reference on layer 0: seconds per matrix (dW and W) for each distinct shape."""
-    from analyses.checkpoints import open_checkpoint
+    from analyses.weights.checkpoints import open_checkpoint
 
     ca, cb = open_checkpoint(str(a)), open_checkpoint(str(b))
     seconds = {}

@@ -191,8 +191,8 @@ def test_threads_processes_and_scheduler_agree(captured, tmp_path, family):
 @pytest.mark.smollm2
 def test_smollm2_lens_reproduces_model(smollm2_dir, tmp_path):
     """On the real SmolLM2 (float32 cache), the last-layer lens equals the model's own answers."""
-    from analyses.caches import open_model_caches
-    from analyses.runner import AnalyzeOptions, run_analysis
+    from analyses.activations.caches import open_model_caches
+    from analyses.activations.runner import AnalyzeOptions, run_analysis
     from unlearn_lens.capture import CaptureSettings, capture
 
     data = write_data(tmp_path / "data", tag="smollm2-lens")

@@ -13,10 +13,10 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict, cross_va
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from analyses import covariance, logit_lens, norms, probes, row_space, separation
-from analyses.checkpoints import open_checkpoint
-from analyses.reductions import difference_norms, token_moments
+from analyses.activations import covariance, logit_lens, norms, probes, row_space, separation
+from analyses.activations.reductions import difference_norms, token_moments
 from analyses.testing import final_norm, llama_tensors, make_wmdp_pair, write_checkpoint
+from analyses.weights.checkpoints import open_checkpoint
 
 
 def _lazy(x, token_chunk=7, layer_chunk=2):

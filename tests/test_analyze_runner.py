@@ -17,7 +17,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from analyses.runner import AnalyzeOptions, run_analysis
+from analyses.activations.runner import AnalyzeOptions, run_analysis
 from analyses.testing import llama_tensors, make_cache, make_wmdp_pair, random_lengths, write_checkpoint
 from unlearn_lens.core.errors import UserError
 
@@ -109,7 +109,7 @@ def test_outputs_equal_direct_computations(tmp_path):
     assert {(r["mlp_layer"], r["activations"]) for r in rows} == {(str(l), m) for l in range(LAYERS) for m in ("base", "unl")}
     changed = next(r for r in rows if r["mlp_layer"] == "1" and r["activations"] == "unl")
     assert changed["k"] == "1" and changed["dW_rank"] == "1"
-    from analyses.checkpoints import open_checkpoint
+    from analyses.weights.checkpoints import open_checkpoint
 
     dW = (open_checkpoint(paths["unl"]).read_matrix("model.layers.1.mlp.up_proj.weight")
           - open_checkpoint(paths["base"]).read_matrix("model.layers.1.mlp.up_proj.weight")).astype(np.float64)
@@ -198,7 +198,7 @@ def test_refusals(tmp_path):
     with pytest.raises(UserError, match="nothing to compare"):
         run_analysis({"base": caches["base"]}, "base", tmp_path / "o", OPTIONS)
     wide = write_checkpoint(tmp_path / "wide", llama_tensors(LAYERS, HIDDEN, FF * 2, VOCAB))
-    from analyses.checkpoints import open_checkpoint
+    from analyses.weights.checkpoints import open_checkpoint
 
     with pytest.raises(UserError, match="has shape"):
         run_analysis(caches, "base", tmp_path / "o", OPTIONS, checkpoints={"unl": open_checkpoint(wide)})
@@ -219,29 +219,29 @@ def test_local_cluster_matches_threads(tmp_path):
 
 
 def test_fits_in_worker_processes_equal_in_process(monkeypatch):
-    from analyses import probes, runner, separation
+    from analyses.activations import execution, probes, separation
 
     rng = np.random.default_rng(3)
     forget = rng.normal(0.3, 1.0, size=(4, 20, 6)).astype(np.float32)
     retain = rng.normal(0.0, 1.0, size=(4, 20, 6)).astype(np.float32)
     expected = (probes.probe_rows(forget, retain, seed=2), separation.layer_aucs(forget, retain, seed=2))
-    monkeypatch.setattr(runner, "PROCESS_POOL_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(runner, "_local_workers", lambda: 2)
-    assert runner._process_pool(1) is not None  # the pool path, not the in-process fallback
-    got = (probes.probe_rows(forget, retain, seed=2, map_layers=runner.map_processes),
-           separation.layer_aucs(forget, retain, seed=2, map_layers=runner.map_processes))
+    monkeypatch.setattr(execution, "PROCESS_POOL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(execution, "_local_workers", lambda: 2)
+    assert execution._process_pool(1) is not None  # the pool path, not the in-process fallback
+    got = (probes.probe_rows(forget, retain, seed=2, map_layers=execution.map_processes),
+           separation.layer_aucs(forget, retain, seed=2, map_layers=execution.map_processes))
     assert got == expected
     with pytest.raises(UserError, match="at least 2 forget"):  # a worker's refusal stays a one-line error
-        probes.probe_rows(forget[:, :1], retain, map_layers=runner.map_processes)
+        probes.probe_rows(forget[:, :1], retain, map_layers=execution.map_processes)
 
 
 def test_run_with_fits_in_worker_processes_writes_the_same(tmp_path, monkeypatch):
-    from analyses import runner
+    from analyses.activations import execution
 
     caches, _, _ = build(tmp_path)
     run_analysis(caches, "base", tmp_path / "in_process", OPTIONS)
-    monkeypatch.setattr(runner, "PROCESS_POOL_MIN_ELEMENTS", 0)  # warm-up thread and pool, however small
-    monkeypatch.setattr(runner, "_local_workers", lambda: 2)
+    monkeypatch.setattr(execution, "PROCESS_POOL_MIN_ELEMENTS", 0)  # warm-up thread and pool, however small
+    monkeypatch.setattr(execution, "_local_workers", lambda: 2)
     run_analysis(caches, "base", tmp_path / "pool", OPTIONS)
     assert not [t for t in threading.enumerate() if t.name == "process-pool-warm-up"]
     for csv_path in sorted((tmp_path / "in_process").rglob("*.csv")):
@@ -281,7 +281,7 @@ def test_runs_with_torch_blocked(tmp_path):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         from test_analyze_runner import build, OPTIONS
-        from analyses.runner import run_analysis
+        from analyses.activations.runner import run_analysis
         caches, _, _ = build(Path({str(tmp_path)!r}))
         run_analysis(caches, "base", Path({str(tmp_path / "out")!r}), OPTIONS)
         bad = [m for m in ("torch", "transformers", "nnsight") if m in sys.modules]

@@ -81,7 +81,7 @@ def read_csv(path: Path) -> tuple[list[str], list[dict]]:
 # --- directions from the caches ---------------------------------------------------------------
 
 def test_directions_known_answer(planted, tmp_path):
-    from analyses.attack_directions import compute_and_save, load_directions
+    from analyses.activations.attack_directions import compute_and_save, load_directions
 
     path = compute_and_save(planted["caches"]["base"], planted["caches"]["unl"], tmp_path, kmax=4,
                             base_spec=str(planted["base"]), model_spec=str(planted["modified"]))
@@ -105,7 +105,7 @@ def test_directions_known_answer(planted, tmp_path):
 
 
 def test_directions_without_checkpoints_are_nan(planted, tmp_path):
-    from analyses.attack_directions import compute_and_save
+    from analyses.activations.attack_directions import compute_and_save
 
     compute_and_save(planted["caches"]["base"], planted["caches"]["unl"], tmp_path, kmax=2)
     _, rows = read_csv(tmp_path / "directions.csv")
@@ -123,7 +123,7 @@ def test_directions_with_torch_blocked(planted, tmp_path):
         else:
             raise SystemExit("the blocker did not work")
         import analyses.attack_plots, analyses.recovery  # noqa: F401  (torch-free too)
-        from analyses.attack_directions import compute_and_save, load_directions
+        from analyses.activations.attack_directions import compute_and_save, load_directions
         path = compute_and_save({str(planted["caches"]["base"])!r}, {str(planted["caches"]["unl"])!r},
                                 {str(tmp_path)!r}, base_spec={str(planted["base"])!r},
                                 model_spec={str(planted["modified"])!r})
@@ -144,7 +144,7 @@ def test_write_space_of_a_rank_one_change(tmp_path, family, name):
     """dW = u w^T in (out, in) orientation (GPT-2 stores Conv1D as (in, out)): its column space is u."""
     from safetensors.numpy import load_file, save_file
 
-    from analyses.attack_directions import share_in, write_space_projectors
+    from analyses.activations.attack_directions import share_in, write_space_projectors
     from unlearn_lens.testing import save_tiny_model
 
     base = save_tiny_model(family, tmp_path / "base")
@@ -164,7 +164,7 @@ def test_write_space_of_a_rank_one_change(tmp_path, family, name):
 
 
 def test_mismatched_caches_are_refused(planted, tmp_path):
-    from analyses.attack_directions import compute_and_save
+    from analyses.activations.attack_directions import compute_and_save
     from unlearn_lens.core.errors import UserError
 
     other = capture_forget(planted["base"], planted["data"], tmp_path / "short.zarr", max_length=8)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from analyses.checkpoints import (
+from analyses.weights.checkpoints import (
     bf16_bits_to_float32,
     gguf_to_hf_name,
     open_checkpoint,
@@ -188,7 +188,7 @@ def test_gguf_name_map_and_unpermute():
 
 
 def test_no_torch_imported():
-    code = ("import sys, analyses.checkpoints, analyses.io; "
+    code = ("import sys, analyses.weights.checkpoints, analyses.io; "
             "bad=[m for m in sys.modules if m.split('.')[0] in ('torch','transformers','nnsight')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

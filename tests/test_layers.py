@@ -63,7 +63,7 @@ def test_user_error_is_one_line_and_exit_2(tmp_path):
 
 def test_one_resolver_handles_windows_paths_for_both_sides(monkeypatch, tmp_path):
     """With Windows separators a backslash spec is a (missing) path on the model side and the checkpoint side alike."""
-    from analyses.checkpoints import open_checkpoint
+    from analyses.weights.checkpoints import open_checkpoint
     from unlearn_lens.core import models
     from unlearn_lens.core.errors import UserError
 

@@ -30,7 +30,7 @@ def test_model_names_that_break_the_tree_are_refused(name):
 
 def test_every_validator_is_the_one_rule(tmp_path):
     """pipeline NAME=, analyze --compare NAME=, relearn/eval/attack --name, lipschitz, tuned lens."""
-    from analyses.caches import parse_compare
+    from analyses.activations.caches import parse_compare
     from unlearn_lens.lipschitz import run_lipschitz
     from unlearn_lens.pipeline import ModelEntry
     from unlearn_lens.tuned_lens import validate_options

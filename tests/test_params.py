@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from analyses.params import run_params, sample_pairs
-from analyses.params_stats import (
+from analyses.weights.params import run_params, sample_pairs
+from analyses.weights.params_stats import (
     MLP_ATTN_COLUMNS,
     MLP_NULLSPACE_COLUMNS,
     NULL_SPACE_COLUMNS,
@@ -203,7 +203,7 @@ def test_null_space_alone_samples_changed_and_dw_rank_by_default(neox_dir, plant
 
 
 def test_sample_is_seeded(planted_out):
-    from analyses.params_pairs import MatrixPair
+    from analyses.weights.params_pairs import MatrixPair
 
     pairs = [MatrixPair(f"m{i}", i, "mlp", "up", (2, 2)) for i in range(20)]
     assert sample_pairs(pairs, 5, 0) == sample_pairs(pairs, 5, 0)
@@ -351,7 +351,8 @@ def test_cli_user_error_exit_2(tmp_path):
 
 
 def test_params_modules_are_torch_free():
-    code = ("import sys, analyses.params, analyses.params_plots, analyses.commands.params, analyses.quantization; "
+    code = ("import sys, analyses.weights.params, analyses.weights.params_plots, analyses.commands.params, "
+            "analyses.weights.quantization; "
             "bad=[m for m in sys.modules if m.split('.')[0] in ('torch','transformers','nnsight')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

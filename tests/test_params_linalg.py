@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.linalg import subspace_angles
 
-from analyses.params_linalg import (
+from analyses.weights.params_linalg import (
     Spectrum,
     frobenius_sq,
     grassmann_distance,

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from analyses import quantization
-from analyses.params import run_params
-from analyses.quantization import FLIP_COLUMNS, INT4_GROUP_SIZE, QUANT_SETTINGS, flip_stats, quantize_codes
+from analyses.weights import quantization
+from analyses.weights.params import run_params
+from analyses.weights.quantization import FLIP_COLUMNS, INT4_GROUP_SIZE, QUANT_SETTINGS, flip_stats, quantize_codes
 
 
 def _weights(rng, rows: int = 40, cols: int = 96) -> np.ndarray:

@@ -15,11 +15,11 @@ import json
 import numpy as np
 import pytest
 
-from analyses import row_space
-from analyses.checkpoints import open_checkpoint
+from analyses.activations import row_space
+from analyses.activations.runner import AnalyzeOptions, run_analysis
 from analyses.report import ReportInputs, signature_table
-from analyses.runner import AnalyzeOptions, run_analysis
 from analyses.testing import llama_tensors, make_cache, random_lengths, write_checkpoint
+from analyses.weights.checkpoints import open_checkpoint
 
 LAYERS, HIDDEN, FF, VOCAB, BLOCK = 3, 8, 16, 40, 1
 DOWN = f"model.layers.{BLOCK}.mlp.down_proj.weight"

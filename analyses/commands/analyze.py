@@ -71,8 +71,8 @@ def analyze(base_cache, compares, outdir, base_name, scheduler, workers, process
     Reads only the caches (each chunk once per split) and, for the row-space projection and the
     cloze lens, the checkpoints' MLP input matrices and unembedding. No model is run.
     """
-    from analyses.caches import open_model_caches, parse_compare
-    from analyses.runner import AnalyzeOptions, run_analysis
+    from analyses.activations.caches import open_model_caches, parse_compare
+    from analyses.activations.runner import AnalyzeOptions, run_analysis
 
     if top_k < 1:
         raise UserError("--top-k must be at least 1")
@@ -85,7 +85,7 @@ def analyze(base_cache, compares, outdir, base_name, scheduler, workers, process
         caches = {name: open_model_caches(url) for name, url in named.items()}
     options = AnalyzeOptions(max_samples=max_samples, C=C, max_iter=max_iter, top_k=top_k, seed=seed,
                              progress=not no_progress)
-    from analyses.checkpoints import open_checkpoint
+    from analyses.weights.checkpoints import open_checkpoint
 
     checkpoints = {}
     for value in checkpoint_specs:

@@ -44,7 +44,7 @@ def params(model_a: str, model_b: str, outdir: str, revision_a: str | None, revi
 
     Reads both checkpoints one matrix at a time, so two 7B models fit on a laptop.
     """
-    from analyses.params import run_params
+    from analyses.weights.params import run_params
 
     chosen = [s.strip() for s in steps.split(",") if s.strip()]
     result = run_params(model_a, model_b, outdir, empirical_rank=empirical_rank, num_matrices=num_matrices,

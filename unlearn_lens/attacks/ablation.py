@@ -1,6 +1,6 @@
 """Direction ablation: remove the directions along which unlearning moved the residual stream.
 
-The directions come from the two activation caches (``analyses/attack_directions.py``, no extra
+The directions come from the two activation caches (``analyses/activations/attack_directions.py``, no extra
 forward pass). For layer l and k, the subspace V is the difference-in-means direction (k = 1) or
 the span of it and the top k-1 principal directions of the per-token difference (orthonormalised,
 so the k subspaces are nested). Each is removed, ``h <- h - V V^T h``, from the modified model and,
@@ -178,7 +178,7 @@ def orthogonalize(model, basis: np.ndarray) -> list[str]:
 
 
 def _directions(ctx: AttackContext, caches: tuple[str, str]) -> dict[str, np.ndarray]:
-    from analyses.attack_directions import DIRECTIONS_FILE, compute_and_save, load_directions
+    from analyses.activations.attack_directions import DIRECTIONS_FILE, compute_and_save, load_directions
     from analyses.io import atomic_write_json
 
     path = ctx.attack_dir / DIRECTIONS_FILE
@@ -192,7 +192,7 @@ def _directions(ctx: AttackContext, caches: tuple[str, str]) -> dict[str, np.nda
         s = ctx.settings
         specs = {}
         try:
-            from analyses.checkpoints import open_checkpoint
+            from analyses.weights.checkpoints import open_checkpoint
 
             open_checkpoint(s.base, s.base_revision), open_checkpoint(s.model, s.model_revision)
             specs = {"base_spec": s.base, "model_spec": s.model, "base_revision": s.base_revision,

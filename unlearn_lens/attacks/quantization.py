@@ -28,13 +28,13 @@ from __future__ import annotations
 import time
 from typing import Iterator
 
-from analyses.quantization import INT4_GROUP_SIZE, QUANT_SETTINGS
+from analyses.weights.quantization import INT4_GROUP_SIZE, QUANT_SETTINGS
 from unlearn_lens.attacks.base import METRICS, AttackContext, AttackResult
 from unlearn_lens.core.errors import UserError
 
 #: This attack's options (``AttackSettings.options``) and their defaults.
 ATTACK_OPTIONS = {
-    "quant_settings": ("int8", "int4"),   # torchao settings (keys of analyses.quantization.QUANT_SETTINGS)
+    "quant_settings": ("int8", "int4"),   # torchao settings (keys of analyses.weights.quantization.QUANT_SETTINGS)
     "quant_bitsandbytes": True,           # also bnb-int8 / bnb-fp4 / bnb-nf4 when CUDA and bitsandbytes are present
     "quant_lm_head": False,               # quantize the output head too
 }

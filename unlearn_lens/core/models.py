@@ -1,7 +1,7 @@
 """The one model-spec resolver: a hub id, a local HF directory or a GGUF file (no download here).
 
 Every command takes a *model spec* string. Both the model side (``unlearn_lens.loading``) and the
-torch-free checkpoint reader (``analyses.checkpoints``) classify it here, so they agree on what
+torch-free checkpoint reader (``analyses.weights.checkpoints``) classify it here, so they agree on what
 counts as a path: a path that does not exist is an error, never a hub lookup.
 """
 

@@ -12,7 +12,7 @@ Hidden states come from the activation cache when one is given (no forward pass:
 and unembedding modules are taken from the loaded checkpoint) or from forward hooks on
 ``ArchitectureAdapter.block(i)``. WMDP accuracy per layer is scored in two ways (``letter`` and
 ``cloze``, see ``unlearn_lens.prompts`` and ``cache_store/SCHEMA.md``) by ``lens_accuracies``:
-the translated states go through the logit lens's own scoring (``analyses.logit_lens``), so the
+the translated states go through the logit lens's own scoring (``analyses.activations.logit_lens``), so the
 two lenses differ only by the translators.
 
 The modules follow the data flow: ``lens`` (the translators module), ``model_data`` and

@@ -1,7 +1,7 @@
 """WMDP accuracy per layer through the tuned lens, and its summary.
 
 The tuned lens is the logit lens on translated states, so the states are translated here and then
-scored by the logit lens's own code (``analyses.logit_lens``): the two lenses differ only by the
+scored by the logit lens's own code (``analyses.activations.logit_lens``): the two lenses differ only by the
 translators.
 """
 
@@ -38,10 +38,10 @@ def lens_accuracies(lens, letter: LetterData | None, cloze: ClozeData | None, *,
     """Rows (layer, scoring, accuracy, delta_from_final, n_questions) for every layer 0..L.
 
     The tuned lens is the logit lens on translated states, so the scoring is the logit lens's own
-    (``analyses.logit_lens``: final norm once, in float32; letter = argmax over the four letter
+    (``analyses.activations.logit_lens``: final norm once, in float32; letter = argmax over the four letter
     logits at the last token; cloze = argmax over choices of the mean continuation log-prob).
     """
-    from analyses import logit_lens
+    from analyses.activations import logit_lens
 
     rows: list[dict] = []
     if letter is not None:

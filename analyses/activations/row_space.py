@@ -1,4 +1,4 @@
-"""Row-space projection (step 11): does the MLP input energy fall where the update acts?
+"""Row-space projection: does the MLP input energy fall where the update acts?
 
 For block l, dW stacks the updates of the MLP's input-side matrices (up, and gate where there is
 one), each oriented (out, in), so its right singular vectors live in the MLP input space. With V_k

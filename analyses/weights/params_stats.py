@@ -1,4 +1,5 @@
-"""Per-matrix and per-layer statistics of the update dW = W_b - W_a (pipeline steps 1, 6, 7 and 10).
+"""Per-matrix and per-layer statistics of the update dW = W_b - W_a: the rows of ``param_stats/``,
+``mlp_attn_analysis/``, ``null_space_analysis/`` and ``mlp_nullspace/``.
 
 ``analyse_matrix`` is the one per-matrix job: it reads W_a and W_b once and computes every
 quantity asked of that matrix (norms and ranks, and where requested the subspace and
@@ -15,8 +16,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from analyses.checkpoints import Checkpoint
-from analyses.params_linalg import (
+from analyses.weights.checkpoints import Checkpoint
+from analyses.weights.params_linalg import (
     RANK_ENERGY,
     Spectrum,
     frobenius_sq,
@@ -27,8 +28,8 @@ from analyses.params_linalg import (
     stable_rank,
     top_singular_subspaces,
 )
-from analyses.params_pairs import MatrixPair
-from analyses.quantization import flip_rows
+from analyses.weights.params_pairs import MatrixPair
+from analyses.weights.quantization import flip_rows
 
 PER_MATRIX_COLUMNS = [
     "name", "layer", "group", "shape0", "shape1", "dW_fro", "W_fro", "dW_fro_rel", "dW_spectral",
@@ -106,7 +107,8 @@ def _angles_summary(prefix: str, angles: np.ndarray) -> dict[str, float]:
 
 
 def null_space_row(pair: MatrixPair, w: np.ndarray, dw: np.ndarray, spec_dw: Spectrum, subspace_k: int) -> dict[str, Any]:
-    """Step 7: low-rankness of dW and alignment of W_a's and W_b's top-k singular subspaces."""
+    """A row of ``null_space_results.csv``: low-rankness of dW and alignment of W_a's and W_b's top-k
+    singular subspaces."""
     top = spec_dw.top_energies(TOP_K_ENERGY)
     k = max(1, min(subspace_k, min(pair.shape)))
     if spec_dw.fro_sq == 0.0:  # identical matrices: identical subspaces, angles exactly 0
@@ -127,7 +129,7 @@ def null_space_row(pair: MatrixPair, w: np.ndarray, dw: np.ndarray, spec_dw: Spe
 
 
 def mlp_nullspace_row(pair: MatrixPair, w: np.ndarray, dw: np.ndarray, rank_rtol: float | None) -> dict[str, Any]:
-    """Step 10: share of ||dW||_F^2 in W's column/row space versus their complements."""
+    """A row of ``mlp_nullspace.csv``: share of ||dW||_F^2 in W's column/row space versus their complements."""
     shares = space_shares(w, dw, rank_rtol)
     return {"name": pair.name, "layer": pair.layer, "role": pair.role, "shape0": pair.shape[0],
             "shape1": pair.shape[1], "dW_fro": math.sqrt(frobenius_sq(dw)), **shares}
@@ -207,7 +209,7 @@ def per_matrix_columns(empirical_rank: bool) -> list[str]:
 
 
 def mlp_attn_table(layer_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Step 6: per layer, MLP change against attention change (relative and absolute)."""
+    """``mlp_attn_summary.csv``: per layer, MLP change against attention change (relative and absolute)."""
     by_layer: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
     for row in layer_rows:
         if str(row["group"]) in BLOCK_GROUPS and int(row["layer"]) >= 0:  # embeddings sit in no block

@@ -1,4 +1,4 @@
-"""Activation norms (steps 4-5): mean per-token L1/L2 norms of each model and of their difference.
+"""Activation norms (``activation_stats/``): mean per-token L1/L2 norms of each model and of their difference.
 
 Means are over real tokens (attention mask), at every cached layer 0..L, all taken before the
 final norm; the difference dh = h_b - h_a is taken on identical tokens (the caches hold the same
@@ -7,7 +7,7 @@ input_ids, checked before any reduction).
 
 from __future__ import annotations
 
-from analyses.reductions import Moments
+from analyses.activations.reductions import Moments
 
 COLUMNS = ["layer", "split", "model_a_norm_L1", "model_a_norm_L2", "model_b_norm_L1", "model_b_norm_L2",
            "mean_dh_L1", "mean_dh_L2"]

@@ -8,8 +8,12 @@ import xarray as xr
 from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.outputs import check_model_name
 
+#: Splits every diagnostic but the logit lens reads (required).
+SPLITS = ("forget", "retain")
+#: Splits the logit lens reads when every model's cache has them.
+LENS_SPLITS = ("wmdp", "wmdp_cloze")
 #: Splits analyze reads when a cache has them (forget and retain are required).
-WANTED_SPLITS = ("forget", "retain", "wmdp", "wmdp_cloze")
+WANTED_SPLITS = SPLITS + LENS_SPLITS
 
 
 def parse_compare(values: tuple[str, ...] | list[str], base_name: str) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Logit lens on cached states (step 14): WMDP accuracy read out at every layer, no forward pass.
+"""Logit lens on cached states (``wmdp_logit_lens/``): WMDP accuracy read out at every layer, no forward pass.
 
 The model's own final norm (once, at every layer including the last, in float32) and unembedding
 are applied to the cached residual stream:

@@ -1,4 +1,4 @@
-"""Forget / retain separation (step 8): centroid cosine distance, held-out AUC, variance ratio.
+"""Forget / retain separation (``activation_separation/``): centroid cosine distance, held-out AUC, variance ratio.
 
 - centroids: mean of the masked token states of each split (token-weighted), per layer;
 - cosine distance = 1 - cos(centroid_forget, centroid_retain);
@@ -16,8 +16,8 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from analyses.probes import labelled, make_classifier
-from analyses.reductions import Moments
+from analyses.activations.probes import labelled, make_classifier
+from analyses.activations.reductions import Moments
 
 COLUMNS = ["layer", "model", "role", "cosine_distance", "auc", "variance_ratio", "between_variance",
            "within_variance"]

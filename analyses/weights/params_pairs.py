@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from analyses.checkpoints import Checkpoint, open_checkpoint
+from analyses.weights.checkpoints import Checkpoint, open_checkpoint
 from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.naming import classify, is_embedding_weight, is_linear_weight, is_transposed
 

@@ -1,4 +1,4 @@
-"""Covariance spectra (step 9): eigenvalues, effective rank, spectral entropy, Wasserstein shift.
+"""Covariance spectra (``activation_covariance/``): eigenvalues, effective rank, spectral entropy, Wasserstein shift.
 
 Definitions (stated in every CSV's companion ``summary.json``):
 - covariance: population covariance of the masked token states of one layer (m2 / n);
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import wasserstein_distance
 
-from analyses.reductions import Moments
+from analyses.activations.reductions import Moments
 
 DEFINITIONS = {
     "covariance": "population covariance (m2 / n) of masked token states, per layer",

@@ -1,4 +1,4 @@
-"""Linear probes (step 13) and the shared linear classifier used by the separation AUC.
+"""Linear probes (``linear_probes/``) and the shared linear classifier used by the separation AUC.
 
 A probe is ``StandardScaler`` + ``LogisticRegression(C, max_iter)`` on last-token states, forget
 (label 1) vs retain (label 0), scored by stratified k-fold cross-validation (5 folds, fewer when a

@@ -15,7 +15,7 @@ Each direction's ``write_space_share`` is ``|P u|^2`` for the orthogonal project
 of what block l's writing parameters changed: the columns of dW (out, in) of the attention output
 and MLP down projections, and their bias changes (the embeddings for l = 0); 0 when nothing
 changed, NaN when no checkpoints are given. Checkpoints are read tensor by tensor
-(``analyses.checkpoints``).
+(``analyses.weights.checkpoints``).
 
 Output: ``directions.npz`` (``layers``, ``mean_diff`` (layers, hidden) float32, ``pcs`` (layers,
 kmax, hidden) float32, ``pc_variance`` (layers, kmax), ``n_tokens``) and ``directions.csv``
@@ -109,7 +109,7 @@ def write_space_projectors(base_spec: str, model_spec: str, num_layers: int, hid
                            base_revision: str | None = None,
                            model_revision: str | None = None) -> list[np.ndarray]:
     """Per residual layer 0..num_layers, the projector onto the span of the changed writing parameters."""
-    from analyses.checkpoints import open_checkpoint
+    from analyses.weights.checkpoints import open_checkpoint
     from unlearn_lens.core.naming import classify
 
     base = open_checkpoint(base_spec, base_revision)

@@ -21,11 +21,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from analyses.checkpoints import Checkpoint, open_checkpoint
 from analyses.io import COMPLETE_MARKER, atomic_write_csv, atomic_write_json, clear_complete, mark_complete
-from analyses.params_pairs import MatrixPair, map_pairs, pair_linear_weights
-from analyses.quantization import FLIP_COLUMNS, flip_summary
-from analyses.params_stats import (
+from analyses.weights.checkpoints import Checkpoint, open_checkpoint
+from analyses.weights.params_pairs import MatrixPair, map_pairs, pair_linear_weights
+from analyses.weights.params_stats import (
     MLP_ATTN_COLUMNS,
     MLP_NULLSPACE_COLUMNS,
     NULL_SPACE_COLUMNS,
@@ -36,6 +35,7 @@ from analyses.params_stats import (
     per_layer_columns,
     per_matrix_columns,
 )
+from analyses.weights.quantization import FLIP_COLUMNS, flip_summary
 from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
 
@@ -175,7 +175,7 @@ def _run_jobs(jobs, ckpt_a, ckpt_b, workers, need_stats, empirical_rank, sampled
 
 
 def _write_stats(outdir, rows, layer_rows, summary, empirical_rank, label, meta, started, flips) -> None:
-    from analyses.params_plots import plot_param_stats
+    from analyses.weights.params_plots import plot_param_stats
 
     stats_dir, plots_dir = outdir / outputs.PARAM_STATS, outdir / outputs.PARAM_PLOTS
     atomic_write_csv(stats_dir / "per_matrix.csv", rows, per_matrix_columns(empirical_rank))
@@ -190,7 +190,7 @@ def _write_stats(outdir, rows, layer_rows, summary, empirical_rank, label, meta,
 
 
 def _write_mlp_attn(folder, layer_rows, summary, label, meta) -> None:
-    from analyses.params_plots import plot_mlp_attn
+    from analyses.weights.params_plots import plot_mlp_attn
 
     table = mlp_attn_table(layer_rows)
     atomic_write_csv(folder / "mlp_attn_summary.csv", table, MLP_ATTN_COLUMNS)
@@ -211,7 +211,7 @@ def _write_mlp_attn(folder, layer_rows, summary, label, meta) -> None:
 
 
 def _write_null_space(folder, table, subspace_k, seed, label, meta, sampling) -> None:
-    from analyses.params_plots import plot_null_space
+    from analyses.weights.params_plots import plot_null_space
 
     atomic_write_csv(folder / "null_space_results.csv", table, NULL_SPACE_COLUMNS)
     def med(key: str) -> float:
@@ -235,7 +235,7 @@ def _write_null_space(folder, table, subspace_k, seed, label, meta, sampling) ->
 
 
 def _write_mlp_nullspace(folder, table, rank_rtol, label, meta) -> None:
-    from analyses.params_plots import plot_mlp_nullspace
+    from analyses.weights.params_plots import plot_mlp_nullspace
 
     atomic_write_csv(folder / "mlp_nullspace.csv", table, MLP_NULLSPACE_COLUMNS)
     energy = sum(float(r["dW_fro"]) ** 2 for r in table)
