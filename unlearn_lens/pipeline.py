@@ -219,7 +219,7 @@ def attack_settings(settings: PipelineSettings, entry: ModelEntry):
     from unlearn_lens.attacks.options import typed_options
 
     s = settings
-    attacks = AttackSettings.__dataclass_fields__["attacks"].default
+    attacks = AttackSettings.attacks  # every attack (the command's default)
     return AttackSettings(
         base=s.base.spec, model=entry.spec, name=entry.name, data=str(s.data_dir), outdir=str(s.outdir),
         attacks=attacks, cache_base=str(s.cache(s.base.name)), cache_model=str(s.cache(entry.name)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from unlearn_lens import options
+from unlearn_lens.attacks.base import AttackSettings
 from unlearn_lens.attacks.options import parse_option_flags
 
 
@@ -19,7 +20,7 @@ from unlearn_lens.attacks.options import parse_option_flags
 @options.max_samples(help=options.MEASURED_SAMPLES_HELP)
 @options.max_length()
 @options.compute()
-@click.option("--attacks", "attacks_text", default="ablate,quantize,relearn-unrelated,relearn-heldout",
+@click.option("--attacks", "attacks_text", default=",".join(AttackSettings.attacks),
               show_default=True, help="Comma-separated attacks to run.")
 @click.option("--cache-base", default=None,
               help="Activation cache of --base (`unlearn-lens capture`; needed by ablate; default "
@@ -42,7 +43,6 @@ def attack(model_spec, revision, trust_remote_code, base_spec, base_revision, da
     plus reference.json, summary.json (best ablation layer and k), recovery.png and
     ablation_by_layer.png. Finished attacks are skipped unless --overwrite.
     """
-    from unlearn_lens.attacks.base import AttackSettings
     from unlearn_lens.attacks.runner import run_attacks
     from unlearn_lens.core.outputs import default_name
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import click
 
 from unlearn_lens import options
-from unlearn_lens.core.settings import SHORT_MAX_LENGTH
-from unlearn_lens.lipschitz import (DEFAULT_EPS_TEXT, DEFAULT_N_PERTURB, LIPSCHITZ_DTYPE, LIPSCHITZ_MAX_SAMPLES,
-                                   parse_eps)
+from unlearn_lens.lipschitz import DEFAULT_EPS_TEXT, LipschitzSettings, parse_eps
+
+_S = LipschitzSettings  # the settings' defaults are the flags' defaults
 
 
 @click.command("lipschitz")
 @options.model_pair(modified_help="Modified (unlearned / filtered) model, same tokenizer as --model-a.",
                     revision_alias=True)
-@click.option("--name-a", default="base", show_default=True, help="Name of the base model in outputs.")
+@click.option("--name-a", default=_S.name_a, show_default=True, help="Name of the base model in outputs.")
 @click.option("--name-b", default=None,
               help="Name of the modified model in outputs (OUT/<name-a>__to__<name-b>/); default: derived from "
                    "--model-b's path as eval names a model (its last component; the parent's for .../model).")
@@ -22,11 +22,11 @@ from unlearn_lens.lipschitz import (DEFAULT_EPS_TEXT, DEFAULT_N_PERTURB, LIPSCHI
 @click.option("--eps", "eps_text", default=DEFAULT_EPS_TEXT, show_default=True,
               help="Comma-separated perturbation radii, relative: each real token's embedding moves by "
                    "eps x its own L2 norm along a random direction.")
-@click.option("--n-perturb", type=int, default=DEFAULT_N_PERTURB, show_default=True,
+@click.option("--n-perturb", type=int, default=_S.n_perturb, show_default=True,
               help="Random perturbation draws per text and eps (at least 2).")
-@options.max_samples(LIPSCHITZ_MAX_SAMPLES, help="Texts per split (the first N).")
-@options.max_length(SHORT_MAX_LENGTH)
-@options.compute(dtype_default=LIPSCHITZ_DTYPE,
+@options.max_samples(_S.max_samples, help="Texts per split (the first N).")
+@options.max_length(_S.max_length)
+@options.compute(dtype_default=_S.compute.dtype,
                  dtype_help="Model dtype; half precision swamps small eps, so float32 is the default.",
                  batch_help="Texts per forward pass.")
 @options.seed(help="Seed of the perturbation directions (the same draws for both models).")

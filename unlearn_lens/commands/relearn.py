@@ -5,8 +5,9 @@ from __future__ import annotations
 import click
 
 from unlearn_lens import options
-from unlearn_lens.core.settings import TRAIN_BATCH_SIZE
-from unlearn_lens.relearn import DEFAULT_FORGET_SUBSET
+from unlearn_lens.relearn import SCORINGS, RelearnSettings
+
+_S = RelearnSettings  # the settings' defaults are the flags' defaults
 
 
 @click.command("relearn")
@@ -19,22 +20,22 @@ from unlearn_lens.relearn import DEFAULT_FORGET_SUBSET
 @options.name()
 @options.max_samples(help=options.MEASURED_SAMPLES_HELP)
 @options.max_length()
-@options.compute(batch_default=TRAIN_BATCH_SIZE, batch_help="Training texts per step.")
+@options.compute(batch_default=_S.batch_size, batch_help="Training texts per step.")
 @options.eval_batch_size(help="Texts or prompts per forward pass when evaluating (as `eval --batch-size`).")
-@click.option("--steps", type=int, default=50, show_default=True, help="Fine-tuning steps of each condition.")
-@click.option("--lr", type=float, default=1e-5, show_default=True, help="AdamW learning rate (constant).")
+@click.option("--steps", type=int, default=_S.steps, show_default=True, help="Fine-tuning steps of each condition.")
+@click.option("--lr", type=float, default=_S.lr, show_default=True, help="AdamW learning rate (constant).")
 @click.option("--lora", is_flag=True,
               help="Fine-tune LoRA adapters (PEFT, every attention and MLP linear) instead of all weights.")
-@click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank (with --lora).")
-@click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (with --lora).")
-@click.option("--eval-every", type=int, default=10, show_default=True,
+@click.option("--lora-r", type=int, default=_S.lora_r, show_default=True, help="LoRA rank (with --lora).")
+@click.option("--lora-alpha", type=float, default=_S.lora_alpha, show_default=True, help="LoRA alpha (with --lora).")
+@click.option("--eval-every", type=int, default=_S.eval_every, show_default=True,
               help="Evaluate every K steps (step 0 and the last step always).")
-@click.option("--forget-subset", type=int, default=DEFAULT_FORGET_SUBSET, show_default=True,
+@click.option("--forget-subset", type=int, default=_S.forget_subset, show_default=True,
               help="Attack texts drawn from forget.txt's unmeasured half (all of it when smaller).")
 @options.seed(help="Seed of the subset, data order and LoRA init.")
-@click.option("--control/--no-control", default=True, show_default=True,
+@click.option("--control/--no-control", default=_S.control, show_default=True,
               help="Also fine-tune on retain-only text (same size, steps and LR) as a control.")
-@click.option("--scoring", type=click.Choice(["cloze", "letter"]), default="cloze", show_default=True,
+@click.option("--scoring", type=click.Choice(list(SCORINGS)), default=_S.scoring, show_default=True,
               help="Accuracy scoring of the headline steps-to-half-recovery (both are reported).")
 @options.overwrite()
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import click
 
 from unlearn_lens import options
-from unlearn_lens.core.settings import SHORT_MAX_LENGTH
-from unlearn_lens.tuned_lens import TUNED_LENS_MAX_SAMPLES, TunedLensSettings
+from unlearn_lens.tuned_lens import TunedLensSettings
 
-_DEFAULTS = TunedLensSettings.__dataclass_fields__
+_S = TunedLensSettings  # the settings' defaults are the flags' defaults
 
 
 @click.command("tuned-lens")
@@ -17,15 +16,15 @@ _DEFAULTS = TunedLensSettings.__dataclass_fields__
                    "path as eval names a model (its last component; the parent's for .../model).")
 @options.data(help="Data directory (training texts and wmdp_mcq.jsonl).")
 @options.outdir()
-@click.option("--train-split", default="retain", show_default=True, type=click.Choice(["retain", "forget"]),
+@click.option("--train-split", default=_S.train_split, show_default=True, type=click.Choice(["retain", "forget"]),
               help="Text the translators are trained on.")
-@click.option("--steps", type=int, default=_DEFAULTS["steps"].default, show_default=True,
+@click.option("--steps", type=int, default=_S.steps, show_default=True,
               help="Optimizer steps (0 keeps identity translators: the logit lens).")
-@click.option("--lr", type=float, default=_DEFAULTS["lr"].default, show_default=True, help="Adam learning rate.")
-@click.option("--tokens-per-step", type=int, default=_DEFAULTS["tokens_per_step"].default, show_default=True,
+@click.option("--lr", type=float, default=_S.lr, show_default=True, help="Adam learning rate.")
+@click.option("--tokens-per-step", type=int, default=_S.tokens_per_step, show_default=True,
               help="Random training tokens per optimizer step.")
-@options.max_samples(TUNED_LENS_MAX_SAMPLES, help="Training texts (the first N).")
-@options.max_length(SHORT_MAX_LENGTH,
+@options.max_samples(_S.max_samples, help="Training texts (the first N).")
+@options.max_length(_S.max_length,
                     help="Tokens per text (training texts are cut on the right, WMDP prompts on the left).")
 @click.option("--cache", default=None,
               help="Activation cache of this model (`unlearn-lens capture`): train and score from its "
