@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
 from unlearn_lens.pipeline import ModelEntry, PipelineSettings, Step
+
+if TYPE_CHECKING:
+    from unlearn_lens.unlearning.config import UnlearnConfig
 
 #: The demo's unlearning settings per method (UnlearnConfig fields; SmolLM2-135M, 30 layers, demo data
 #: of ~150 forget / ~150 retain lines).
@@ -60,7 +64,7 @@ def demo_settings(outdir: Path, methods: str, **options) -> PipelineSettings:
 
 
 def unlearn_config(settings: PipelineSettings, entry: ModelEntry, unlearn_steps: int | None = None,
-                   preset: str = "original"):
+                   preset: str = "original") -> UnlearnConfig:
     """The UnlearnConfig of one demo model, as `unlearn` builds it from the demo's settings given as flags.
 
     ``preset`` other than ``original`` replaces the method's demo settings by the preset's; the
@@ -86,7 +90,7 @@ def unlearn_config(settings: PipelineSettings, entry: ModelEntry, unlearn_steps:
     return config
 
 
-def unlearn_step(config) -> None:
+def unlearn_step(config: UnlearnConfig) -> None:
     """Train one demo model (`unlearn`'s run: check the config, train, save)."""
     from unlearn_lens.unlearning.trainer import run_unlearning
 

@@ -18,7 +18,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import click
 
@@ -31,6 +31,14 @@ from unlearn_lens.core.settings import (DEFAULT_BATCH_SIZE, DEFAULT_DEVICE, DEFA
 from unlearn_lens.capture import CAPTURE_MAX_SAMPLES, STORE_DTYPES
 from unlearn_lens.lipschitz import DEFAULT_EPS_TEXT, LIPSCHITZ_MAX_SAMPLES
 from unlearn_lens.tuned_lens import TunedLensSettings
+
+if TYPE_CHECKING:
+    from analyses.steps import AnalyzeSettings, ParamsSettings
+    from unlearn_lens.attacks.base import AttackSettings
+    from unlearn_lens.capture import CaptureRun
+    from unlearn_lens.data import DatasetSettings
+    from unlearn_lens.lipschitz import LipschitzSettings
+    from unlearn_lens.relearn import RelearnSettings
 
 DEFAULT_BASE = ("base", "EleutherAI/deep-ignorance-unfiltered")
 DEFAULT_MODELS = (("filtered", "EleutherAI/deep-ignorance-e2e-strong-filter"),
@@ -122,49 +130,57 @@ class Step:
 
 # --- the run function of each step (looked up when the plan is made) ---------------------------------
 
-def datasets_step(settings) -> None:
+def datasets_step(settings: DatasetSettings) -> None:
+    """The pipeline step of `datasets create`."""
     from unlearn_lens.data import run_datasets
 
     run_datasets(settings)
 
 
-def capture_step(settings) -> None:
+def capture_step(settings: CaptureRun) -> None:
+    """The pipeline step of `capture`."""
     from unlearn_lens.capture import run_capture
 
     run_capture(settings)
 
 
-def params_step(settings) -> None:
+def params_step(settings: ParamsSettings) -> None:
+    """The pipeline step of `params`."""
     from analyses.steps import run_params_step
 
     run_params_step(settings)
 
 
-def analyze_step(settings) -> None:
+def analyze_step(settings: AnalyzeSettings) -> None:
+    """The pipeline step of `analyze`."""
     from analyses.steps import run_analyze
 
     run_analyze(settings)
 
 
-def lipschitz_step(settings) -> None:
+def lipschitz_step(settings: LipschitzSettings) -> None:
+    """The pipeline step of `lipschitz`."""
     from unlearn_lens.lipschitz import run_lipschitz
 
     run_lipschitz(settings)
 
 
-def tuned_lens_step(settings) -> None:
+def tuned_lens_step(settings: TunedLensSettings) -> None:
+    """The pipeline step of `tuned-lens`."""
     from unlearn_lens.tuned_lens import run_tuned_lens
 
     run_tuned_lens(settings)
 
 
-def relearn_step(settings) -> None:
+def relearn_step(settings: RelearnSettings) -> None:
+    """The pipeline step of `relearn`."""
     from unlearn_lens.relearn import run_relearn
 
     run_relearn(settings)
 
 
-def attack_step(settings) -> None:
+def attack_step(settings: AttackSettings) -> None:
+    """The pipeline step of `attack` (progress on stderr)."""
     from unlearn_lens.attacks.runner import run_attacks
 
     run_attacks(settings, echo=lambda message: click.echo(message, err=True))
@@ -172,7 +188,7 @@ def attack_step(settings) -> None:
 
 # --- the plan ---------------------------------------------------------------------------------------
 
-def capture_settings(settings: PipelineSettings, entry: ModelEntry):
+def capture_settings(settings: PipelineSettings, entry: ModelEntry) -> CaptureRun:
     """`capture` of ``entry`` into OUT/caches/<name>.zarr with the run's sizes and dtypes."""
     from unlearn_lens.capture import CaptureRun, CaptureSettings
 
@@ -182,7 +198,7 @@ def capture_settings(settings: PipelineSettings, entry: ModelEntry):
         model_dtype=s.model_dtype, device=s.device, overwrite=s.force))
 
 
-def lipschitz_settings(settings: PipelineSettings, entry: ModelEntry):
+def lipschitz_settings(settings: PipelineSettings, entry: ModelEntry) -> LipschitzSettings:
     """`lipschitz` base -> ``entry``: --lipschitz-samples texts of at most LIPSCHITZ_MAX_LENGTH tokens."""
     from unlearn_lens.lipschitz import LipschitzSettings, parse_eps
 
@@ -194,7 +210,7 @@ def lipschitz_settings(settings: PipelineSettings, entry: ModelEntry):
         overwrite=s.force)
 
 
-def tuned_lens_settings(settings: PipelineSettings, entry: ModelEntry):
+def tuned_lens_settings(settings: PipelineSettings, entry: ModelEntry) -> TunedLensSettings:
     """`tuned-lens` of ``entry`` from its cache; texts, lengths and batch size are the command's defaults."""
     s = settings
     return TunedLensSettings(s.model_ref(entry), entry.name, str(s.data_dir), str(s.outdir),
@@ -202,7 +218,7 @@ def tuned_lens_settings(settings: PipelineSettings, entry: ModelEntry):
                              tokens_per_step=s.tuned_lens_tokens, cache=str(s.cache(entry.name)), overwrite=s.force)
 
 
-def relearn_settings(settings: PipelineSettings, entry: ModelEntry):
+def relearn_settings(settings: PipelineSettings, entry: ModelEntry) -> RelearnSettings:
     """`relearn` on ``entry`` against the base; ``relearn_options`` override fields (the demo's short run)."""
     from unlearn_lens.relearn import RelearnSettings
 
@@ -213,7 +229,7 @@ def relearn_settings(settings: PipelineSettings, entry: ModelEntry):
     return dataclasses.replace(plain, **s.relearn_options)
 
 
-def attack_settings(settings: PipelineSettings, entry: ModelEntry):
+def attack_settings(settings: PipelineSettings, entry: ModelEntry) -> AttackSettings:
     """`attack` for base -> ``entry``: outputs in OUT/<name>/attacks, the pipeline's caches."""
     from unlearn_lens.attacks.base import AttackSettings
     from unlearn_lens.attacks.options import typed_options
