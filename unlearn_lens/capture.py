@@ -21,14 +21,11 @@ from cache_store import CacheWriter, Dynamic, SplitLayout, SplitWriter, choose_t
 from cache_store.writer import content_fingerprint
 from unlearn_lens.capture_inputs import SplitInputs, build_inputs
 from unlearn_lens.core.errors import UserError
-from unlearn_lens.core.settings import DEFAULT_BATCH_SIZE, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MAX_LENGTH, ModelRef
+from unlearn_lens.core.settings import (CACHE_DTYPES, CAPTURE_MAX_SAMPLES, DEFAULT_BATCH_SIZE, DEFAULT_DEVICE,
+                                        DEFAULT_DTYPE, DEFAULT_MAX_LENGTH, ModelRef)
 
 STORE_DTYPES = ("float16", "float32")
 DEFAULT_BLOCK_SAMPLES = 32
-#: Texts (questions) captured per split by default: the first N.
-CAPTURE_MAX_SAMPLES = 500
-#: Storage dtypes of the cache; float16 (the default) halves it.
-STORE_DTYPES = ("float16", "float32")
 #: Config keys of families whose logits are not just the unembedding of the final norm's output.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 #: Test hook: SIGKILL this process once this many batches are written (proves resumption).
@@ -43,7 +40,7 @@ class CaptureSettings:
     max_samples: int = CAPTURE_MAX_SAMPLES
     max_length: int = DEFAULT_MAX_LENGTH
     batch_size: int = DEFAULT_BATCH_SIZE
-    dtype: str = STORE_DTYPES[0]  # storage dtype of the activations
+    dtype: str = CACHE_DTYPES[0]  # storage dtype of the activations
     model_dtype: str = DEFAULT_DTYPE
     device: str = DEFAULT_DEVICE
     shard: tuple[int, int] = (1, 1)

@@ -26,9 +26,8 @@ from unlearn_lens.core import outputs
 from unlearn_lens.core.atomic import atomic_write_text
 from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.outputs import default_name
-from unlearn_lens.core.settings import (DEFAULT_BATCH_SIZE, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MAX_LENGTH,
-                                        SHORT_MAX_LENGTH, Compute, ModelRef)
-from unlearn_lens.capture import CAPTURE_MAX_SAMPLES, STORE_DTYPES
+from unlearn_lens.core.settings import (CACHE_DTYPES, CAPTURE_MAX_SAMPLES, DEFAULT_BATCH_SIZE, DEFAULT_DEVICE,
+                                        DEFAULT_DTYPE, DEFAULT_MAX_LENGTH, SHORT_MAX_LENGTH, Compute, ModelRef)
 from unlearn_lens.lipschitz import DEFAULT_EPS_TEXT, LIPSCHITZ_MAX_SAMPLES
 from unlearn_lens.tuned_lens import TunedLensSettings
 
@@ -78,7 +77,7 @@ class PipelineSettings:
     data: Path | None = None
     device: str = DEFAULT_DEVICE
     model_dtype: str = DEFAULT_DTYPE
-    cache_dtype: str = STORE_DTYPES[0]
+    cache_dtype: str = CACHE_DTYPES[0]
     max_samples: int = CAPTURE_MAX_SAMPLES  # texts (questions) per split each capture reads
     max_length: int = DEFAULT_MAX_LENGTH
     batch_size: int = DEFAULT_BATCH_SIZE

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from unlearn_lens import options
-from unlearn_lens.capture import CAPTURE_MAX_SAMPLES, DEFAULT_BLOCK_SAMPLES, STORE_DTYPES
+from unlearn_lens.core.settings import CACHE_DTYPES, CAPTURE_MAX_SAMPLES
 from unlearn_lens.core.errors import UserError
 
 
@@ -32,7 +32,7 @@ def _parse_shard(value: str | None) -> tuple[int, int]:
 @options.max_samples(CAPTURE_MAX_SAMPLES, help="First N texts (forget/retain) or questions (wmdp) of each split.")
 @options.max_length(help="Truncate each sample to this many tokens (prompts keep their end).")
 @options.batch_size(help="Samples per forward pass.")
-@options.dtype(STORE_DTYPES[0], choices=STORE_DTYPES,
+@options.dtype(CACHE_DTYPES[0], choices=CACHE_DTYPES,
                help="Storage dtype of activations (float16 halves the cache; out-of-range values are an error).")
 @options.dtype(name="--model-dtype", param="model_dtype",
                help="Compute dtype of the model (auto: float32 on CPU, bfloat16 on GPU).")
@@ -40,7 +40,7 @@ def _parse_shard(value: str | None) -> tuple[int, int]:
 @click.option("--shard", default=None, metavar="K/N",
               help="Fill only the K-th of N chunk-aligned parts; run N processes on the same --out.")
 @options.overwrite(help="Replace a cache at --out captured with other provenance (model, data or settings).")
-@click.option("--block-samples", default=DEFAULT_BLOCK_SAMPLES, show_default=True, type=int,
+@click.option("--block-samples", default=32, show_default=True, type=int,
               help="Samples per block: the unit of resumption and of sharding.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def capture(model_spec, revision, arch_spec, trust_remote_code, data_dir, out, splits, max_samples, max_length,

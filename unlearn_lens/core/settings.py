@@ -24,6 +24,10 @@ DEFAULT_DEVICE = "cpu"
 #: Model compute dtypes; "auto" is float32 on CPU and bfloat16 on GPU.
 MODEL_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_DTYPE = "auto"
+#: Texts (questions) per split a capture reads by default (the first N), also the pipeline's.
+CAPTURE_MAX_SAMPLES = 500
+#: Storage dtypes of an activation cache; float16 (the default) halves it.
+CACHE_DTYPES = ("float16", "float32")
 #: Output root of the commands that default one (pipeline, report, infer's sweeps).
 DEFAULT_OUTDIR = "outputs"
 #: Seed of every command's random choices.
