@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -407,13 +408,11 @@ class LipschitzSettings:
     overwrite: bool = False
 
 
-def run_lipschitz(settings: LipschitzSettings):
+def run_lipschitz(settings: LipschitzSettings) -> Path:
     """Write ``OUT/<name_a>__to__<name_b>/lipschitzness/`` (CSV, summary.json, plot, marker).
 
     Returns the output folder. A finished folder is left alone unless ``overwrite``.
     """
-    from pathlib import Path
-
     from analyses.io import atomic_write_csv, atomic_write_json, clear_complete, is_complete, mark_complete
     from unlearn_lens.data import read_texts
     from unlearn_lens.loading import load_tokenizer
