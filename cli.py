@@ -31,11 +31,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("unlearn_lens.commands.infer:infer", "Generate text from one model, two side by side, interactively, or a sweep to CSV."),
     "params": ("analyses.commands.params:params", "Parameter-space diagnostics of dW = W_b - W_a (norms, ranks, subspaces, null space) from checkpoints."),
     "analyze": ("analyses.commands.analyze:analyze", "Activation diagnostics (norms, separation, covariance, row space, probes, logit lens) from caches."),
-    "lipschitz": ("unlearn_lens.commands.live:lipschitz", "Local Lipschitz, input-gradient norm and output variance of two models, forget vs retain."),
-    "tuned-lens": ("unlearn_lens.commands.live:tuned_lens", "Train a tuned lens and report WMDP accuracy per layer (letter and cloze)."),
-    "eval": ("unlearn_lens.commands.brittleness:eval_command", "Zero-shot WMDP accuracy (letter and cloze), forget NLL and retain perplexity of one model."),
+    "lipschitz": ("unlearn_lens.commands.lipschitz:lipschitz", "Local Lipschitz, input-gradient norm and output variance of two models, forget vs retain."),
+    "tuned-lens": ("unlearn_lens.commands.tuned_lens:tuned_lens", "Train a tuned lens and report WMDP accuracy per layer (letter and cloze)."),
+    "eval": ("unlearn_lens.commands.eval:eval_command", "Zero-shot WMDP accuracy (letter and cloze), forget NLL and retain perplexity of one model."),
     "attack": ("unlearn_lens.commands.attack:attack", "Is the knowledge still there? Direction ablation, quantization and relearning attacks with recovery fractions."),
-    "relearn": ("unlearn_lens.commands.brittleness:relearn", "Fine-tuning attack on a few forget texts (and a retain control): steps to recover half the gap to the base."),
+    "relearn": ("unlearn_lens.commands.relearn:relearn", "Fine-tuning attack on a few forget texts (and a retain control): steps to recover half the gap to the base."),
 }
 
 

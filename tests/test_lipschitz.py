@@ -214,12 +214,14 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path, llama_dir, other_tokenizer
 @pytest.mark.slow
 def test_smollm2_end_to_end(tmp_path, smollm2_dir):
     """The real SmolLM2-135M: finite positive estimates, locally linear (eps-independent), paired draws."""
-    from unlearn_lens.lipschitz import run_lipschitz
+    from unlearn_lens.core.settings import Compute, ModelRef
+    from unlearn_lens.lipschitz import LipschitzSettings, run_lipschitz
 
     data = write_data(tmp_path / "data")
-    folder = run_lipschitz(str(smollm2_dir), str(smollm2_dir), name_a="base", name_b="copy", data_dir=str(data),
-                           outdir=str(tmp_path / "out"), eps_values=[1e-3, 1e-2], n_perturb=2, max_samples=2,
-                           max_length=24, batch_size=2)
+    folder = run_lipschitz(LipschitzSettings(
+        ModelRef(str(smollm2_dir)), ModelRef(str(smollm2_dir)), name_a="base", name_b="copy", data=str(data),
+        outdir=str(tmp_path / "out"), eps_values=(1e-3, 1e-2), n_perturb=2, max_samples=2, max_length=24,
+        compute=Compute(dtype="float32", batch_size=2)))
     rows = list(csv.DictReader((folder / "lipschitz_results.csv").open()))
     assert len(rows) == 8
     for row in rows:

@@ -31,7 +31,8 @@ def test_model_names_that_break_the_tree_are_refused(name):
 def test_every_validator_is_the_one_rule(tmp_path):
     """pipeline NAME=, analyze --compare NAME=, relearn/eval/attack --name, lipschitz, tuned lens."""
     from analyses.activations.caches import parse_compare
-    from unlearn_lens.lipschitz import run_lipschitz
+    from unlearn_lens.core.settings import ModelRef
+    from unlearn_lens.lipschitz import LipschitzSettings, run_lipschitz
     from unlearn_lens.pipeline import ModelEntry
     from unlearn_lens.tuned_lens import validate_options
 
@@ -44,7 +45,8 @@ def test_every_validator_is_the_one_rule(tmp_path):
         validate_options(steps=1, lr=1e-3, tokens_per_step=8, batch_size=1, max_length=8, max_samples=None,
                          train_split="forget", name="a__to__b")
     with pytest.raises(UserError, match="--name-b 'a__to__b'"):
-        run_lipschitz("x", "y", name_a="base", name_b="a__to__b", data_dir=tmp_path, outdir=tmp_path)
+        run_lipschitz(LipschitzSettings(ModelRef("x"), ModelRef("y"), name_a="base", name_b="a__to__b",
+                                        data=str(tmp_path), outdir=str(tmp_path)))
 
 
 def test_tuned_lens_cli_refuses_a_comparison_name(tmp_path):

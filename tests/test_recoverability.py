@@ -84,7 +84,7 @@ def test_report_without_attacks_says_how_to_get_them(tmp_path):
 # --- the pipeline step and the demo -----------------------------------------------------------------
 
 def test_pipeline_plans_the_attack_step_only_with_attacks(tmp_path):
-    from unlearn_lens.pipeline import ATTACK_OPTION_FLAG, ModelEntry, PipelineSettings, plan
+    from unlearn_lens.pipeline import ModelEntry, PipelineSettings, plan
 
     settings = PipelineSettings(outdir=tmp_path, base=ModelEntry("base", "/m/base"),
                                 models=[ModelEntry("ga", "/m/ga", "v1"), ModelEntry("rmu", "/m/rmu")],
@@ -95,16 +95,15 @@ def test_pipeline_plans_the_attack_step_only_with_attacks(tmp_path):
     steps = {s.id: s for s in plan(settings) if s.id.startswith("attack")}
     assert set(steps) == {"attack:ga", "attack:rmu"}
     assert steps["attack:ga"].needs == ["capture:base", "capture:ga"]  # after the caches exist
-    from unlearn_lens.pipeline import attack_argv
+    from unlearn_lens.pipeline import attack_settings
 
-    argv = attack_argv(settings, settings.models[0])
-    flags = dict(zip(argv[1::2], argv[2::2]))
-    assert argv[0] == "attack" and flags["--name"] == "ga" and flags["--outdir"] == str(tmp_path)
-    assert flags["--cache-base"] == str(tmp_path / "caches" / "base.zarr")
-    assert flags["--cache-model"] == str(tmp_path / "caches" / "ga.zarr")
-    assert flags["--model-revision"] == "v1" and flags["--max-samples"] == "40"
-    assert [argv[i + 1] for i, a in enumerate(argv) if a == ATTACK_OPTION_FLAG] == [
-        "relearn_steps=5", "quant_settings=int8,int4"]
+    attack = attack_settings(settings, settings.models[0])
+    assert attack == steps["attack:ga"].settings
+    assert attack.name == "ga" and attack.outdir == str(tmp_path)
+    assert attack.cache_base == str(tmp_path / "caches" / "base.zarr")
+    assert attack.cache_model == str(tmp_path / "caches" / "ga.zarr")
+    assert attack.model_revision == "v1" and attack.max_samples == 40
+    assert attack.options == {"relearn_steps": 5, "quant_settings": ("int8", "int4")}
     settings.skip = frozenset({"capture"})  # skipping captures does not drop the attack step
     assert {s.id for s in plan(settings) if s.id.startswith("attack")} == {"attack:ga", "attack:rmu"}
 
@@ -118,7 +117,9 @@ def test_demo_runs_relearning_and_attacks_with_short_settings(tmp_path):
     assert {"relearn:rmu", "relearn:ga", "attack:rmu", "attack:ga"} <= set(ids)
     assert ids.index("capture:rmu") < ids.index("attack:rmu")
     assert settings.attack_max_samples == 6  # never more than --max-samples
-    assert "--steps" in settings.relearn_flags and settings.relearn_flags[-2:] == ("--max-samples", "6")
+    assert "steps" in settings.relearn_options and settings.relearn_options["max_samples"] == 6
+    relearn = next(s for s in plan(settings) if s.id == "relearn:rmu").settings
+    assert (relearn.steps, relearn.max_samples, relearn.batch_size) == (4, 6, 2)
     assert settings.attack_options == DEMO_ATTACK_OPTIONS
     from unlearn_lens.attacks import ablation, quantization, relearning
 
@@ -137,17 +138,17 @@ def test_demo_and_pipeline_flags():
 
 
 def test_attack_step_runs_once_and_resumes(tmp_path, monkeypatch):
-    """The step runs `attack` with its argv, writes its marker, and a second run skips it (--force redoes it)."""
+    """The step runs `attack` with its settings, writes its marker, and a second run skips it (force redoes it)."""
     import unlearn_lens.pipeline as P
 
     calls = []
-    monkeypatch.setattr(P, "run_command", lambda argv: calls.append(list(argv)))
+    monkeypatch.setattr(P, "attack_step", lambda settings: calls.append(settings))
     skip = frozenset({"datasets", "capture", "params", "analyze", "lipschitz", "tuned-lens", "report"})
     settings = P.PipelineSettings(outdir=tmp_path, base=P.ModelEntry("base", "/m/base"),
                                   models=[P.ModelEntry("ga", "/m/ga")], data=tmp_path, attacks=True, skip=skip)
     assert P.run_pipeline(settings, echo=lambda message: None) == {"attack:ga": "done"}
-    assert [c[0] for c in calls] == ["attack"] and (tmp_path / ".pipeline" / "attack__ga.json").is_file()
+    assert [c.name for c in calls] == ["ga"] and (tmp_path / ".pipeline" / "attack__ga.json").is_file()
     assert P.run_pipeline(settings, echo=lambda message: None) == {"attack:ga": "skipped (done)"}
     settings.force = True
     assert P.run_pipeline(settings, echo=lambda message: None) == {"attack:ga": "done"}
-    assert len(calls) == 2 and calls[-1][-1] == "--force"
+    assert len(calls) == 2 and calls[-1].force and not calls[0].force

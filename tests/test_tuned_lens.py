@@ -15,7 +15,9 @@ from unlearn_lens.prompts import cloze_context, cloze_continuations, letter_prom
 from unlearn_lens.tuned_lens import (cache_token_residuals, cloze_data_from_cache, cloze_data_from_model,
                                      kl_by_layer, lens_accuracies, lens_for_model, letter_data_from_cache,
                                      letter_data_from_model, load_translators, model_token_residuals,
-                                     readout_parameters, run_tuned_lens, run_with_residuals, train_tuned_lens)
+                                     readout_parameters, run_tuned_lens, run_with_residuals, train_tuned_lens,
+                                     TunedLensSettings)
+from unlearn_lens.core.settings import Compute, ModelRef
 from unlearn_lens.lipschitz import pad_batch, tokenize_texts
 
 RETAIN = ["The river flows through the valley toward the distant sea.",
@@ -250,13 +252,13 @@ def test_run_from_cache_equals_run_from_model(tmp_path, monkeypatch):
     model, tokenizer = make_tiny_model("llama")
     splits = schema_datasets(model, tokenizer, ArchitectureAdapter(model), dtype=np.float32)
     data = write_data(tmp_path / "data")
-    options = dict(data_dir=str(data), outdir=str(tmp_path / "out"), steps=3, lr=1e-2, tokens_per_step=16,
-                   max_length=32, batch_size=2)
-    plain = run_tuned_lens(str(model_dir), name="plain", **options)
+    options = dict(data=str(data), outdir=str(tmp_path / "out"), steps=3, lr=1e-2, tokens_per_step=16,
+                   max_length=32, compute=Compute(batch_size=2))
+    plain = run_tuned_lens(TunedLensSettings(ModelRef(str(model_dir)), name="plain", **options))
     monkeypatch.setattr(cache_store, "list_splits", lambda url: sorted(splits))
     monkeypatch.setattr(cache_store, "is_complete", lambda url, split=None: True)
     monkeypatch.setattr(cache_store, "open_cache", lambda url, split: splits[split])
-    cached = run_tuned_lens(str(model_dir), name="cached", cache="fake://cache", **options)
+    cached = run_tuned_lens(TunedLensSettings(ModelRef(str(model_dir)), name="cached", cache="fake://cache", **options))
     config = json.loads((cached / "config.json").read_text())
     assert config["sources"] == {"train": "cache fake://cache", "wmdp": "cache fake://cache"}
     a = load_translators(plain / "translators.safetensors")
@@ -353,8 +355,9 @@ def test_smollm2_training_lowers_kl_and_last_layer_is_the_model(tmp_path, smollm
     from unlearn_lens.loading import load_model
 
     data = write_data(tmp_path / "data")
-    folder = run_tuned_lens(str(smollm2_dir), name="smollm2", data_dir=str(data), outdir=str(tmp_path / "out"),
-                            steps=5, lr=2e-3, tokens_per_step=32, max_length=32, batch_size=4)
+    folder = run_tuned_lens(TunedLensSettings(ModelRef(str(smollm2_dir)), name="smollm2", data=str(data),
+                                              outdir=str(tmp_path / "out"), steps=5, lr=2e-3, tokens_per_step=32,
+                                              max_length=32, compute=Compute(batch_size=4)))
     kl = list(csv.DictReader((folder / "training_kl.csv").open()))
     initial = np.array([float(r["kl_initial"]) for r in kl])
     final = np.array([float(r["kl_final"]) for r in kl])
@@ -413,10 +416,11 @@ def test_real_cache_gives_the_same_lens_as_the_model(tmp_path, tiny_model_dir):
     data = write_data(tmp_path / "data")
     cache = capture_cache(tiny_model_dir, data, tmp_path / "cache")
     steps, lr, tokens = 3, 1e-2, 16
-    options = dict(data_dir=str(data), outdir=str(tmp_path / "out"), steps=steps, lr=lr, tokens_per_step=tokens,
-                   max_length=32, batch_size=2)
-    plain = run_tuned_lens(str(tiny_model_dir), name="plain", **options)
-    cached = run_tuned_lens(str(tiny_model_dir), name="cached", cache=str(cache), **options)
+    options = dict(data=str(data), outdir=str(tmp_path / "out"), steps=steps, lr=lr, tokens_per_step=tokens,
+                   max_length=32, compute=Compute(batch_size=2))
+    plain = run_tuned_lens(TunedLensSettings(ModelRef(str(tiny_model_dir)), name="plain", **options))
+    cached = run_tuned_lens(TunedLensSettings(ModelRef(str(tiny_model_dir)), name="cached", cache=str(cache),
+                                              **options))
     assert json.loads((cached / "config.json").read_text())["sources"]["train"].startswith("cache")
 
     model, tokenizer = load_model(str(tiny_model_dir), dtype="float32")

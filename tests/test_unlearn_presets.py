@@ -343,14 +343,11 @@ def test_demo_passes_the_preset_instead_of_its_method_flags(tmp_path):
                              force=False, skip=frozenset(), empirical_rank=False, workers=None, lipschitz_samples=1,
                              tuned_lens_steps=1, tuned_lens_tokens=1, relearn=False)
 
-    def argv(step):
-        return next(v for v in vars(step).values() if callable(v)).__defaults__[0]
-
-    rmu, npo = (argv(step) for step in demo_steps(settings, 5, "reference")[2:])
-    assert rmu[rmu.index("--preset") + 1] == "reference" and "--lr" not in rmu and "--alpha" not in rmu
-    assert rmu[rmu.index("--steps") + 1] == "5" and npo.count("--steps") == 1
-    original = argv(demo_steps(settings, None, "original")[2])
-    assert "--preset" not in original and "--lr" in original  # today's demo flags
+    rmu, npo = (step.settings for step in demo_steps(settings, 5, "reference")[2:])
+    assert rmu.preset == "reference" and (rmu.lr, rmu.alpha) == (5e-5, 1200.0)  # the preset's, not the demo's
+    assert rmu.steps == 5 and npo.steps == 5
+    original = demo_steps(settings, None, "original")[2].settings
+    assert original.preset == "default" and (original.lr, original.alpha, original.steps) == (1e-3, 100.0, 20)
 
 
 def test_reference_warmup_is_one_epoch_of_the_forget_set(neox_dir, unlearn_data_dir, tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -21,6 +21,8 @@ from cache_store import CacheWriter, Dynamic, SplitLayout, SplitWriter, choose_t
 from cache_store.writer import content_fingerprint
 from unlearn_lens.capture_inputs import SplitInputs, build_inputs
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.settings import (CACHE_DTYPES, CAPTURE_MAX_SAMPLES, DEFAULT_BATCH_SIZE, DEFAULT_DEVICE,
+                                        DEFAULT_DTYPE, DEFAULT_MAX_LENGTH, ModelRef)
 
 STORE_DTYPES = ("float16", "float32")
 DEFAULT_BLOCK_SAMPLES = 32
@@ -35,12 +37,12 @@ class CaptureSettings:
     """Everything that decides what is captured and how (the CLI flags)."""
 
     splits: tuple[str, ...] = ("forget", "retain", "wmdp", "wmdp_cloze")
-    max_samples: int = 500
-    max_length: int = 512
-    batch_size: int = 8
-    dtype: str = "float16"
-    model_dtype: str = "auto"
-    device: str = "cpu"
+    max_samples: int = CAPTURE_MAX_SAMPLES
+    max_length: int = DEFAULT_MAX_LENGTH
+    batch_size: int = DEFAULT_BATCH_SIZE
+    dtype: str = CACHE_DTYPES[0]  # storage dtype of the activations
+    model_dtype: str = DEFAULT_DTYPE
+    device: str = DEFAULT_DEVICE
     shard: tuple[int, int] = (1, 1)
     overwrite: bool = False
     block_samples: int = DEFAULT_BLOCK_SAMPLES
@@ -324,3 +326,19 @@ def capture(model_spec: str, data_dir: str | Path, out: str, settings: CaptureSe
             split_writer.close()
         states[split] = "complete" if split_writer.finalize_if_done() else "shard done"
     return states
+
+
+@dataclass(frozen=True)
+class CaptureRun:
+    """One model's capture (the `capture` command's flags): the model, the data, where, and how."""
+
+    model: ModelRef
+    data: str
+    out: str  # the cache: a directory or fsspec URL
+    settings: CaptureSettings = field(default_factory=CaptureSettings)
+
+
+def run_capture(run: CaptureRun) -> dict[str, str]:
+    """``capture`` with the model reference of ``run``; returns each split's state."""
+    return capture(run.model.spec, run.data, run.out, run.settings, revision=run.model.revision,
+                   arch_spec=run.model.arch_spec, trust_remote_code=run.model.trust_remote_code)

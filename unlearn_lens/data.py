@@ -284,3 +284,23 @@ def create_datasets(
     }
     atomic_write_text(outdir / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    """Everything ``run_datasets`` needs (the `datasets create` command's flags)."""
+
+    outdir: str
+    source: str = "hub"  # hub, local (from source_dir) or demo (built in, offline)
+    source_dir: str | None = None
+    eval_fraction: float = 0.5
+    seed: int = 0
+    forget_corpus: bool = False
+    max_retain: int | None = None
+
+
+def run_datasets(settings: DatasetSettings) -> dict:
+    """Write the data sets of ``settings``; returns the manifest."""
+    s = settings
+    return create_datasets(s.outdir, source=s.source, source_dir=s.source_dir, eval_fraction=s.eval_fraction,
+                           seed=s.seed, forget_corpus=s.forget_corpus, max_retain=s.max_retain)

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from unlearn_lens import prompts
+from unlearn_lens.core.settings import DEFAULT_MAX_LENGTH
 
 
 def _device_of(model, device):
@@ -43,7 +44,7 @@ def _logprobs(model, ids, mask) -> torch.Tensor:
 
 
 @torch.no_grad()
-def nll_sums(model, tokenizer, texts: Sequence[str], *, max_length: int = 512, batch_size: int = 8,
+def nll_sums(model, tokenizer, texts: Sequence[str], *, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 8,
              device=None) -> tuple[float, int]:
     """Summed next-token NLL and number of predicted tokens over ``texts``."""
     device = _device_of(model, device)
@@ -129,7 +130,7 @@ def cloze_accuracy(model, tokenizer, items, **kwargs) -> float:
 
 
 def evaluate(model, tokenizer, data_dir: str | Path | None = None, *, forget_texts: Sequence[str] | None = None,
-             retain_texts: Sequence[str] | None = None, mcq_items=None, max_length: int = 512,
+             retain_texts: Sequence[str] | None = None, mcq_items=None, max_length: int = DEFAULT_MAX_LENGTH,
              batch_size: int = 8, device=None) -> dict:
     """Forget NLL, retain NLL / perplexity, letter and cloze WMDP accuracy of ``model``.
 

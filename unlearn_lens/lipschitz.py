@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.settings import DEFAULT_SEED, SHORT_MAX_LENGTH, Compute, ModelRef
 
 #: ``forward(inputs_embeds (B,T,d), attention_mask (B,T)) -> (hidden (B,T,h), logits (B,T,V))``
 ForwardFn = Callable[[Any, Any], tuple[Any, Any]]
@@ -365,22 +367,64 @@ def model_rows(spec: str, name: str, texts: dict[str, list[str]], *, eps_values:
     return rows, shape
 
 
-def run_lipschitz(model_a: str, model_b: str, *, name_a: str, name_b: str, data_dir: str, outdir: str,
-                  eps_values: Sequence[float] = (1e-3, 1e-2), n_perturb: int = 8,
-                  max_samples: int | None = 64, max_length: int = 128, batch_size: int = 8, seed: int = 0,
-                  device: str = "cpu", dtype: str = "float32", revision_a: str | None = None,
-                  revision_b: str | None = None, arch_spec=None, trust_remote_code: bool = False,
-                  overwrite: bool = False):
+#: Defaults of the Lipschitz step: radii, draws per text and eps, texts per split, and float32
+#: (half precision swamps the small perturbations).
+DEFAULT_EPS_TEXT = "1e-3,1e-2"  # as the --eps flag shows it
+DEFAULT_EPS = tuple(float(eps) for eps in DEFAULT_EPS_TEXT.split(","))
+DEFAULT_N_PERTURB = 8
+LIPSCHITZ_MAX_SAMPLES = 64
+LIPSCHITZ_DTYPE = "float32"
+
+
+def parse_eps(text: str) -> list[float]:
+    """``"1e-3,1e-2"`` -> ``[0.001, 0.01]``; a clear error for anything else."""
+    values = []
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise UserError(f"--eps: {part.strip()!r} is not a number (give e.g. 1e-3,1e-2)") from None
+    return values
+
+
+@dataclass(frozen=True)
+class LipschitzSettings:
+    """Everything ``run_lipschitz`` needs (the `lipschitz` command's flags)."""
+
+    model_a: ModelRef  # the base model
+    model_b: ModelRef  # the modified model, same tokenizer and embedding shape
+    data: str
+    outdir: str
+    name_a: str = "base"
+    name_b: str | None = None  # default: derived from model_b.spec
+    eps_values: tuple[float, ...] = DEFAULT_EPS
+    n_perturb: int = DEFAULT_N_PERTURB
+    max_samples: int | None = LIPSCHITZ_MAX_SAMPLES
+    max_length: int = SHORT_MAX_LENGTH
+    compute: Compute = Compute(dtype=LIPSCHITZ_DTYPE)
+    seed: int = DEFAULT_SEED
+    overwrite: bool = False
+
+
+def run_lipschitz(settings: LipschitzSettings) -> Path:
     """Write ``OUT/<name_a>__to__<name_b>/lipschitzness/`` (CSV, summary.json, plot, marker).
 
     Returns the output folder. A finished folder is left alone unless ``overwrite``.
     """
-    from pathlib import Path
-
     from analyses.io import atomic_write_csv, atomic_write_json, clear_complete, is_complete, mark_complete
     from unlearn_lens.data import read_texts
     from unlearn_lens.loading import load_tokenizer
 
+    s = settings
+    a, b = s.model_a, s.model_b
+    model_a, model_b, revision_a, revision_b = a.spec, b.spec, a.revision, b.revision
+    name_a, name_b = s.name_a, s.name_b or outputs.default_name(b.spec)
+    data_dir, outdir, eps_values, n_perturb, max_samples = s.data, s.outdir, s.eps_values, s.n_perturb, s.max_samples
+    max_length, batch_size, seed, device, dtype = (s.max_length, s.compute.batch_size, s.seed, s.compute.device,
+                                                   s.compute.dtype)
+    overwrite = s.overwrite
     validate_options(eps_values=eps_values, n_perturb=n_perturb, batch_size=batch_size,
                      max_length=max_length, max_samples=max_samples)
     outputs.check_model_name(name_a, "--name-a"), outputs.check_model_name(name_b, "--name-b")
@@ -390,14 +434,15 @@ def run_lipschitz(model_a: str, model_b: str, *, name_a: str, name_b: str, data_
     if is_complete(folder) and not overwrite:
         return folder
     texts = {split: read_texts(data_dir, split)[: max_samples or None] for split in ("forget", "retain")}
-    check_shared_tokenizer(load_tokenizer(model_a, revision_a, trust_remote_code=trust_remote_code),
-                           load_tokenizer(model_b, revision_b, trust_remote_code=trust_remote_code))
+    check_shared_tokenizer(load_tokenizer(model_a, revision_a, trust_remote_code=a.trust_remote_code),
+                           load_tokenizer(model_b, revision_b, trust_remote_code=b.trust_remote_code))
     eps_values = sorted(float(e) for e in set(eps_values))
     options = dict(eps_values=eps_values, n_perturb=n_perturb, max_length=max_length, batch_size=batch_size,
-                   seed=seed, device=device, dtype=dtype, arch_spec=arch_spec,
-                   trust_remote_code=trust_remote_code)
-    rows_a, shape = model_rows(model_a, name_a, texts, revision=revision_a, **options)
-    rows_b, _ = model_rows(model_b, name_b, texts, revision=revision_b, reference_shape=shape, **options)
+                   seed=seed, device=device, dtype=dtype)
+    rows_a, shape = model_rows(model_a, name_a, texts, revision=revision_a, arch_spec=a.arch_spec,
+                               trust_remote_code=a.trust_remote_code, **options)
+    rows_b, _ = model_rows(model_b, name_b, texts, revision=revision_b, arch_spec=b.arch_spec,
+                           trust_remote_code=b.trust_remote_code, reference_shape=shape, **options)
     rows = rows_a + rows_b
     folder.mkdir(parents=True, exist_ok=True)
     clear_complete(folder)

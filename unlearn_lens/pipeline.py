@@ -1,7 +1,9 @@
 """The main job: every step for every comparison base -> NAME, resumable, then the report.
 
-Each step is one ``unlearn-lens`` subcommand run in this process with the flags a user would
-type, so the pipeline exercises exactly the documented commands. A step counts as done only
+Each step is one command's Python run function called with its settings dataclass, the same one
+the command builds from its flags (``run_eval(EvalSettings)``, ``run_lipschitz(LipschitzSettings)``
+...); ``plan()`` builds every step's settings, so the policy the pipeline applies (the Lipschitz
+step's shorter texts, the tuned lens's own defaults) is written there. A step counts as done only
 when its marker (``OUT/.pipeline/<step>.json``, written last) exists; ``force`` redoes it. A
 failing step is named, the steps that need it are skipped, every independent step still runs,
 and the next run resumes from what finished.
@@ -9,13 +11,14 @@ and the next run resumes from what finished.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import click
 
@@ -23,11 +26,27 @@ from unlearn_lens.core import outputs
 from unlearn_lens.core.atomic import atomic_write_text
 from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.outputs import default_name
+from unlearn_lens.core.settings import (CACHE_DTYPES, CAPTURE_MAX_SAMPLES, DEFAULT_BATCH_SIZE, DEFAULT_DEVICE,
+                                        DEFAULT_DTYPE, DEFAULT_MAX_LENGTH, SHORT_MAX_LENGTH, Compute, ModelRef)
+from unlearn_lens.lipschitz import DEFAULT_EPS_TEXT, LIPSCHITZ_MAX_SAMPLES
+from unlearn_lens.tuned_lens import TunedLensSettings
+
+if TYPE_CHECKING:
+    from analyses.activations.analyze_step import AnalyzeSettings
+    from analyses.weights.params_step import ParamsSettings
+    from unlearn_lens.attacks.base import AttackSettings
+    from unlearn_lens.capture import CaptureRun
+    from unlearn_lens.data import DatasetSettings
+    from unlearn_lens.lipschitz import LipschitzSettings
+    from unlearn_lens.relearn import RelearnSettings
 
 DEFAULT_BASE = ("base", "EleutherAI/deep-ignorance-unfiltered")
 DEFAULT_MODELS = (("filtered", "EleutherAI/deep-ignorance-e2e-strong-filter"),
                   ("unlearned", "EleutherAI/deep-ignorance-unfiltered-cb-lat"))
 STEP_KINDS = ("datasets", "capture", "params", "analyze", "lipschitz", "tuned-lens", "report")
+#: The Lipschitz step differentiates through the model for every text, draw and eps, so it reads at
+#: most this many tokens per text (the `lipschitz` command's default) even when --max-length is longer.
+LIPSCHITZ_MAX_LENGTH = SHORT_MAX_LENGTH
 
 
 @dataclass(frozen=True)
@@ -57,23 +76,23 @@ class PipelineSettings:
     base: ModelEntry
     models: list[ModelEntry]
     data: Path | None = None
-    device: str = "cpu"
-    model_dtype: str = "auto"
-    cache_dtype: str = "float16"
-    max_samples: int = 500
-    max_length: int = 512
-    batch_size: int = 8
+    device: str = DEFAULT_DEVICE
+    model_dtype: str = DEFAULT_DTYPE
+    cache_dtype: str = CACHE_DTYPES[0]
+    max_samples: int = CAPTURE_MAX_SAMPLES  # texts (questions) per split each capture reads
+    max_length: int = DEFAULT_MAX_LENGTH
+    batch_size: int = DEFAULT_BATCH_SIZE
     force: bool = False
     skip: frozenset[str] = frozenset()
     empirical_rank: bool = False
     workers: int | None = None
-    lipschitz_samples: int = 64
-    lipschitz_eps: str = "1e-3,1e-2"
-    tuned_lens_steps: int = 250
-    tuned_lens_tokens: int = 512
+    lipschitz_samples: int = LIPSCHITZ_MAX_SAMPLES
+    lipschitz_eps: str = DEFAULT_EPS_TEXT
+    tuned_lens_steps: int = TunedLensSettings.steps
+    tuned_lens_tokens: int = TunedLensSettings.tokens_per_step
     trust_remote_code: bool = False
     relearn: bool = False  # a relearning attack per modified model (`unlearn-lens relearn`)
-    relearn_flags: tuple[str, ...] = ()  # extra `relearn` flags (the demo's short settings)
+    relearn_options: dict = field(default_factory=dict)  # RelearnSettings fields overridden (the demo's short run)
     attacks: bool = False  # the attacks per modified model (`unlearn-lens attack`)
     attack_max_samples: int | None = None  # texts / questions each attack evaluates on (default: max_samples)
     attack_options: dict = field(default_factory=dict)  # attack options (ATTACK_OPTIONS keys of the attack modules)
@@ -89,119 +108,180 @@ class PipelineSettings:
     def data_dir(self) -> Path:
         return self.data if self.data is not None else self.outdir / outputs.DATA
 
+    def model_ref(self, entry: ModelEntry) -> ModelRef:
+        """``entry`` as the steps load it (the run's --trust-remote-code applies to every model)."""
+        return ModelRef(entry.spec, entry.revision, trust_remote_code=self.trust_remote_code)
+
 
 @dataclass
 class Step:
-    """One resumable unit of work: an id, the ids it needs, and what to run."""
+    """One resumable unit of work: an id, the run function and its settings, and the ids it needs."""
 
     id: str
-    run: Callable[[], None]
+    function: Callable[[Any], object]
+    settings: Any  # a settings dataclass: what ``function`` is called with
     needs: Sequence[str] = ()
     describe: str = ""
 
-
-def run_command(argv: Sequence[str]) -> None:
-    """Run one ``unlearn-lens`` subcommand in this process; a failure raises with its message."""
-    from cli import group
-
-    try:
-        group.main(args=list(argv), prog_name="unlearn-lens", standalone_mode=False)
-    except UserError:
-        raise
-    except click.ClickException as exc:
-        raise UserError(exc.format_message()) from None
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise UserError(f"exited with status {exc.code}") from None
+    def run(self) -> None:
+        """Call the step's run function with its settings."""
+        self.function(self.settings)
 
 
-def _model_flags(entry: ModelEntry, settings: PipelineSettings, flag: str = "--model") -> list[str]:
-    flags = [flag, entry.spec]
-    if entry.revision:
-        flags += ["--revision", entry.revision]
-    return flags
+# --- the run function of each step (looked up when the plan is made) ---------------------------------
+
+def datasets_step(settings: DatasetSettings) -> None:
+    """The pipeline step of `datasets create`."""
+    from unlearn_lens.data import run_datasets
+
+    run_datasets(settings)
+
+
+def capture_step(settings: CaptureRun) -> None:
+    """The pipeline step of `capture`."""
+    from unlearn_lens.capture import run_capture
+
+    run_capture(settings)
+
+
+def params_step(settings: ParamsSettings) -> None:
+    """The pipeline step of `params`."""
+    from analyses.weights.params_step import run_params_step
+
+    run_params_step(settings)
+
+
+def analyze_step(settings: AnalyzeSettings) -> None:
+    """The pipeline step of `analyze`."""
+    from analyses.activations.analyze_step import run_analyze
+
+    run_analyze(settings)
+
+
+def lipschitz_step(settings: LipschitzSettings) -> None:
+    """The pipeline step of `lipschitz`."""
+    from unlearn_lens.lipschitz import run_lipschitz
+
+    run_lipschitz(settings)
+
+
+def tuned_lens_step(settings: TunedLensSettings) -> None:
+    """The pipeline step of `tuned-lens`."""
+    from unlearn_lens.tuned_lens import run_tuned_lens
+
+    run_tuned_lens(settings)
+
+
+def relearn_step(settings: RelearnSettings) -> None:
+    """The pipeline step of `relearn`."""
+    from unlearn_lens.relearn import run_relearn
+
+    run_relearn(settings)
+
+
+def attack_step(settings: AttackSettings) -> None:
+    """The pipeline step of `attack` (progress on stderr)."""
+    from unlearn_lens.attacks.runner import run_attacks
+
+    run_attacks(settings, echo=lambda message: click.echo(message, err=True))
+
+
+# --- the plan ---------------------------------------------------------------------------------------
+
+def capture_settings(settings: PipelineSettings, entry: ModelEntry) -> CaptureRun:
+    """`capture` of ``entry`` into OUT/caches/<name>.zarr with the run's sizes and dtypes."""
+    from unlearn_lens.capture import CaptureRun, CaptureSettings
+
+    s = settings
+    return CaptureRun(s.model_ref(entry), str(s.data_dir), str(s.cache(entry.name)), CaptureSettings(
+        max_samples=s.max_samples, max_length=s.max_length, batch_size=s.batch_size, dtype=s.cache_dtype,
+        model_dtype=s.model_dtype, device=s.device, overwrite=s.force))
+
+
+def lipschitz_settings(settings: PipelineSettings, entry: ModelEntry) -> LipschitzSettings:
+    """`lipschitz` base -> ``entry``: --lipschitz-samples texts of at most LIPSCHITZ_MAX_LENGTH tokens."""
+    from unlearn_lens.lipschitz import LipschitzSettings, parse_eps
+
+    s = settings
+    return LipschitzSettings(
+        s.model_ref(s.base), s.model_ref(entry), str(s.data_dir), str(s.outdir), name_a=s.base.name,
+        name_b=entry.name, eps_values=tuple(parse_eps(s.lipschitz_eps)), max_samples=s.lipschitz_samples,
+        max_length=min(s.max_length, LIPSCHITZ_MAX_LENGTH), compute=Compute(s.device, s.model_dtype),
+        overwrite=s.force)
+
+
+def tuned_lens_settings(settings: PipelineSettings, entry: ModelEntry) -> TunedLensSettings:
+    """`tuned-lens` of ``entry`` from its cache; texts, lengths and batch size are the command's defaults."""
+    s = settings
+    return TunedLensSettings(s.model_ref(entry), entry.name, str(s.data_dir), str(s.outdir),
+                             compute=Compute(s.device, s.model_dtype), steps=s.tuned_lens_steps,
+                             tokens_per_step=s.tuned_lens_tokens, cache=str(s.cache(entry.name)), overwrite=s.force)
+
+
+def relearn_settings(settings: PipelineSettings, entry: ModelEntry) -> RelearnSettings:
+    """`relearn` on ``entry`` against the base; ``relearn_options`` override fields (the demo's short run)."""
+    from unlearn_lens.relearn import RelearnSettings
+
+    s = settings
+    plain = RelearnSettings(s.model_ref(entry), s.model_ref(s.base), str(s.data_dir), str(s.outdir), name=entry.name,
+                            compute=Compute(s.device, s.model_dtype, s.batch_size), max_samples=s.max_samples,
+                            max_length=s.max_length, overwrite=s.force)
+    return dataclasses.replace(plain, **s.relearn_options)
+
+
+def attack_settings(settings: PipelineSettings, entry: ModelEntry) -> AttackSettings:
+    """`attack` for base -> ``entry``: outputs in OUT/<name>/attacks, the pipeline's caches."""
+    from unlearn_lens.attacks.base import AttackSettings
+    from unlearn_lens.attacks.options import typed_options
+
+    s = settings
+    attacks = AttackSettings.attacks  # every attack (the command's default)
+    return AttackSettings(
+        base=s.base.spec, model=entry.spec, name=entry.name, data=str(s.data_dir), outdir=str(s.outdir),
+        attacks=attacks, cache_base=str(s.cache(s.base.name)), cache_model=str(s.cache(entry.name)),
+        base_revision=s.base.revision, model_revision=entry.revision, device=s.device, dtype=s.model_dtype,
+        batch_size=s.batch_size, max_length=s.max_length, max_samples=s.attack_max_samples or s.max_samples,
+        force=s.force, trust_remote_code=s.trust_remote_code, options=typed_options(s.attack_options, attacks))
 
 
 def plan(settings: PipelineSettings) -> list[Step]:
     """The ordered steps of a run (datasets, captures, params, analyze, live diagnostics, relearn, attack)."""
+    from analyses.activations.analyze_step import AnalyzeSettings
+    from analyses.weights.params_step import ParamsSettings
+    from unlearn_lens.data import DatasetSettings
+
     s = settings
-    out = str(s.outdir)
     models = [s.base, *s.models]
-    trust = ["--trust-remote-code"] if s.trust_remote_code else []
     steps: list[Step] = []
     if s.data is None:
-        steps.append(Step("datasets", lambda: run_command(
-            ["datasets", "create", "--outdir", str(s.data_dir)]), describe="WMDP-Bio and WikiText-2 from the hub"))
+        steps.append(Step("datasets", datasets_step, DatasetSettings(str(s.data_dir)),
+                          describe="WMDP-Bio and WikiText-2 from the hub"))
     data_need = () if s.data is not None else ("datasets",)
     for entry in models:
-        argv = ["capture", *_model_flags(entry, s), "--data", str(s.data_dir), "--out", str(s.cache(entry.name)),
-                "--max-samples", str(s.max_samples), "--max-length", str(s.max_length),
-                "--batch-size", str(s.batch_size), "--dtype", s.cache_dtype, "--model-dtype", s.model_dtype,
-                "--device", s.device, *trust, *(["--overwrite"] if s.force else [])]
-        steps.append(Step(f"capture:{entry.name}", lambda a=argv: run_command(a), data_need))
+        steps.append(Step(f"capture:{entry.name}", capture_step, capture_settings(s, entry), data_need))
     for entry in s.models:
-        argv = ["params", "--model-a", s.base.spec, "--model-b", entry.spec, "--outdir", str(s.comparison_dir(entry.name)),
-                *(["--revision-a", s.base.revision] if s.base.revision else []),
-                *(["--revision-b", entry.revision] if entry.revision else []),
-                *(["--empirical-rank"] if s.empirical_rank else []),
-                *(["--workers", str(s.workers)] if s.workers else []), *(["--force"] if s.force else [])]
-        steps.append(Step(f"params:{entry.name}", lambda a=argv: run_command(a)))
-    analyze = ["analyze", "--base", str(s.cache(s.base.name)), "--base-name", s.base.name, "--outdir", out,
-               *[x for e in s.models for x in ("--compare", f"{e.name}={s.cache(e.name)}")],
-               *(["--workers", str(s.workers)] if s.workers else [])]
-    steps.append(Step("analyze", lambda: run_command(analyze), [f"capture:{e.name}" for e in models]))
+        params = ParamsSettings(ModelRef(s.base.spec, s.base.revision), ModelRef(entry.spec, entry.revision),
+                                str(s.comparison_dir(entry.name)), empirical_rank=s.empirical_rank, force=s.force,
+                                **({"workers": s.workers} if s.workers else {}))
+        steps.append(Step(f"params:{entry.name}", params_step, params))
+    analyze = AnalyzeSettings(str(s.cache(s.base.name)), tuple(f"{e.name}={s.cache(e.name)}" for e in s.models),
+                              str(s.outdir), base_name=s.base.name, workers=s.workers or None)
+    steps.append(Step("analyze", analyze_step, analyze, [f"capture:{e.name}" for e in models]))
     for entry in s.models:
-        argv = ["lipschitz", *_model_flags(s.base, s, "--model-a"), "--model-b", entry.spec,
-                "--name-a", s.base.name, "--name-b", entry.name, "--data", str(s.data_dir), "--outdir", out,
-                "--eps", s.lipschitz_eps, "--max-samples", str(s.lipschitz_samples),
-                "--max-length", str(min(s.max_length, 128)), "--device", s.device, "--dtype", s.model_dtype,
-                *(["--revision-b", entry.revision] if entry.revision else []), *trust,
-                *(["--overwrite"] if s.force else [])]
-        steps.append(Step(f"lipschitz:{entry.name}", lambda a=argv: run_command(a), data_need))
+        steps.append(Step(f"lipschitz:{entry.name}", lipschitz_step, lipschitz_settings(s, entry), data_need))
     for entry in models:
-        argv = ["tuned-lens", *_model_flags(entry, s), "--name", entry.name, "--data", str(s.data_dir),
-                "--outdir", out, "--steps", str(s.tuned_lens_steps),
-                "--tokens-per-step", str(s.tuned_lens_tokens), "--cache", str(s.cache(entry.name)),
-                "--device", s.device, "--dtype", s.model_dtype, *trust, *(["--overwrite"] if s.force else [])]
-        steps.append(Step(f"tuned-lens:{entry.name}", lambda a=argv: run_command(a), [f"capture:{entry.name}"]))
+        steps.append(Step(f"tuned-lens:{entry.name}", tuned_lens_step, tuned_lens_settings(s, entry),
+                          [f"capture:{entry.name}"]))
     if s.relearn:
         for entry in s.models:
-            argv = ["relearn", *_model_flags(entry, s), "--base-model", s.base.spec,
-                    *(["--base-revision", s.base.revision] if s.base.revision else []), "--name", entry.name,
-                    "--data", str(s.data_dir), "--outdir", out, "--max-samples", str(s.max_samples),
-                    "--max-length", str(s.max_length), "--eval-batch-size", str(s.batch_size), "--device", s.device,
-                    "--dtype", s.model_dtype, *s.relearn_flags, *trust, *(["--overwrite"] if s.force else [])]
-            steps.append(Step(f"relearn:{entry.name}", lambda a=argv: run_command(a), data_need,
+            steps.append(Step(f"relearn:{entry.name}", relearn_step, relearn_settings(s, entry), data_need,
                               describe="fine-tuning attack: steps to recover half the gap to the base"))
     if s.attacks:
         for entry in s.models:
-            steps.append(Step(f"attack:{entry.name}", lambda a=attack_argv(s, entry): run_command(a),
+            steps.append(Step(f"attack:{entry.name}", attack_step, attack_settings(s, entry),
                               [*data_need, f"capture:{s.base.name}", f"capture:{entry.name}"],
                               describe="attacks: direction ablation, quantization, relearning controls"))
     return [step for step in steps if step.id.split(":")[0] not in s.skip]
-
-
-#: How the `attack` command takes one attack option (repeatable): ``--option KEY=VALUE``.
-ATTACK_OPTION_FLAG = "--option"
-
-
-def _option_value(value) -> str:
-    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
-
-
-def attack_argv(settings: PipelineSettings, entry: ModelEntry) -> list[str]:
-    """`unlearn-lens attack` for base -> ``entry``: outputs in OUT/<name>/attacks, the pipeline's caches."""
-    s = settings
-    return ["attack", "--base", s.base.spec, "--model", entry.spec, "--name", entry.name,
-            "--data", str(s.data_dir), "--outdir", str(s.outdir),
-            "--cache-base", str(s.cache(s.base.name)), "--cache-model", str(s.cache(entry.name)),
-            *(["--base-revision", s.base.revision] if s.base.revision else []),
-            *(["--model-revision", entry.revision] if entry.revision else []),
-            "--max-samples", str(s.attack_max_samples or s.max_samples), "--max-length", str(s.max_length),
-            "--batch-size", str(s.batch_size), "--device", s.device, "--dtype", s.model_dtype,
-            *[x for key, value in s.attack_options.items()
-              for x in (ATTACK_OPTION_FLAG, f"{key}={_option_value(value)}")],
-            *(["--trust-remote-code"] if s.trust_remote_code else []), *(["--force"] if s.force else [])]
 
 
 def _marker(settings: PipelineSettings, step_id: str) -> Path:

@@ -1,7 +1,8 @@
 """Brittleness measured directly: a model's own evaluation, and a fine-tuning (relearning) attack.
 
-``run_eval`` writes one model's zero-shot WMDP accuracy (letter and cloze scoring, the lens's
-prompts), forget NLL and retain perplexity. ``run_relearn`` fine-tunes a modified model with plain
+``unlearn_lens.eval_run.run_eval`` writes one model's zero-shot WMDP accuracy (letter and cloze
+scoring, the lens's prompts), forget NLL and retain perplexity on the measurement texts defined
+here. ``run_relearn`` fine-tunes a modified model with plain
 next-token NLL on a small subset of forget texts (and, as a control, on retain texts), evaluates
 every K steps, and reports how many steps recover half of the gap to the base model.
 
@@ -26,6 +27,7 @@ import numpy as np
 from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.outputs import check_model_name, default_name
+from unlearn_lens.core.settings import DEFAULT_MAX_LENGTH, DEFAULT_SEED, TRAIN_BATCH_SIZE, Compute, ModelRef
 
 #: Metrics of one evaluation, in the order of ``eval_results.csv``.
 EVAL_METRICS = ("forget_nll", "retain_nll", "retain_ppl", "letter_accuracy", "cloze_accuracy",
@@ -172,14 +174,16 @@ def summarise_recovery(curve: Sequence[dict], base_eval: dict) -> dict[str, dict
 
 # --- model work -------------------------------------------------------------------------------
 
-def _evaluate(model, tokenizer, data: EvalData, max_length: int, batch_size: int) -> dict:
+def evaluate_data(model, tokenizer, data: EvalData, max_length: int, batch_size: int) -> dict:
+    """The model's metrics (``EVAL_METRICS``) on the measurement texts and questions of ``data``."""
     from unlearn_lens.evaluation import evaluate
 
     return evaluate(model, tokenizer, forget_texts=data.forget, retain_texts=data.retain, mcq_items=data.items,
                     max_length=max_length, batch_size=batch_size)
 
 
-def _load(spec: str, revision, dtype: str, device: str, trust_remote_code: bool):
+def load_for_eval(spec: str, revision, dtype: str, device: str, trust_remote_code: bool):
+    """A model and its right-padding tokenizer; a one-line error for a CUDA device that is not there."""
     from unlearn_lens.loading import load_model
 
     if device.startswith("cuda"):
@@ -249,51 +253,9 @@ def relearn_condition(model, tokenizer, texts: Sequence[str], *, steps: int, lr:
 
 # --- outputs ----------------------------------------------------------------------------------
 
-def _settings_record(**settings) -> dict:
+def settings_record(**settings) -> dict:
+    """The settings written into summary.json."""
     return {key: value for key, value in settings.items()}
-
-
-def run_eval(model_spec: str, *, data_dir: str, outdir: str, name: str | None = None,
-             max_samples: int | None = None, max_length: int = 512, batch_size: int = 8, device: str = "cpu",
-             dtype: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
-             overwrite: bool = False) -> Path:
-    """Write ``OUT/<name>/evaluation/`` (eval_results.csv, summary.json, marker last); returns it.
-
-    ``eval_results.csv`` has one row per metric (columns ``metric,value``). A finished folder is
-    left alone unless ``overwrite``.
-    """
-    from analyses.io import atomic_write_csv, atomic_write_json, clear_complete, is_complete, mark_complete
-    from unlearn_lens.data import warn_if_contaminated
-
-    name = check_model_name(name or default_name(model_spec))
-    if max_samples is not None and max_samples < 1:
-        raise UserError(f"--max-samples must be at least 1, got {max_samples}")
-    if batch_size < 1 or max_length < 2:
-        raise UserError("--batch-size must be at least 1 and --max-length at least 2")
-    folder = outputs.model_dir(outdir, name) / outputs.EVALUATION
-    if is_complete(folder) and not overwrite:
-        return folder
-    data = load_eval_data(data_dir, max_samples)
-    contaminated = warn_if_contaminated(data.all_forget, data.items)
-    model, tokenizer = _load(model_spec, revision, dtype, device, trust_remote_code)
-    metrics = _evaluate(model, tokenizer, data, max_length, batch_size)
-    folder.mkdir(parents=True, exist_ok=True)
-    clear_complete(folder)
-    atomic_write_csv(folder / "eval_results.csv", [{"metric": m, "value": metrics[m]} for m in EVAL_METRICS],
-                     ["metric", "value"])
-    atomic_write_json(folder / "summary.json", {
-        "name": name, "model": model_spec, "revision": revision, "metrics": {m: metrics[m] for m in EVAL_METRICS},
-        "questions_in_forget_text": contaminated,
-        "settings": _settings_record(max_samples=max_samples, max_length=max_length, batch_size=batch_size,
-                                     dtype=dtype, device=device),
-        "definitions": {
-            "forget_nll": "mean next-token NLL per token over the measurement half of forget.txt "
-                          "(fixed content-hash split; the other half is the relearning attack pool)",
-            "retain_nll": "the same over the measurement half of retain.txt; retain_ppl = exp(retain_nll)",
-            "letter_accuracy": "lm-eval wmdp_bio zero-shot: argmax of the ' A'..' D' logits after 'Answer:'",
-            "cloze_accuracy": "argmax over choices of the mean log-probability of the choice's tokens"}})
-    mark_complete(folder, {"step": "eval"})
-    return folder
 
 
 def plot_curve(curve: Sequence[dict], base_eval: dict, name: str, path: Path) -> None:
@@ -329,13 +291,38 @@ def plot_curve(curve: Sequence[dict], base_eval: dict, name: str, path: Path) ->
     atomic_save_figure(figure, path)
 
 
-def run_relearn(model_spec: str, base_spec: str, *, data_dir: str, outdir: str, name: str | None = None,
-                steps: int = 50, lr: float = 1e-5, lora: bool = False, lora_r: int = 16, lora_alpha: float = 16.0,
-                eval_every: int = 10, batch_size: int = 4, eval_batch_size: int = 8, max_length: int = 512,
-                max_samples: int | None = None, forget_subset: int = 64, seed: int = 0, device: str = "cpu",
-                dtype: str = "auto", control: bool = True, scoring: str = "cloze", revision: str | None = None,
-                base_revision: str | None = None, trust_remote_code: bool = False, overwrite: bool = False,
-                progress: bool = True) -> Path:
+#: Forget-pool texts the relearning attack trains on by default.
+DEFAULT_FORGET_SUBSET = 64
+
+
+@dataclass(frozen=True)
+class RelearnSettings:
+    """Everything ``run_relearn`` needs (the `relearn` command's flags)."""
+
+    model: ModelRef  # the modified model attacked
+    base: ModelRef  # the base model it came from (evaluated once: the recovery target)
+    data: str
+    outdir: str
+    name: str | None = None  # default: derived from model.spec
+    compute: Compute = Compute()  # device, dtype; batch_size = texts or prompts per forward pass when evaluating
+    steps: int = 50
+    lr: float = 1e-5
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: float = 16.0
+    eval_every: int = 10
+    batch_size: int = TRAIN_BATCH_SIZE  # training texts per step
+    max_length: int = DEFAULT_MAX_LENGTH
+    max_samples: int | None = None
+    forget_subset: int = DEFAULT_FORGET_SUBSET
+    seed: int = DEFAULT_SEED
+    control: bool = True
+    scoring: str = "cloze"
+    overwrite: bool = False
+    progress: bool = True
+
+
+def run_relearn(settings: RelearnSettings) -> Path:
     """Write ``OUT/<name>/relearning/`` (recovery_curve.csv, recovery_curve.png, summary.json, marker).
 
     Every input is checked before a model loads. Returns the folder; a finished one is left alone
@@ -345,6 +332,14 @@ def run_relearn(model_spec: str, base_spec: str, *, data_dir: str, outdir: str, 
 
     from analyses.io import atomic_write_csv, atomic_write_json, clear_complete, is_complete, mark_complete
 
+    s = settings
+    model_spec, revision, base_spec, base_revision = s.model.spec, s.model.revision, s.base.spec, s.base.revision
+    data_dir, outdir, name, steps, lr, lora, lora_r, lora_alpha = (s.data, s.outdir, s.name, s.steps, s.lr, s.lora,
+                                                                   s.lora_r, s.lora_alpha)
+    eval_every, batch_size, eval_batch_size, max_length = s.eval_every, s.batch_size, s.compute.batch_size, s.max_length
+    max_samples, forget_subset, seed, device, dtype = (s.max_samples, s.forget_subset, s.seed, s.compute.device,
+                                                       s.compute.dtype)
+    control, scoring, overwrite, progress = s.control, s.scoring, s.overwrite, s.progress
     validate_relearn(steps=steps, lr=lr, eval_every=eval_every, batch_size=batch_size,
                      eval_batch_size=eval_batch_size, max_length=max_length, forget_subset=forget_subset,
                      max_samples=max_samples)
@@ -374,12 +369,12 @@ def run_relearn(model_spec: str, base_spec: str, *, data_dir: str, outdir: str, 
             print(f"WARNING: full-parameter relearning in {str(torch_dtype(dtype, device))[6:]} weights rounds away "
                   "updates much smaller than the weights (lr 1e-5); use --lora or --dtype float32", file=sys.stderr)
 
-    base_model, base_tokenizer = _load(base_spec, base_revision, dtype, device, trust_remote_code)
-    base_eval = _evaluate(base_model, base_tokenizer, data, max_length, eval_batch_size)
+    base_model, base_tokenizer = load_for_eval(base_spec, base_revision, dtype, device, s.base.trust_remote_code)
+    base_eval = evaluate_data(base_model, base_tokenizer, data, max_length, eval_batch_size)
     del base_model
     _free_accelerator_memory()
-    model, tokenizer = _load(model_spec, revision, dtype, device, trust_remote_code)
-    start_eval = _evaluate(model, tokenizer, data, max_length, eval_batch_size)
+    model, tokenizer = load_for_eval(model_spec, revision, dtype, device, s.model.trust_remote_code)
+    start_eval = evaluate_data(model, tokenizer, data, max_length, eval_batch_size)
     if len(tokenizer) != len(base_tokenizer) or tokenizer.get_vocab() != base_tokenizer.get_vocab():
         print("WARNING: --model and --base-model tokenizers differ; NLLs are not comparable", file=sys.stderr)
 
@@ -387,11 +382,11 @@ def run_relearn(model_spec: str, base_spec: str, *, data_dir: str, outdir: str, 
     bar = tqdm(total=steps * len(subsets), desc=f"relearn {name}", disable=not progress)
     for index, (condition, texts) in enumerate(subsets.items()):
         if index > 0:  # every condition starts from the untouched modified model
-            model, tokenizer = _load(model_spec, revision, dtype, device, trust_remote_code)
+            model, tokenizer = load_for_eval(model_spec, revision, dtype, device, s.model.trust_remote_code)
         bar.set_postfix(condition=condition)
         rows = relearn_condition(
             model, tokenizer, texts, steps=steps, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
-            eval_every=eval_every, evaluate_fn=lambda m: _evaluate(m, tokenizer, data, max_length, eval_batch_size),
+            eval_every=eval_every, evaluate_fn=lambda m: evaluate_data(m, tokenizer, data, max_length, eval_batch_size),
             start_eval=start_eval, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, on_step=lambda: bar.update(1))
         curve += [{"condition": condition, **{c: row[c] for c in CURVE_COLUMNS[1:]}} for row in rows]
         del model
@@ -413,7 +408,7 @@ def run_relearn(model_spec: str, base_spec: str, *, data_dir: str, outdir: str, 
         "base_eval": {m: base_eval[m] for m in EVAL_METRICS},
         "modified_eval": {m: start_eval[m] for m in EVAL_METRICS},
         "subset_sizes": {condition: len(texts) for condition, texts in subsets.items()},
-        "settings": _settings_record(steps=steps, lr=lr, lora=lora, lora_r=lora_r if lora else None,
+        "settings": settings_record(steps=steps, lr=lr, lora=lora, lora_r=lora_r if lora else None,
                                      lora_alpha=lora_alpha if lora else None, eval_every=eval_every,
                                      batch_size=batch_size, eval_batch_size=eval_batch_size, max_length=max_length,
                                      max_samples=max_samples, forget_subset=forget_subset, seed=seed,

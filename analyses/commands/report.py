@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import click
 
+from unlearn_lens import options
+from unlearn_lens.core.settings import DEFAULT_OUTDIR
+
 
 @click.command("report")
-@click.option("--outdir", type=click.Path(file_okay=False, exists=True), default="outputs", show_default=True,
-              help="Output root holding <base>__to__<name>/ and <model>/ folders.")
+@options.outdir(default=DEFAULT_OUTDIR, must_exist=True,
+                help="Output root holding <base>__to__<name>/ and <model>/ folders.")
 def report(outdir: str) -> None:
     """Rebuild the self-contained HTML report (plots and mechanistic-signature table)."""
     from analyses.report import discover, write_report

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 from analyses.recovery import METRICS
 from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.settings import DEFAULT_MAX_LENGTH
 
 #: attack name -> "module:function" (imported lazily).
 ATTACKS: dict[str, str] = {
@@ -50,7 +51,7 @@ class AttackSettings:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 8
-    max_length: int = 512
+    max_length: int = DEFAULT_MAX_LENGTH
     max_samples: int | None = None
     seed: int = 0
     force: bool = False

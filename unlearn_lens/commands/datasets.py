@@ -6,6 +6,8 @@ import json
 
 import click
 
+from unlearn_lens import options
+
 
 @click.group("datasets")
 def datasets() -> None:
@@ -13,8 +15,7 @@ def datasets() -> None:
 
 
 @datasets.command("create")
-@click.option("--outdir", required=True, type=click.Path(file_okay=False),
-              help="Directory to write forget.txt, retain.txt, wmdp_mcq.jsonl and manifest.json to.")
+@options.outdir(help="Directory to write forget.txt, retain.txt, wmdp_mcq.jsonl and manifest.json to.")
 @click.option("--demo", is_flag=True,
               help="Use the built-in offline demo set (original biology passages and questions, "
                    "general-knowledge retain passages) instead of the hub.")
@@ -28,18 +29,18 @@ def datasets() -> None:
               help="Take forget training text from cais/wmdp-bio-forget-corpus (gated: needs HF_TOKEN) "
                    "and hold out every question.")
 @click.option("--max-retain", type=int, default=None, help="Keep at most this many retain lines.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split.")
+@options.seed(help="Seed of the held-out split.")
 def create(outdir: str, demo: bool, source_dir: str | None, eval_fraction: float, forget_corpus: bool,
            max_retain: int | None, seed: int) -> None:
     """Write the data sets and a manifest (sources, counts, content hash, held-out split)."""
-    from unlearn_lens.data import create_datasets
     from unlearn_lens.core.errors import UserError
+    from unlearn_lens.data import DatasetSettings, run_datasets
 
     if demo and source_dir:
         raise UserError("--demo and --source-dir exclude each other")
     source = "demo" if demo else "local" if source_dir else "hub"
-    manifest = create_datasets(outdir, source=source, source_dir=source_dir, eval_fraction=eval_fraction,
-                               seed=seed, forget_corpus=forget_corpus, max_retain=max_retain)
+    manifest = run_datasets(DatasetSettings(outdir, source=source, source_dir=source_dir, eval_fraction=eval_fraction,
+                                            seed=seed, forget_corpus=forget_corpus, max_retain=max_retain))
     counts = manifest["counts"]
     click.echo(f"wrote {outdir}: forget {counts['forget']}, retain {counts['retain']}, "
                f"held-out questions {counts['wmdp_eval']} (manifest hash {manifest['hash'][:12]})")

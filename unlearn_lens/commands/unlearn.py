@@ -11,10 +11,16 @@ from pathlib import Path
 
 import click
 
+from unlearn_lens import options
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.settings import TRAIN_BATCH_SIZE
 from unlearn_lens.unlearning import presets
 from unlearn_lens.unlearning.config import (ADVERSARIES, CB_VARIANTS, LAT_DEFENDERS, LAT_NORMS, METHODS, OPTIMIZERS,
                                             SCHEDULERS, UnlearnConfig)
+
+
+#: unlearn's device default: accelerate chooses (the other commands default to the CPU).
+UNLEARN_DEVICE = "auto"
 
 
 def _ints(value: str | None) -> list[int] | None:
@@ -34,13 +40,11 @@ def _strs(value: str | None) -> list[str] | None:
 
 def _shared_options(func):
     """Every training flag, shared by ``unlearn`` and ``unlearn-all``."""
-    options = [
-        click.option("--model", required=True, help="Base model: hub id, local HF directory or .gguf file."),
-        click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --model."),
-        click.option("--data", required=True, type=click.Path(),
-                     help="Data directory with forget.txt, retain.txt, wmdp_mcq.jsonl (`unlearn-lens datasets create`)."),
-        click.option("--outdir", required=True, type=click.Path(file_okay=False),
-                     help="Output directory (model/, config.json, train_log.csv, eval.json, COMPLETE)."),
+    flags = [
+        options.model("model", help="Base model: hub id, local HF directory or .gguf file."),
+        options.revision(),
+        options.data("data"),
+        options.outdir(help="Output directory (model/, config.json, train_log.csv, eval.json, COMPLETE)."),
         click.option("--preset", default=presets.DEFAULT_PRESET, show_default=True,
                      help="Named hyper-parameter set of the method: default (this tool's defaults), original (what "
                           "unlearn did before presets: as default except cb_lat's adversary, kept on the scored "
@@ -49,17 +53,16 @@ def _shared_options(func):
         click.option("--steps", type=int, default=None,
                      help="Optimizer steps (default: one epoch over the forget training texts)."),
         click.option("--epochs", type=int, default=None, help="Epochs over the forget training texts (instead of --steps)."),
-        click.option("--batch-size", type=int, default=4, show_default=True,
-                     help="Forget and retain texts per batch, per process."),
+        options.batch_size(TRAIN_BATCH_SIZE, help="Forget and retain texts per batch, per process."),
         click.option("--grad-accum-steps", type=int, default=1, show_default=True,
                      help="Micro-batches accumulated per optimizer step."),
-        click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per text (truncated)."),
-        click.option("--max-samples", type=int, default=None, help="Use at most this many forget and retain training texts."),
+        options.max_length(),
+        options.max_samples(help="Use at most this many forget and retain training texts."),
         click.option("--eval-split", type=float, default=0.1, show_default=True,
                      help="Fraction of forget and retain texts held out for the eval losses (logged and in eval.json)."),
         click.option("--eval-every", type=int, default=None,
                      help="Log held-out forget/retain NLL every N steps (default: 5 times per run)."),
-        click.option("--eval-batch-size", type=int, default=8, show_default=True, help="Batch size of evaluation."),
+        options.eval_batch_size(),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
                      help="Optimizer (adafactor: transformers' Adafactor with a fixed LR)."),
         click.option("--lr", type=float, default=1e-5, show_default=True, help="Peak learning rate."),
@@ -73,13 +76,10 @@ def _shared_options(func):
                           "instead of --warmup-steps)."),
         click.option("--grad-clip", type=float, default=1.0, show_default=True,
                      help="Clip the global gradient norm to this (0 disables)."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed of data order, eval split, random targets and weight noise."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-                     show_default=True, help="Dtype of the saved model (auto: float32 on CPU, bfloat16 on GPU); 16-bit "
-                          "runs train float32 master weights under 16-bit autocast."),
-        click.option("--device", default="auto", show_default=True,
-                     help="auto (accelerate's choice), cpu or cuda."),
+        options.seed(help="Seed of data order, eval split, random targets and weight noise."),
+        options.dtype(help="Dtype of the saved model (auto: float32 on CPU, bfloat16 on GPU); 16-bit runs train float32 "
+                           "master weights under 16-bit autocast."),
+        options.device(UNLEARN_DEVICE, help="auto (accelerate's choice), cpu or cuda."),
         click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True,
                      help="accelerate mixed precision (autocast) for the forward passes (default: the 16-bit --dtype's)."),
         click.option("--train-dropout", is_flag=True,
@@ -154,11 +154,11 @@ def _shared_options(func):
         click.option("--wandb", "use_wandb", is_flag=True,
                      help="Log to Weights & Biases (needs the wandb package and WANDB_API_KEY)."),
         click.option("--wandb-project", default="unlearn-lens", show_default=True, help="W&B project."),
-        click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code to run (off by default)."),
-        click.option("--overwrite", is_flag=True, help="Redo a finished run in --outdir."),
+        options.trust_remote_code(),
+        options.overwrite(help="Redo a finished run in --outdir."),
         click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
     ]
-    for option in reversed(options):
+    for option in reversed(flags):
         func = option(func)
     return func
 

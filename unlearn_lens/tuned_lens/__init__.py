@@ -29,12 +29,13 @@ from unlearn_lens.tuned_lens.lens import lens_for_model
 from unlearn_lens.tuned_lens.model_data import (cloze_data_from_model, cloze_sequences, letter_data_from_model,
                                                 model_token_residuals, run_with_residuals)
 from unlearn_lens.tuned_lens.scoring import lens_accuracies, readout_parameters
-from unlearn_lens.tuned_lens.step import run_tuned_lens, validate_options
+from unlearn_lens.tuned_lens.step import (TUNED_LENS_MAX_SAMPLES, TunedLensSettings, run_tuned_lens,
+                                          validate_options)
 from unlearn_lens.tuned_lens.training import kl_by_layer, train_tuned_lens
 
 __all__ = [
     "cache_token_residuals", "cloze_data_from_cache", "cloze_data_from_model", "cloze_sequences", "kl_by_layer",
     "lens_accuracies", "lens_for_model", "letter_data_from_cache", "letter_data_from_model", "load_translators",
     "model_token_residuals", "open_cache_splits", "readout_parameters", "run_tuned_lens", "run_with_residuals",
-    "train_tuned_lens", "validate_options",
+    "train_tuned_lens", "validate_options", "TUNED_LENS_MAX_SAMPLES", "TunedLensSettings",
 ]

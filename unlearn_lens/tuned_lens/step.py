@@ -10,12 +10,14 @@ from either source, scored per layer (``scoring``); and ``OUT/<name>/wmdp_tuned_
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.settings import SHORT_MAX_LENGTH, Compute, ModelRef
 from unlearn_lens.lipschitz import tokenize_texts
 from unlearn_lens.tuned_lens.cache_data import (cache_token_residuals, check_cache_matches, cloze_data_from_cache,
                                                 letter_data_from_cache, open_cache_splits)
@@ -48,17 +50,45 @@ def validate_options(*, steps: int, lr: float, tokens_per_step: int, batch_size:
     outputs.check_model_name(name, "--name")
 
 
-def run_tuned_lens(model_spec: str, *, name: str, data_dir: str, outdir: str, train_split: str = "retain",
-                   steps: int = 250, lr: float = 1e-3, tokens_per_step: int = 512, batch_size: int = 8,
-                   max_samples: int | None = 256, max_length: int = 128, cache: str | None = None,
-                   device: str = "cpu", dtype: str = "auto", seed: int = 0, revision: str | None = None,
-                   arch_spec=None, trust_remote_code: bool = False, overwrite: bool = False) -> Path:
+#: Tuned-lens training texts by default (the first N of --train-split).
+TUNED_LENS_MAX_SAMPLES = 256
+
+
+@dataclass(frozen=True)
+class TunedLensSettings:
+    """Everything ``run_tuned_lens`` needs (the `tuned-lens` command's flags)."""
+
+    model: ModelRef  # the model whose lens is trained (spec, revision, arch_spec, trust_remote_code)
+    name: str  # its name in outputs: OUT/<name>/wmdp_tuned_lens/
+    data: str
+    outdir: str
+    compute: Compute = Compute()  # device, model dtype, texts per forward pass
+    train_split: str = "retain"
+    steps: int = 250
+    lr: float = 1e-3
+    tokens_per_step: int = 512
+    max_samples: int | None = TUNED_LENS_MAX_SAMPLES
+    max_length: int = SHORT_MAX_LENGTH
+    cache: str | None = None  # the model's activation cache: train and score from its residuals
+    seed: int = 0
+    overwrite: bool = False
+
+
+def run_tuned_lens(settings: TunedLensSettings) -> Path:
     """Train the tuned lens and write ``OUT/<name>/wmdp_tuned_lens/``; returns the folder.
 
     A finished folder is left alone unless ``overwrite``.
     """
     import torch
     from tqdm.auto import tqdm
+
+    s = settings
+    model_spec, revision, arch_spec, trust_remote_code = (s.model.spec, s.model.revision, s.model.arch_spec,
+                                                          s.model.trust_remote_code)
+    name, data_dir, outdir, train_split, steps, lr = s.name, s.data, s.outdir, s.train_split, s.steps, s.lr
+    tokens_per_step, max_samples, max_length, cache, seed = (s.tokens_per_step, s.max_samples, s.max_length,
+                                                             s.cache, s.seed)
+    device, dtype, batch_size, overwrite = s.compute.device, s.compute.dtype, s.compute.batch_size, s.overwrite
 
     from analyses.io import atomic_write_csv, atomic_write_json, clear_complete, is_complete, mark_complete
     from unlearn_lens.architectures import ArchitectureAdapter

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.settings import DEFAULT_MAX_LENGTH
 from unlearn_lens.unlearning.method_names import METHODS
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor")
@@ -38,7 +39,7 @@ class UnlearnConfig:
     revision: str | None = None
     preset: str = "default"
     # data and batching
-    max_length: int = 512
+    max_length: int = DEFAULT_MAX_LENGTH
     batch_size: int = 4
     grad_accum_steps: int = 1
     steps: int | None = None
