@@ -58,7 +58,7 @@ def run_eval(settings: EvalSettings) -> Path:
     metrics = evaluate_data(model, tokenizer, data, max_length, batch_size)
     folder.mkdir(parents=True, exist_ok=True)
     clear_complete(folder)
-    atomic_write_csv(folder / "eval_results.csv", [{"metric": m, "value": metrics[m]} for m in EVAL_METRICS],
+    atomic_write_csv(folder / outputs.EVAL_CSV, [{"metric": m, "value": metrics[m]} for m in EVAL_METRICS],
                      ["metric", "value"])
     atomic_write_json(folder / "summary.json", {
         "name": name, "model": model_spec, "revision": revision, "metrics": {m: metrics[m] for m in EVAL_METRICS},

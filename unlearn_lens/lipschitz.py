@@ -446,7 +446,7 @@ def run_lipschitz(settings: LipschitzSettings) -> Path:
     rows = rows_a + rows_b
     folder.mkdir(parents=True, exist_ok=True)
     clear_complete(folder)
-    atomic_write_csv(folder / "lipschitz_results.csv", rows, CSV_COLUMNS)
+    atomic_write_csv(folder / outputs.LIPSCHITZ_CSV, rows, CSV_COLUMNS)
     summary = summarise(rows, name_a, name_b)
     summary.update({"model_a": model_a, "model_b": model_b, "revision_a": revision_a, "revision_b": revision_b,
                     "n_perturb": n_perturb, "seed": seed,

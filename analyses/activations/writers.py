@@ -15,6 +15,7 @@ from analyses.activations import covariance, logit_lens, norms, probes, row_spac
 from analyses.activations.caches import SPLITS
 from analyses.io import atomic_write_csv, atomic_write_json, clear_complete, mark_complete
 from analyses.plotting import by, panel_plot, spectra_plot
+from unlearn_lens.core import outputs
 
 
 def _begin(directory: Path) -> Path:
@@ -31,7 +32,7 @@ def _finish(directory: Path, info: Mapping[str, Any]) -> None:
 
 def write_norms(directory: Path, plots: Path, rows: list[dict], a: str, b: str) -> None:
     """``activation_stats/`` (norms of a, b and their difference per layer and split) and its plots folder."""
-    atomic_write_csv(_begin(directory) / "activation_stats.csv", rows, norms.COLUMNS)
+    atomic_write_csv(_begin(directory) / outputs.ACTIVATION_STATS_CSV, rows, norms.COLUMNS)
     _begin(plots)
     panels = []
     for column, label in (("L1", "mean L1 norm"), ("L2", "mean L2 norm")):
@@ -50,7 +51,7 @@ def write_norms(directory: Path, plots: Path, rows: list[dict], a: str, b: str) 
 
 def write_separation(directory: Path, rows: list[dict], a: str, b: str) -> None:
     """``activation_separation/``: forget/retain separation of both models per layer."""
-    atomic_write_csv(_begin(directory) / "separation_metrics.csv", rows, separation.COLUMNS)
+    atomic_write_csv(_begin(directory) / outputs.SEPARATION_CSV, rows, separation.COLUMNS)
     panels = [(metric, {m: by(rows, "layer", metric, model=m) for m in (a, b)}, 0.5 if metric == "auc" else None)
               for metric in ("cosine_distance", "auc", "variance_ratio")]
     panel_plot(directory / "separation.png", f"Forget/retain separation: {a} vs {b}", "layer", panels)
@@ -64,7 +65,7 @@ def write_covariance(directory: Path, rows: list[dict], selectivity: list[dict],
     _begin(directory)
     columns = list(rows[0].keys())
     atomic_write_csv(directory / "covariance_metrics.csv", rows, columns)
-    atomic_write_csv(directory / "covariance_selectivity.csv", selectivity, list(selectivity[0].keys()))
+    atomic_write_csv(directory / outputs.COVARIANCE_CSV, selectivity, list(selectivity[0].keys()))
     spectra_rows = [{"layer": layer, "split": split, "model": model, "index": i, "eigenvalue": float(value)}
                     for (split, model), values in spectra.items()
                     for layer, layer_values in enumerate(values) for i, value in enumerate(layer_values)]
@@ -135,7 +136,7 @@ def write_probes(directory: Path, rows: list[dict], model: str, C: float, max_it
 
 def write_lens(directory: Path, rows: list[dict], summary: dict, model: str) -> None:
     """``wmdp_logit_lens/`` of one model: accuracy per layer for both scorings."""
-    atomic_write_csv(_begin(directory) / "wmdp_lens_results.csv", rows, logit_lens.COLUMNS)
+    atomic_write_csv(_begin(directory) / outputs.LENS_CSV, rows, logit_lens.COLUMNS)
     atomic_write_json(directory / "summary.json", {"model": model, **summary})
     series = {scoring: by(rows, "layer", "accuracy", scoring=scoring) for scoring in ("letter", "cloze")}
     panel_plot(directory / "wmdp_logit_lens.png", f"WMDP accuracy by layer (logit lens): {model}", "layer",

@@ -178,8 +178,8 @@ def _write_stats(outdir, rows, layer_rows, summary, empirical_rank, label, meta,
     from analyses.weights.params_plots import plot_param_stats
 
     stats_dir, plots_dir = outdir / outputs.PARAM_STATS, outdir / outputs.PARAM_PLOTS
-    atomic_write_csv(stats_dir / "per_matrix.csv", rows, per_matrix_columns(empirical_rank))
-    atomic_write_csv(stats_dir / "per_layer.csv", layer_rows, per_layer_columns(empirical_rank))
+    atomic_write_csv(stats_dir / outputs.PER_MATRIX_CSV, rows, per_matrix_columns(empirical_rank))
+    atomic_write_csv(stats_dir / outputs.PER_LAYER_CSV, layer_rows, per_layer_columns(empirical_rank))
     atomic_write_csv(stats_dir / "quantization_flips.csv", flips, FLIP_COLUMNS)
     atomic_write_json(stats_dir / "summary.json", {**summary, "family": meta["family"], **meta["options"],
                                                     "quantization_flips": flip_summary(flips),
@@ -213,7 +213,7 @@ def _write_mlp_attn(folder, layer_rows, summary, label, meta) -> None:
 def _write_null_space(folder, table, subspace_k, seed, label, meta, sampling) -> None:
     from analyses.weights.params_plots import plot_null_space
 
-    atomic_write_csv(folder / "null_space_results.csv", table, NULL_SPACE_COLUMNS)
+    atomic_write_csv(folder / outputs.NULL_SPACE_CSV, table, NULL_SPACE_COLUMNS)
     def med(key: str) -> float:
         return float(median(float(r[key]) for r in table)) if table else 0.0
     atomic_write_json(folder / "summary.json", {
@@ -237,7 +237,7 @@ def _write_null_space(folder, table, subspace_k, seed, label, meta, sampling) ->
 def _write_mlp_nullspace(folder, table, rank_rtol, label, meta) -> None:
     from analyses.weights.params_plots import plot_mlp_nullspace
 
-    atomic_write_csv(folder / "mlp_nullspace.csv", table, MLP_NULLSPACE_COLUMNS)
+    atomic_write_csv(folder / outputs.MLP_NULLSPACE_CSV, table, MLP_NULLSPACE_COLUMNS)
     energy = sum(float(r["dW_fro"]) ** 2 for r in table)
     def weighted(key: str) -> float:
         return sum(float(r[key]) * float(r["dW_fro"]) ** 2 for r in table) / energy if energy > 0 else 0.0

@@ -164,7 +164,7 @@ def run_tuned_lens(settings: TunedLensSettings) -> Path:
                      [{"layer": l, "kl_initial": kl_before[l], "kl_final": kl_after[l]} for l in range(len(kl_before))],
                      ["layer", "kl_initial", "kl_final"])
     atomic_write_csv(folder / "train_log.csv", log, ["step", "mean_kl"])
-    atomic_write_csv(folder / "wmdp_lens_results.csv", rows, CSV_COLUMNS)
+    atomic_write_csv(folder / outputs.LENS_CSV, rows, CSV_COLUMNS)
     summary = summarise(rows)
     summary.update({"lens": "tuned", "model": name, "train_split": train_split, "steps": steps,
                     "mean_kl_initial": float(np.mean(kl_before[:-1])) if len(kl_before) > 1 else 0.0,
