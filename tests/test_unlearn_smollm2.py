@@ -57,3 +57,41 @@ def test_rmu_reference_preset_on_smollm2_forgets_more_than_it_retains(smollm2_di
     # 12 steps at WMDP's lr 5e-5 (it runs 150): on this machine forget +0.0127, retain -0.0003 nats
     assert forget_rise > 0.005
     assert forget_rise > retain_rise + 0.005
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_cb_lat_reference_preset_on_smollm2_forgets_more_than_it_retains(smollm2_dir, tmp_path):
+    """Deep ignorance's rr-lat as its run script rr-lat.sh calls it (retain_coef 5, remove_coef 300
+    = alpha 5 x forget weight 60, lr 2e-3 linear, combined adversary at the embedding, adv_lr 2e-3
+    x 4, LoRA r16 up to the last target, targets 5..30 of 32 scaled to SmolLM2's 30 layers), only
+    shorter: 16 steps, and batch 4 without accumulation instead of 1 x 32 (32 adversary fits per
+    step do not fit a CPU test). The adversary makes the forget activations differ from the frozen
+    ones from the first step, so the rerouting term has a gradient at once (compare the cb test)."""
+    from unlearn_lens.evaluation import mean_token_nll
+    from unlearn_lens.loading import load_model
+    from unlearn_lens.unlearning.config import UnlearnConfig
+    from unlearn_lens.unlearning.trainer import train
+
+    data = write_unlearn_data(tmp_path / "data", forget=UNLEARN_FORGET, retain=UNLEARN_RETAIN)
+    base, tokenizer = load_model(str(smollm2_dir))
+    forget_before = mean_token_nll(base, tokenizer, UNLEARN_FORGET)
+    retain_before = mean_token_nll(base, tokenizer, UNLEARN_RETAIN)
+    del base
+    shortened = {"steps": 16, "batch_size": 4, "grad_accum_steps": 1, "max_length": 32, "eval_split": 0.0,
+                 "device": "cpu", "eval_every": 1000}
+    cfg = UnlearnConfig(model=str(smollm2_dir), data=str(data), outdir=str(tmp_path / "out"), method="cb_lat",
+                        preset="reference", **shortened)
+    cfg.apply_preset(set(shortened))
+    result = train(cfg, progress=False)
+    assert (cfg.cb_variant, cfg.alpha, cfg.forget_weight, cfg.lr, cfg.adversary, cfg.lat_steps) == (
+        "rr", 5.0, 60.0, 2e-3, "combined", 4)
+    assert cfg.lora and cfg.adversary_layers == [-1] and cfg.target_layers == [4, 8, 13, 18, 22, 27]
+    forget_rise = mean_token_nll(result.model, tokenizer, UNLEARN_FORGET) - forget_before
+    retain_rise = mean_token_nll(result.model, tokenizer, UNLEARN_RETAIN) - retain_before
+    # measured (SmolLM2 from /work/smollm2): 16 steps forget +7.04, retain +0.010 nats (forget cosine to the
+    # frozen activations 0.97 -> 0.75); 12 steps +0.47 / -0.06; 8 steps -0.28 / -0.09 (not yet taken hold).
+    # unlearning.py's default remove_coef 5 (= retain_coef), all else equal: 16 steps -0.23 / +0.07, the
+    # cosine stays at the adversary's 0.97-0.99 (the retain anchor dominates; see the README)
+    assert forget_rise > 1.0
+    assert forget_rise > retain_rise + 1.0

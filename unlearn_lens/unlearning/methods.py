@@ -231,11 +231,14 @@ class _Representation(UnlearningMethod):
         """Representation rerouting, terms averaged over layers: GraySwan
         ``src/lorra_circuit_breaker.py`` ``compute_loss`` (cb), deep ignorance
         ``unlearn/reference/cas/unlearning.py`` ``RRTrainer.compute_loss`` (cb_lat). The frozen
-        activations are clean (the reference computes them before the attack)."""
+        activations are clean (the reference computes them before the attack). ``--forget-weight``
+        scales the rerouting coefficient: deep ignorance weighs its two terms separately
+        (``--remove_coef`` 300, ``--retain_coef`` 5 in ``rr-lat.sh``: alpha 5, forget weight 60)."""
         ctx, cfg = self.ctx, self.cfg
         cut = ctx.early_stop
         retain_layers, schedule = self._rr_layers_and_schedule()
         c_rr, c_retain = schedule(step, ctx.total_steps, cfg.alpha)
+        c_rr = cfg.forget_weight * c_rr  # deep ignorance's remove_coef / retain_coef (1 in GraySwan's)
         _, f_hidden = forward(ctx.model, ctx.adapter, forget, self.layers, inject, hidden_only=cut)
         _, r_hidden = forward(ctx.model, ctx.adapter, retain, retain_layers, retain_inject, hidden_only=cut)
         _, f_frozen = ctx.reference(forget, self.layers, hidden_only=True)
