@@ -95,3 +95,49 @@ def test_cb_lat_reference_preset_on_smollm2_forgets_more_than_it_retains(smollm2
     # cosine stays at the adversary's 0.97-0.99 (the retain anchor dominates; see the README)
     assert forget_rise > 1.0
     assert forget_rise > retain_rise + 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_cb_rr_reference_preset_on_smollm2_holds_retain_but_does_not_reroute(smollm2_dir, tmp_path):
+    """Where issue #14's cb proof stands: GraySwan's settings (rr, alpha 10, targets 10, 20 of 32,
+    LoRA r16 up to the last target, lr 1e-4 constant, batch 16) do NOT raise forget NLL on SmolLM2,
+    so this test pins what they do instead, only shorter (8 of 150 steps).
+
+    At the LoRA start (B = 0) the adapted and frozen activations are equal: the rerouting term
+    ReLU(cos) is at its maximum, where its gradient vanishes (step-1 gradient norm ~2e-8), and it
+    then grows only with the deviation, while the retain anchor's gradient has unit norm per token
+    (tests/test_unlearn_rr_start.py). Adam turns the rounding-level first gradient into a step, so
+    the start does not stay put, but from there the retain anchor pulls the adapter back and the
+    forget cosine never leaves 1. Measured on this machine with the full reference run (150 steps,
+    batch 16, 32 tokens): 1 - cos < 1e-6 at every step, forget NLL -0.0000, retain -0.0004 nats.
+    Neither more steps nor a seeded start (LoRA B ~ N(0, 0.01^2): 1 - cos ~ 1e-4, unchanged over 16
+    steps), nor the reference's literal t/300 schedule at lr 1e-3, nor forget weight 30 at lr 1e-3
+    moved it; with the retain anchor off (c_retain ~ 0) the rerouting escapes within 10 steps at lr
+    1e-3 but wrecks retain too (forget +8.5, retain +5.8 nats in 12 steps), as does forget weight
+    1e4 (+6.0 / +5.9). cb_lat differs: its adversary makes the forget activations differ from the
+    frozen ones from the first step (see the test above). If a change makes cb reroute, replace this
+    test with the forget-more-than-retain proof."""
+    from unlearn_lens.evaluation import mean_token_nll
+    from unlearn_lens.loading import load_model
+    from unlearn_lens.unlearning.config import UnlearnConfig
+    from unlearn_lens.unlearning.trainer import train
+
+    data = write_unlearn_data(tmp_path / "data", forget=UNLEARN_FORGET, retain=UNLEARN_RETAIN)
+    base, tokenizer = load_model(str(smollm2_dir))
+    forget_before = mean_token_nll(base, tokenizer, UNLEARN_FORGET)
+    retain_before = mean_token_nll(base, tokenizer, UNLEARN_RETAIN)
+    del base
+    shortened = {"steps": 8, "max_length": 32, "eval_split": 0.0, "device": "cpu", "eval_every": 1000}
+    cfg = UnlearnConfig(model=str(smollm2_dir), data=str(data), outdir=str(tmp_path / "out"), method="cb",
+                        preset="reference", **shortened)
+    cfg.apply_preset(set(shortened))
+    result = train(cfg, progress=False)
+    assert (cfg.cb_variant, cfg.alpha, cfg.lr, cfg.batch_size, cfg.lora) == ("rr", 10.0, 1e-4, 16, True)
+    assert cfg.target_layers == [8, 18]
+    assert result.log[0]["grad_norm"] < 1e-6  # the stationary start
+    assert all(row["forget_loss"] > 1 - 1e-5 for row in result.log)  # mean ReLU(cos) stays at 1
+    assert any(row["retain_loss"] > 0 for row in result.log[1:])  # the adapter did move
+    forget_rise = mean_token_nll(result.model, tokenizer, UNLEARN_FORGET) - forget_before
+    retain_rise = mean_token_nll(result.model, tokenizer, UNLEARN_RETAIN) - retain_before
+    assert abs(forget_rise) < 0.01 and abs(retain_rise) < 0.01
