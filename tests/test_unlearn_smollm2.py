@@ -89,10 +89,11 @@ def test_cb_lat_reference_preset_on_smollm2_forgets_more_than_it_retains(smollm2
     assert cfg.lora and cfg.adversary_layers == [-1] and cfg.target_layers == [4, 8, 13, 18, 22, 27]
     forget_rise = mean_token_nll(result.model, tokenizer, UNLEARN_FORGET) - forget_before
     retain_rise = mean_token_nll(result.model, tokenizer, UNLEARN_RETAIN) - retain_before
-    # measured (SmolLM2 from /work/smollm2): 16 steps forget +7.04, retain +0.010 nats (forget cosine to the
-    # frozen activations 0.97 -> 0.75); 12 steps +0.47 / -0.06; 8 steps -0.28 / -0.09 (not yet taken hold).
-    # unlearning.py's default remove_coef 5 (= retain_coef), all else equal: 16 steps -0.23 / +0.07, the
-    # cosine stays at the adversary's 0.97-0.99 (the retain anchor dominates; see the README)
+    # measured: forget +7.14, retain -0.005 nats (mean ReLU(cos) to the frozen activations 0.97 -> 0.75).
+    # Before LoRA dropout was on (eval mode throughout): 16 steps +7.04 / +0.010, 12 steps +0.47 / -0.06,
+    # 8 steps -0.28 / -0.09 (not yet taken hold); unlearning.py's default remove_coef 5 (= retain_coef),
+    # all else equal: 16 steps -0.23 / +0.07, the cosine stays at the adversary's 0.97-0.99 (the retain
+    # anchor dominates; see the README)
     assert forget_rise > 1.0
     assert forget_rise > retain_rise + 1.0
 
@@ -110,7 +111,8 @@ def test_cb_rr_reference_preset_on_smollm2_holds_retain_but_does_not_reroute(smo
     (tests/test_unlearn_rr_start.py). Adam turns the rounding-level first gradient into a step, so
     the start does not stay put, but from there the retain anchor pulls the adapter back and the
     forget cosine never leaves 1. Measured on this machine with the full reference run (150 steps,
-    batch 16, 32 tokens): 1 - cos < 1e-6 at every step, forget NLL -0.0000, retain -0.0004 nats.
+    batch 16, 32 tokens; before LoRA dropout was on): 1 - cos < 1e-6 at every step, forget NLL
+    -0.0000, retain -0.0004 nats.
     Neither more steps nor a seeded start (LoRA B ~ N(0, 0.01^2): 1 - cos ~ 1e-4, unchanged over 16
     steps), nor the reference's literal t/300 schedule at lr 1e-3, nor forget weight 30 at lr 1e-3
     moved it; with the retain anchor off (c_retain ~ 0) the rerouting escapes within 10 steps at lr
@@ -140,4 +142,5 @@ def test_cb_rr_reference_preset_on_smollm2_holds_retain_but_does_not_reroute(smo
     assert any(row["retain_loss"] > 0 for row in result.log[1:])  # the adapter did move
     forget_rise = mean_token_nll(result.model, tokenizer, UNLEARN_FORGET) - forget_before
     retain_rise = mean_token_nll(result.model, tokenizer, UNLEARN_RETAIN) - retain_before
+    # measured (8 steps): step-1 gradient norm 1.8e-8, forget -0.0001, retain +0.0011 nats
     assert abs(forget_rise) < 0.01 and abs(retain_rise) < 0.01

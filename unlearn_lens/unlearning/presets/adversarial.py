@@ -4,9 +4,12 @@
 defaults written out); ``reference`` is the published configuration. Layers are block outputs
 (``tap_blocks``: the residual stream after block ``i``; -1 is the embedding output, never
 scaled); the fields a preset lists in ``depth_scaled`` hold them for a 32-layer model and are
-scaled with ``scale_layers`` when the model's depth is known. The references
-index ``output_hidden_states``, whose entry ``l`` is the output of block ``l - 1``: GraySwan's
-target layers 10, 20 are block outputs 9, 19 here; deep ignorance's 5, 10, ..., 30 are 4, 9, ..., 29.
+scaled with ``scale_layers`` when the model's depth is known. The references index
+``output_hidden_states``, whose entry ``l`` is the output of block ``l - 1``: GraySwan's target
+layers 10, 20 are block outputs 9, 19 here; deep ignorance's 5, 10, ..., 30 are 4, 9, ..., 29.
+cb / cb_lat ``reference`` train with dropout on (``train_dropout``): the references run their
+adapted passes in train mode, so LoRA's dropout 0.05 acts; their frozen passes and cb_lat's
+attack run in eval mode, as ours (``methods.eval_mode``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ _ORIGINAL_SOURCE = "the original pipeline's settings (/work/shared/original-pipe
 _GRAYSWAN = Preset(
     name="reference",
     values={"cb_variant": "rr", "alpha": 10.0, "target_layers": [9, 19], "lora": True, "lora_r": 16,
-            "lora_alpha": 16.0, "lora_dropout": 0.05, "lora_targets": None, "optimizer": "adamw", "lr": 1e-4,
+            "lora_alpha": 16.0, "lora_dropout": 0.05, "train_dropout": True, "lora_targets": None,
+            "optimizer": "adamw", "lr": 1e-4,
             "weight_decay": 0.0, "lr_scheduler": "constant", "warmup_steps": 0, "grad_clip": 1.0,
             "batch_size": 16, "grad_accum_steps": 1, "steps": 150},
     depth_scaled=("target_layers",),
@@ -46,8 +50,8 @@ _DEEP_IGNORANCE = Preset(
     name="reference",
     values={"cb_variant": "rr", "alpha": 5.0, "forget_weight": 60.0, "target_layers": [4, 9, 14, 19, 24, 29],
             "adversary": "combined", "adversary_layers": [-1], "adversary_lr": 2e-3, "lat_steps": 4,
-            "lora": True, "lora_r": 16, "lora_alpha": 16.0, "lora_dropout": 0.05, "lora_targets": None,
-            "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01, "lr_scheduler": "linear", "warmup_steps": 0,
+            "lora": True, "lora_r": 16, "lora_alpha": 16.0, "lora_dropout": 0.05, "train_dropout": True,
+            "lora_targets": None, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01, "lr_scheduler": "linear", "warmup_steps": 0,
             "grad_clip": 1.0, "batch_size": 1, "grad_accum_steps": 32},
     depth_scaled=("target_layers",),
     source="O'Brien et al. 2025, Deep Ignorance; EleutherAI/unlearn unlearn/reference/cas/unlearning.py "
