@@ -51,8 +51,8 @@ _DEEP_IGNORANCE = Preset(
     values={"cb_variant": "rr", "alpha": 5.0, "forget_weight": 60.0, "target_layers": [4, 9, 14, 19, 24, 29],
             "adversary": "combined", "adversary_layers": [-1], "adversary_lr": 2e-3, "lat_steps": 4,
             "lora": True, "lora_r": 16, "lora_alpha": 16.0, "lora_dropout": 0.05, "train_dropout": True,
-            "lora_targets": None, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01, "lr_scheduler": "linear", "warmup_steps": 0,
-            "grad_clip": 1.0, "batch_size": 1, "grad_accum_steps": 32},
+            "lora_targets": None, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01, "lr_scheduler": "linear",
+            "warmup_steps": 0, "grad_clip": 1.0, "batch_size": 1, "grad_accum_steps": 32},
     depth_scaled=("target_layers",),
     source="O'Brien et al. 2025, Deep Ignorance; EleutherAI/unlearn unlearn/reference/cas/unlearning.py "
            "(RRTrainer, gradient_descent_attack; --alg rr-lat) as run by rr-lat.sh: retain_coef 5 (alpha), "
