@@ -178,14 +178,14 @@ class CombinedAdversary(torch.nn.Module):
         return torch.cat((x[:, :num_toks, :] + sp[:, :num_toks, :], x[:, num_toks:, :]), dim=1)
 
 
-def deep_ignorance_loss(trained, frozen, forget, retain, target_layers_hs, current_training_step, total, coef,
-                        adv_lr, attack_iters):
+def deep_ignorance_loss(trained, frozen, forget, retain, target_layers_hs, current_training_step, total, retain_coef,
+                        remove_coef, adv_lr, attack_iters):
     """RRTrainer.compute_loss with --alg rr-lat and the attack at the embedding (CustomHook on
     embed_tokens): frozen activations first, then gradient_descent_attack (AdamW on the forget
     NLL), then the trained retain and forget passes with the adversary still on."""
     scheduled_coeff = min([1.0, current_training_step / total])
-    retain_coeff = coef * scheduled_coeff
-    circuit_breaker_coeff = coef * (1 - 0.25 * scheduled_coeff)
+    retain_coeff = retain_coef * scheduled_coeff
+    circuit_breaker_coeff = remove_coef * (1 - 0.25 * scheduled_coeff)
     with torch.no_grad():
         orig_r, _ = block_outputs(frozen, retain["input_ids"])
         orig_f, _ = block_outputs(frozen, forget["input_ids"])
@@ -218,12 +218,14 @@ def test_cb_lat_reference_preset_equals_deep_ignorance_rr_lat_over_steps():
     cfg = resolve(PRESETS["cb_lat"]["reference"], "cb_lat", N_LAYERS, target_layers=[1, 3], lora=False,
                   lat_steps=3, adversary_lr=0.05)
     assert cfg.adversary == "combined" and cfg.adversary_layers == [-1] and cfg.alpha == 5.0
+    assert cfg.forget_weight == 60.0 and cfg.lr == 2e-3  # rr-lat.sh: --remove_coef 300 (= 5 x 60) --lr 2e-3
     total = 4
     method = package_method(cfg, trained, frozen, total)
     for step in (0, 2, 4):  # s = 0, 0.5, 1 (capped)
         torch.manual_seed(0)
         ours, metrics = method.loss(forget, retain, step)
-        theirs, adv_losses = deep_ignorance_loss(trained, frozen, forget, retain, [2, 4], step, total, 5.0, 0.05, 3)
+        theirs, adv_losses = deep_ignorance_loss(trained, frozen, forget, retain, [2, 4], step, total, 5.0, 300.0,
+                                                 0.05, 3)
         assert float(ours) == pytest.approx(float(theirs), abs=1e-6, rel=1e-6)
         assert metrics["adversary_start_nll"] == pytest.approx(adv_losses[0], abs=1e-6, rel=1e-6)
         assert metrics["adversary_nll"] == pytest.approx(adv_losses[-1], abs=1e-6, rel=1e-6)

@@ -11,7 +11,7 @@ dpo, npo and simnpo (open-unlearning's gamma).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,8 +25,23 @@ from unlearn_lens.unlearning.hooks import StopForward, tap_blocks
 Batch = dict[str, torch.Tensor]
 
 
+@contextmanager
+def eval_mode(model):
+    """Dropout off for the enclosed passes, the model's mode restored after (the references'
+    ``model.eval()`` ... ``model.train()`` around their frozen passes and attacks)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 class Reference:
-    """The frozen original model: a frozen copy, or (LoRA) the same model with adapters off."""
+    """The frozen original model: a frozen copy, or (LoRA) the same model with adapters off.
+
+    Its passes run in eval mode even when training runs with dropout (``--train-dropout``), as
+    GraySwan's and deep ignorance's frozen passes (``disable_adapter`` + ``model.eval()``)."""
 
     def __init__(self, model, adapter, disable: Callable[[], Any] | None = None,
                  autocast: Callable[[], Any] | None = None):
@@ -37,7 +52,7 @@ class Reference:
 
     @torch.no_grad()
     def __call__(self, batch: Batch, capture=(), hidden_only: bool = False):
-        with self._disable(), self._autocast():
+        with self._disable(), self._autocast(), eval_mode(self.model):
             logits, hidden = forward(self.model, self.adapter, batch, capture, hidden_only=hidden_only)
         return logits, {k: v.detach() for k, v in hidden.items()}
 
@@ -231,11 +246,14 @@ class _Representation(UnlearningMethod):
         """Representation rerouting, terms averaged over layers: GraySwan
         ``src/lorra_circuit_breaker.py`` ``compute_loss`` (cb), deep ignorance
         ``unlearn/reference/cas/unlearning.py`` ``RRTrainer.compute_loss`` (cb_lat). The frozen
-        activations are clean (the reference computes them before the attack)."""
+        activations are clean (the reference computes them before the attack). ``--forget-weight``
+        scales the rerouting coefficient: deep ignorance weighs its two terms separately
+        (``--remove_coef`` 300, ``--retain_coef`` 5 in ``rr-lat.sh``: alpha 5, forget weight 60)."""
         ctx, cfg = self.ctx, self.cfg
         cut = ctx.early_stop
         retain_layers, schedule = self._rr_layers_and_schedule()
         c_rr, c_retain = schedule(step, ctx.total_steps, cfg.alpha)
+        c_rr = cfg.forget_weight * c_rr  # deep ignorance's remove_coef / retain_coef (1 in GraySwan's)
         _, f_hidden = forward(ctx.model, ctx.adapter, forget, self.layers, inject, hidden_only=cut)
         _, r_hidden = forward(ctx.model, ctx.adapter, retain, retain_layers, retain_inject, hidden_only=cut)
         _, f_frozen = ctx.reference(forget, self.layers, hidden_only=True)
@@ -348,7 +366,9 @@ class CBLAT(_Representation):
     name = "cb_lat"
 
     def loss(self, forget, retain, step):
-        attack = fit_attack(self.ctx, forget)
+        model = self.ctx.plain_model if self.ctx.plain_model is not None else self.ctx.model
+        with eval_mode(model):  # deep ignorance's gradient_descent_attack: model.eval(), dropout off
+            attack = fit_attack(self.ctx, forget)
         loss, metrics = self._representation_loss(forget, retain, step, attack.forget, attack.for_batch(retain))
         return loss, {**metrics, **attack.metrics}
 

@@ -4,9 +4,12 @@
 defaults written out); ``reference`` is the published configuration. Layers are block outputs
 (``tap_blocks``: the residual stream after block ``i``; -1 is the embedding output, never
 scaled); the fields a preset lists in ``depth_scaled`` hold them for a 32-layer model and are
-scaled with ``scale_layers`` when the model's depth is known. The references
-index ``output_hidden_states``, whose entry ``l`` is the output of block ``l - 1``: GraySwan's
-target layers 10, 20 are block outputs 9, 19 here; deep ignorance's 5, 10, ..., 30 are 4, 9, ..., 29.
+scaled with ``scale_layers`` when the model's depth is known. The references index
+``output_hidden_states``, whose entry ``l`` is the output of block ``l - 1``: GraySwan's target
+layers 10, 20 are block outputs 9, 19 here; deep ignorance's 5, 10, ..., 30 are 4, 9, ..., 29.
+cb / cb_lat ``reference`` train with dropout on (``train_dropout``): the references run their
+adapted passes in train mode, so LoRA's dropout 0.05 acts; their frozen passes and cb_lat's
+attack run in eval mode, as ours (``methods.eval_mode``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ _ORIGINAL_SOURCE = "the original pipeline's settings (/work/shared/original-pipe
 _GRAYSWAN = Preset(
     name="reference",
     values={"cb_variant": "rr", "alpha": 10.0, "target_layers": [9, 19], "lora": True, "lora_r": 16,
-            "lora_alpha": 16.0, "lora_dropout": 0.05, "lora_targets": None, "optimizer": "adamw", "lr": 1e-4,
+            "lora_alpha": 16.0, "lora_dropout": 0.05, "train_dropout": True, "lora_targets": None,
+            "optimizer": "adamw", "lr": 1e-4,
             "weight_decay": 0.0, "lr_scheduler": "constant", "warmup_steps": 0, "grad_clip": 1.0,
             "batch_size": 16, "grad_accum_steps": 1, "steps": 150},
     depth_scaled=("target_layers",),
@@ -37,20 +41,25 @@ _GRAYSWAN = Preset(
            "every linear of the blocks up to the last target, lr 1e-4 constant, 150 steps, batch 16",
 )
 
-#: deep ignorance's rr-lat (O'Brien et al. 2025): unlearning.py --alg rr-lat defaults.
+#: deep ignorance's rr-lat (O'Brien et al. 2025): unlearning.py --alg rr-lat as its run script
+#: rr-lat.sh calls it (--lr 2e-3 --adv_lr 2e-3 --remove_coef 300 --attack_iters 4; retain_coef
+#: keeps its default 5). The script's values, not unlearning.py's defaults (remove_coef = retain_coef
+#: = 5, lr 1e-3, 8 iterations): with equal coefficients the retain anchor, whose gradient does not
+#: vanish at the start, holds the adapter at zero (measured on SmolLM2, tests/test_unlearn_smollm2.py).
 _DEEP_IGNORANCE = Preset(
     name="reference",
-    values={"cb_variant": "rr", "alpha": 5.0, "target_layers": [4, 9, 14, 19, 24, 29],
-            "adversary": "combined", "adversary_layers": [-1], "adversary_lr": 2e-3, "lat_steps": 8,
-            "lora": True, "lora_r": 16, "lora_alpha": 16.0, "lora_dropout": 0.05, "lora_targets": None,
-            "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01, "lr_scheduler": "linear", "warmup_steps": 0,
-            "grad_clip": 1.0, "batch_size": 1, "grad_accum_steps": 32},
+    values={"cb_variant": "rr", "alpha": 5.0, "forget_weight": 60.0, "target_layers": [4, 9, 14, 19, 24, 29],
+            "adversary": "combined", "adversary_layers": [-1], "adversary_lr": 2e-3, "lat_steps": 4,
+            "lora": True, "lora_r": 16, "lora_alpha": 16.0, "lora_dropout": 0.05, "train_dropout": True,
+            "lora_targets": None, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01, "lr_scheduler": "linear",
+            "warmup_steps": 0, "grad_clip": 1.0, "batch_size": 1, "grad_accum_steps": 32},
     depth_scaled=("target_layers",),
     source="O'Brien et al. 2025, Deep Ignorance; EleutherAI/unlearn unlearn/reference/cas/unlearning.py "
-           "(RRTrainer, gradient_descent_attack; --alg rr-lat): retain_coef = remove_coef = 5, layers "
-           "5,10,...,30 (hidden_states), CombinedAdversary adv_lr 2e-3 x 8 iterations at the embedding "
-           "(its MLP adversaries at the target layers lie between scored layers and are left out), LoRA "
-           "r16/alpha16/dropout 0.05 up to the last target, lr 1e-3, weight decay 0.01, batch 1 x 32 accumulated",
+           "(RRTrainer, gradient_descent_attack; --alg rr-lat) as run by rr-lat.sh: retain_coef 5 (alpha), "
+           "remove_coef 300 (alpha x forget weight 60), layers 5,10,...,30 (hidden_states), CombinedAdversary "
+           "adv_lr 2e-3 x 4 iterations at the embedding (its MLP adversaries at the target layers lie between "
+           "scored layers and are left out), LoRA r16/alpha16/dropout 0.05 up to the last target, lr 2e-3, "
+           "weight decay 0.01, batch 1 x 32 accumulated",
 )
 
 #: targeted LAT (Sheshadri et al. 2024), notebooks/unlearning_wmdp.ipynb's ProjectedGradLAT call.
