@@ -86,7 +86,8 @@ def _shared_options(func):
                      help="Train with dropout on (default off: the model runs in eval mode, runs are deterministic)."),
         click.option("--forget-weight", type=float, default=1.0, show_default=True,
                      help="Weight of the forget term (open-unlearning's gamma): grad_diff retain NLL - w * forget NLL; "
-                          "dpo / npo / simnpo w * preference term + retain NLL."),
+                          "dpo / npo / simnpo w * preference term + retain NLL; cb / cb_lat rr: scales the rerouting "
+                          "coefficient c_rr."),
         click.option("--beta", type=float, default=0.1, show_default=True, help="dpo / npo / simnpo inverse temperature."),
         click.option("--layer-id", type=int, default=None,
                      help="rmu / cb / lat / cb_lat target layer (default 7 as in WMDP's RMU, or the last block)."),
