@@ -67,18 +67,19 @@ def atomic_write_csv(
 
 
 def atomic_save_figure(figure: Any, path: str | Path, dpi: int = 120, tight: bool = True) -> Path:
-    """Save a matplotlib figure atomically as PNG and close it.
+    """Save a matplotlib figure atomically as PNG (and close it if pyplot made it).
 
     ``tight=False`` keeps the figure's own margins: for figures laid out with fixed margins it
     saves the extra draw that computing a tight bounding box costs (a third of the save time).
     """
-    import matplotlib.pyplot as plt
-
     try:
         with atomic_path(path) as tmp:
             figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight" if tight else None)
     finally:
-        plt.close(figure)
+        import sys
+
+        if "matplotlib.pyplot" in sys.modules:  # a figure from pyplot.subplots stays registered until closed
+            sys.modules["matplotlib.pyplot"].close(figure)
     return Path(path)
 
 

@@ -1,17 +1,27 @@
-"""Small matplotlib helpers for the activation diagnostics (Agg backend, titled PNGs, atomic saves)."""
+"""Small matplotlib helpers: figures without pyplot, titled PNG panels, atomic saves.
+
+Figures are ``matplotlib.figure.Figure`` objects drawn straight to PNG, never through pyplot: no
+global backend is switched, so importing the package in a notebook keeps its inline figures, and
+no figure is left open in pyplot's registry.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from analyses.io import atomic_save_figure
 
-from analyses.io import atomic_save_figure  # noqa: E402
+
+def subplots(*grid: int, figsize: tuple[float, float], layout: str | None = None, **kwargs):
+    """``(figure, axes)`` as ``pyplot.subplots`` returns them, made without pyplot (see the module)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize, layout=layout)
+    return figure, figure.subplots(*grid, **kwargs)
+
 
 Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]
 
@@ -19,7 +29,7 @@ Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]
 def panel_plot(path: str | Path, title: str, xlabel: str, panels: Sequence[tuple[str, Series, float | None]],
                log_y: bool = False) -> Path:
     """One row of panels; each panel is ``(ylabel, {label: (x, y)}, optional reference line)``."""
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    figure, axes = subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for ax, (ylabel, series, reference) in zip(axes[0], panels):
         for label, (x, y) in series.items():
             ax.plot(list(x), [float(v) if v is not None else np.nan for v in y], marker="o", markersize=3,
@@ -50,7 +60,7 @@ def by(rows: Sequence[Mapping], x: str, y: str, **where) -> tuple[list, list]:
 
 def spectra_plot(path: str | Path, title: str, spectra: Mapping[str, np.ndarray], layers: Sequence[int]) -> Path:
     """Eigenvalue spectra (log scale) at a few layers, one panel per layer."""
-    figure, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.6), squeeze=False)
+    figure, axes = subplots(1, len(layers), figsize=(4.5 * len(layers), 3.6), squeeze=False)
     for ax, layer in zip(axes[0], layers):
         for label, values in spectra.items():
             v = np.asarray(values[layer])

@@ -274,10 +274,7 @@ def summarise(rows: Sequence[dict], name_a: str, name_b: str) -> dict:
 
 def plot_results(rows: Sequence[dict], name_a: str, name_b: str, path) -> None:
     """Grouped bars per eps: forget vs retain (colour) and base vs modified (hatching)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from analyses.plotting import subplots
 
     from analyses.io import atomic_save_figure
 
@@ -289,7 +286,7 @@ def plot_results(rows: Sequence[dict], name_a: str, name_b: str, path) -> None:
               ("output_variance_mean", "logit variance under perturbation")]
     combos = [(name_a, "forget"), (name_a, "retain"), (name_b, "forget"), (name_b, "retain")]
     colours = {"forget": "tab:red", "retain": "tab:blue"}
-    figure, axes = plt.subplots(2, 2, figsize=(11, 8))
+    figure, axes = subplots(2, 2, figsize=(11, 8))
     width = 0.8 / len(combos)
     x = np.arange(len(eps_values))
     for ax, (metric, label) in zip(axes.flat, panels):

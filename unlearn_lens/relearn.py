@@ -260,14 +260,11 @@ def settings_record(**settings) -> dict:
 
 def plot_curve(curve: Sequence[dict], base_eval: dict, name: str, path: Path) -> None:
     """Forget NLL and WMDP accuracy against relearning steps, both conditions, base as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from analyses.plotting import subplots
 
     from analyses.io import atomic_save_figure
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (left, right) = subplots(1, 2, figsize=(11, 4))
     colours = {"forget": "tab:red", "retain_control": "tab:blue"}
     for condition in CONDITIONS:
         rows = [r for r in curve if r["condition"] == condition]

@@ -73,16 +73,13 @@ def recovery_plot(inputs: ReportInputs) -> bytes:
     """PNG: a scatter of each signature metric against steps to half recovery, one panel each."""
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from analyses.plotting import subplots
 
     names = inputs.comparisons
     steps = [recovery_steps(relearning_summary(inputs, n))[0] for n in names]
     columns = 4
     panel_rows = math.ceil(len(RECOVERY_PREDICTORS) / columns)
-    figure, axes = plt.subplots(panel_rows, columns, figsize=(4 * columns, 3.4 * panel_rows), squeeze=False)
+    figure, axes = subplots(panel_rows, columns, figsize=(4 * columns, 3.4 * panel_rows), squeeze=False)
     for axis, (short, label) in zip(axes.flat, RECOVERY_PREDICTORS):
         xs = signature_values(inputs, label)
         points = [(x, y, n) for x, y, n in zip(xs, steps, names) if x is not None and y is not None]
@@ -100,7 +97,6 @@ def recovery_plot(inputs: ReportInputs) -> bytes:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
     return buffer.getvalue()
 
 

@@ -5,13 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from analyses.io import atomic_save_figure  # noqa: E402
+from analyses.io import atomic_save_figure
+from analyses.plotting import subplots
 
 _COLORS = {"attn": "tab:blue", "mlp": "tab:orange", "embed": "tab:green"}
 
@@ -45,24 +42,24 @@ def plot_param_stats(outdir: Path, rows: Sequence[dict[str, Any]], layer_rows: S
     outdir = Path(outdir)
     paths = []
 
-    figure, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    figure, ax = subplots(figsize=(7, 4), layout="constrained")
     _line_panel(ax, layer_rows, "dW_fro_layer_rel", "||dW||_F / ||W||_F", f"Layer locality of the update\n{label}")
     paths.append(atomic_save_figure(figure, outdir / "layer_locality.png"))
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+    figure, axes = subplots(1, 2, figsize=(12, 4), layout="constrained")
     _line_panel(axes[0], layer_rows, "max_dW_spectral_rel", "max sigma_1(dW) / max sigma_1(W)", "Relative spectral norm")
     _line_panel(axes[1], layer_rows, "max_dW_spectral", "max sigma_1(dW)", "Spectral norm of dW")
     figure.suptitle(f"Spectral norm per layer\n{label}")
     paths.append(atomic_save_figure(figure, outdir / "spectral_norm.png"))
 
-    figure, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    figure, ax = subplots(figsize=(7, 4), layout="constrained")
     _line_panel(ax, layer_rows, "mean_dW_stable_rank", "mean stable rank of dW", f"Stable rank of the update per layer\n{label}")
     paths.append(atomic_save_figure(figure, outdir / "stable_rank.png"))
 
     kinds = [("stable_rank", "stable rank")]
     if rows and "W_empirical_rank" in rows[0]:
         kinds.append(("empirical_rank", "99% empirical rank"))
-    figure, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False, layout="constrained")
+    figure, axes = subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False, layout="constrained")
     for ax, (key, name) in zip(axes[0], kinds):
         for group in sorted({str(r["group"]) for r in rows}):
             sel = [r for r in rows if r["group"] == group]
@@ -83,7 +80,7 @@ def plot_param_stats(outdir: Path, rows: Sequence[dict[str, Any]], layer_rows: S
 def plot_mlp_attn(outdir: Path, table: Sequence[dict[str, Any]], label: str) -> Path:
     """Per layer: relative change of MLP and attention, and MLP's share of the update energy."""
     layers = [int(r["layer"]) for r in table]
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+    figure, axes = subplots(1, 2, figsize=(12, 4), layout="constrained")
     width = 0.4
     x = np.arange(len(layers))
     axes[0].bar(x - width / 2, [r["attn_dW_fro_rel"] for r in table], width, label="Attention", color=_COLORS["attn"])
@@ -105,7 +102,7 @@ def plot_mlp_attn(outdir: Path, table: Sequence[dict[str, Any]], label: str) -> 
 
 def plot_null_space(outdir: Path, table: Sequence[dict[str, Any]], label: str) -> Path:
     """Top-10 energy share, 99% effective rank and subspace distance of the sampled matrices."""
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4), layout="constrained")
+    figure, axes = subplots(1, 3, figsize=(16, 4), layout="constrained")
     index = np.arange(len(table))
     colors = [_COLORS.get(str(r["group"]), "grey") for r in table]
     axes[0].bar(index, [r["top10_energy_share"] for r in table], color=colors)
@@ -131,7 +128,7 @@ def plot_null_space(outdir: Path, table: Sequence[dict[str, Any]], label: str) -
 
 def plot_mlp_nullspace(outdir: Path, table: Sequence[dict[str, Any]], label: str) -> Path:
     """Per MLP matrix: share of the update off W's column space and off its row space."""
-    figure, axes = plt.subplots(1, 2, figsize=(13, 4), layout="constrained")
+    figure, axes = subplots(1, 2, figsize=(13, 4), layout="constrained")
     for ax, key, side in ((axes[0], "col_null_share", "column space (output side)"),
                           (axes[1], "row_null_share", "row space (input side)")):
         for role in sorted({str(r["role"]) for r in table}):

@@ -34,14 +34,11 @@ def load_translators(path: str | Path) -> dict[str, np.ndarray]:
 
 def plot_accuracies(rows: Sequence[dict], title: str, path) -> None:
     """Accuracy per layer, one line per scoring, with the 0.25 chance line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from analyses.plotting import subplots
 
     from analyses.io import atomic_save_figure
 
-    figure, ax = plt.subplots(figsize=(8, 4.5))
+    figure, ax = subplots(figsize=(8, 4.5))
     for scoring in SCORINGS:
         part = [r for r in rows if r["scoring"] == scoring]
         if part:
