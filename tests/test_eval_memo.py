@@ -90,6 +90,21 @@ def test_second_model_reuses_the_base_evaluations_and_writes_the_same_csv(models
         json.loads((alone / "reference.json").read_text())["metrics"]
     summary, summary_alone = (json.loads((f / "summary.json").read_text()) for f in (folder, alone))
     assert summary["best_recovery"] == summary_alone["best_recovery"]
+    # relearn-heldout's reference (the unattacked models on the held-out half) takes its NLLs from the
+    # attack's reference (the same texts) and scores only the questions: equal to a full evaluation
+    import dataclasses
+
+    from analyses.recovery import METRICS
+    from unlearn_lens.attacks.relearning import heldout_split
+    from unlearn_lens.relearn import evaluate_data, load_eval_data, load_for_eval
+
+    data = load_eval_data(models["data"])
+    held = dataclasses.replace(data, items=heldout_split(data.items, 0)[1])
+    stored = json.loads((folder / "results" / "relearn-heldout.json").read_text())["results"][0]["reference"]
+    for which in ("base", "m2"):
+        model, tokenizer = load_for_eval(str(models[which]), None, "auto", "cpu", False)
+        full = evaluate_data(model, tokenizer, held, 32, 4)
+        assert stored["base" if which == "base" else "modified"] == {m: full[m] for m in METRICS}
 
 
 def test_misses_force_and_damage(models, calls, tmp_path):
