@@ -144,8 +144,8 @@ def _finetune_and_evaluate(ctx: AttackContext, which: str, texts: Sequence[str],
         if reference and data is not None and (data.forget, data.retain) == (ctx.data.forget, ctx.data.retain):
             # the same texts as the unattacked reference: its NLLs are this evaluation's; score the questions only
             questions = ctx.evaluate(model, tokenizer, dataclasses.replace(data, forget=[], retain=[]))
-            return {**questions, **{m: reference[m] for m in ("forget_nll", "retain_nll", "retain_ppl",
-                                                              "n_forget_texts", "n_retain_texts")}}
+            return {**questions, **{m: reference[m] for m in ("forget_nll", "retain_nll", "retain_ppl")},
+                    "n_forget_texts": len(data.forget), "n_retain_texts": len(data.retain)}
         return ctx.evaluate(model, tokenizer, data)
 
     def finetune_and_evaluate() -> dict:
