@@ -366,12 +366,27 @@ def run_relearn(settings: RelearnSettings) -> Path:
             print(f"WARNING: full-parameter relearning in {str(torch_dtype(dtype, device))[6:]} weights rounds away "
                   "updates much smaller than the weights (lr 1e-5); use --lora or --dtype float32", file=sys.stderr)
 
-    base_model, base_tokenizer = load_for_eval(base_spec, base_revision, dtype, device, s.base.trust_remote_code)
-    base_eval = evaluate_data(base_model, base_tokenizer, data, max_length, eval_batch_size)
-    del base_model
-    _free_accelerator_memory()
+    from unlearn_lens import eval_memo
+    from unlearn_lens.loading import load_tokenizer
+
+    # both unattacked evaluations are memoised (OUT/.evaluations/): `attack` and the other models' runs reuse them
+    memo = eval_memo.EvalMemo(outdir, force=overwrite, echo=lambda line: print(f"relearn: {line}", file=sys.stderr))
+    data_key = eval_memo.data_identity(data.forget, data.retain, data.items)
+    eval_key = eval_memo.eval_settings(max_length=max_length, batch_size=eval_batch_size, dtype=dtype, device=device)
+
+    def evaluate_base() -> dict:
+        base_model, base_tokenizer = load_for_eval(base_spec, base_revision, dtype, device, s.base.trust_remote_code)
+        result = evaluate_data(base_model, base_tokenizer, data, max_length, eval_batch_size)
+        del base_model
+        _free_accelerator_memory()
+        return result
+
+    base_eval, _ = memo.get("the base model", eval_memo.model_identity(base_spec, base_revision), None, data_key,
+                            eval_key, evaluate_base)
     model, tokenizer = load_for_eval(model_spec, revision, dtype, device, s.model.trust_remote_code)
-    start_eval = evaluate_data(model, tokenizer, data, max_length, eval_batch_size)
+    start_eval, _ = memo.get("the modified model", eval_memo.model_identity(model_spec, revision), None, data_key,
+                             eval_key, lambda: evaluate_data(model, tokenizer, data, max_length, eval_batch_size))
+    base_tokenizer = load_tokenizer(base_spec, base_revision, s.base.trust_remote_code)
     if len(tokenizer) != len(base_tokenizer) or tokenizer.get_vocab() != base_tokenizer.get_vocab():
         print("WARNING: --model and --base-model tokenizers differ; NLLs are not comparable", file=sys.stderr)
 

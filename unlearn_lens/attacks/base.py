@@ -121,6 +121,7 @@ class AttackContext:
         self.attack_dir = outputs.model_dir(settings.outdir, settings.name) / outputs.ATTACKS
         self.reference = reference or {}
         self._echo = echo or (lambda message: print(message, file=sys.stderr))
+        self._memo = None
 
     def option(self, key: str, default: Any = None) -> Any:
         """``settings.options[key]``, else ``default``."""
@@ -161,6 +162,24 @@ class AttackContext:
         data = data or self.data
         return evaluate(model, tokenizer, forget_texts=data.forget, retain_texts=data.retain, mcq_items=data.items,
                         max_length=self.settings.max_length, batch_size=self.settings.batch_size)
+
+    def memoised(self, which: str, transform: dict | None, compute: Callable[[], dict], data=None,
+                 what: str = "") -> tuple[dict, float]:
+        """``(result, seconds)`` of ``compute()`` (which evaluates ``which`` after ``transform`` on ``data``),
+        read from the evaluation memo (``unlearn_lens/eval_memo.py``) when it ran before; ``force`` recomputes."""
+        from unlearn_lens import eval_memo
+
+        if self._memo is None:
+            self._memo = eval_memo.EvalMemo(self.settings.outdir, force=self.settings.force,
+                                            echo=lambda line: self._echo(f"attack: {line}"))
+        s = self.settings
+        data = data or self.data
+        spec, revision = (s.base, s.base_revision) if which == "base" else (s.model, s.model_revision)
+        return self._memo.get(
+            what or f"the {which} model", eval_memo.model_identity(spec, revision), transform,
+            eval_memo.data_identity(data.forget, data.retain, data.items),
+            eval_memo.eval_settings(max_length=s.max_length, batch_size=s.batch_size, dtype=s.dtype, device=s.device),
+            compute)
 
     def progress(self, message: str) -> None:
         self._echo(message)

@@ -25,7 +25,6 @@ with no quantizable layer is refused. The base under the same quantization is th
 
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 from analyses.weights.quantization import INT4_GROUP_SIZE, QUANT_SETTINGS
@@ -154,12 +153,17 @@ def run(ctx: AttackContext) -> Iterator[AttackResult]:
         _torchao()  # a missing package is one line before any model loads
     for backend, setting in pairs:
         for target, which in TARGETS:
-            ctx.progress(f"quantize {setting} ({backend}): {target}")
-            started = time.time()
-            model, tokenizer = ctx.load(which)
-            quantize = quantize_torchao if backend == "torchao" else quantize_bitsandbytes
-            count = quantize(model, setting, lm_head)
-            metrics = ctx.evaluate(model, tokenizer)
-            del model
-            yield AttackResult("quantize", setting, target, {m: metrics[m] for m in METRICS}, time.time() - started,
-                               extra={"backend": backend, "quantized_layers": count, "lm_head_quantized": lm_head})
+            def compute(which: str = which, target: str = target, backend: str = backend,
+                        setting: str = setting) -> dict:
+                ctx.progress(f"quantize {setting} ({backend}): {target}")
+                model, tokenizer = ctx.load(which)
+                quantize = quantize_torchao if backend == "torchao" else quantize_bitsandbytes
+                count = quantize(model, setting, lm_head)
+                return {**ctx.evaluate(model, tokenizer), "quantized_layers": count}
+
+            # the control (the base quantized) is the same for every modified model: memoised
+            transform = {"attack": "quantize", "backend": backend, "setting": setting, "lm_head": lm_head}
+            result, seconds = ctx.memoised(which, transform, compute, what=f"quantize {setting} ({backend}): {target}")
+            yield AttackResult("quantize", setting, target, {m: result[m] for m in METRICS}, seconds,
+                               extra={"backend": backend, "quantized_layers": int(result["quantized_layers"]),
+                                      "lm_head_quantized": lm_head})

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-import time
 from typing import Iterable, Sequence
 
 from analyses.io import atomic_write_json
@@ -117,21 +116,55 @@ def fact_text(item) -> str:
 # --- the attacks ---------------------------------------------------------------------------------
 
 def _finetune_and_evaluate(ctx: AttackContext, which: str, texts: Sequence[str], steps: int, lr: float,
-                           batch: int, data=None, before: bool = False) -> tuple[dict, dict | None]:
-    """Fine-tune a fresh copy of ``which`` on ``texts``; (metrics after, metrics before or None)."""
+                           batch: int, data=None, before: bool = False) -> tuple[dict, dict | None, float]:
+    """Fine-tune a fresh copy of ``which`` on ``texts``; (metrics after, metrics before or None, seconds).
+
+    Both evaluations go through the evaluation memo, keyed by the training texts and settings: the
+    base's (the control row) is the same for every modified model. A model is loaded only when an
+    evaluation has to run; the seconds are those the evaluations took when they ran.
+    """
+    from unlearn_lens.eval_memo import texts_hash
     from unlearn_lens.relearn import relearn_condition
 
-    model, tokenizer = ctx.load(which)
-    dtype = next(model.parameters()).dtype
-    if str(dtype) != "torch.float32":
-        ctx.progress(f"WARNING: relearning in {str(dtype)[6:]} weights rounds away updates much smaller than the "
-                     "weights; use --dtype float32")
-    start = ctx.evaluate(model, tokenizer, data) if before else None
-    rows = relearn_condition(model, tokenizer, list(texts), steps=steps, lr=lr, batch_size=batch,
-                             max_length=ctx.settings.max_length, seed=ctx.settings.seed, eval_every=steps,
-                             evaluate_fn=lambda m: ctx.evaluate(m, tokenizer, data), start_eval={})
-    del model
-    return {m: rows[-1][m] for m in METRICS}, ({m: start[m] for m in METRICS} if start else None)
+    loaded: list = []
+
+    def model_and_tokenizer():
+        if not loaded:
+            model, tokenizer = ctx.load(which)
+            dtype = next(model.parameters()).dtype
+            if str(dtype) != "torch.float32":
+                ctx.progress(f"WARNING: relearning in {str(dtype)[6:]} weights rounds away updates much smaller than "
+                             "the weights; use --dtype float32")
+            loaded.extend((model, tokenizer))
+        return loaded
+
+    def evaluate_start() -> dict:
+        model, tokenizer = model_and_tokenizer()
+        reference = ctx.reference.get(which)
+        if reference and data is not None and (data.forget, data.retain) == (ctx.data.forget, ctx.data.retain):
+            # the same texts as the unattacked reference: its NLLs are this evaluation's; score the questions only
+            questions = ctx.evaluate(model, tokenizer, dataclasses.replace(data, forget=[], retain=[]))
+            return {**questions, **{m: reference[m] for m in ("forget_nll", "retain_nll", "retain_ppl")},
+                    "n_forget_texts": len(data.forget), "n_retain_texts": len(data.retain)}
+        return ctx.evaluate(model, tokenizer, data)
+
+    def finetune_and_evaluate() -> dict:
+        model, tokenizer = model_and_tokenizer()  # untouched: the start evaluation (if any) ran before
+        rows = relearn_condition(model, tokenizer, list(texts), steps=steps, lr=lr, batch_size=batch,
+                                 max_length=ctx.settings.max_length, seed=ctx.settings.seed, eval_every=steps,
+                                 evaluate_fn=lambda m: ctx.evaluate(m, tokenizer, data), start_eval={})
+        return {k: v for k, v in rows[-1].items() if k != "step"}
+
+    seconds, start = 0.0, None
+    if before:
+        start, seconds = ctx.memoised(which, None, evaluate_start, data, what=f"the unattacked {which} model")
+    transform = {"attack": "finetune", "texts": texts_hash(texts), "steps": steps, "lr": lr, "batch_size": batch,
+                 "max_length": ctx.settings.max_length, "seed": ctx.settings.seed}
+    after, after_seconds = ctx.memoised(which, transform, finetune_and_evaluate, data,
+                                        what=f"the {which} model fine-tuned on {len(texts)} texts")
+    loaded.clear()
+    return ({m: after[m] for m in METRICS}, ({m: start[m] for m in METRICS} if start else None),
+            seconds + after_seconds)
 
 
 def run_unrelated(ctx: AttackContext) -> list[AttackResult]:
@@ -148,9 +181,8 @@ def run_unrelated(ctx: AttackContext) -> list[AttackResult]:
     results = []
     for target, which in TARGETS:
         ctx.progress(f"relearn-unrelated {setting}: {target}")
-        started = time.time()
-        metrics, _ = _finetune_and_evaluate(ctx, which, texts, steps, lr, batch)
-        results.append(AttackResult("relearn-unrelated", setting, target, metrics, time.time() - started,
+        metrics, _, seconds = _finetune_and_evaluate(ctx, which, texts, steps, lr, batch)
+        results.append(AttackResult("relearn-unrelated", setting, target, metrics, seconds,
                                     extra={"n_examples": len(texts), "steps": steps, "lr": lr}))
     return results
 
@@ -170,10 +202,9 @@ def run_heldout(ctx: AttackContext) -> list[AttackResult]:
     runs, reference = [], {}
     for target, which in TARGETS:
         ctx.progress(f"relearn-heldout {setting}: {target}")
-        started = time.time()
-        metrics, before = _finetune_and_evaluate(ctx, which, texts, steps, lr, batch, data, before=True)
+        metrics, before, seconds = _finetune_and_evaluate(ctx, which, texts, steps, lr, batch, data, before=True)
         reference[which] = before
-        runs.append((target, metrics, time.time() - started))
+        runs.append((target, metrics, seconds))
     return [AttackResult("relearn-heldout", setting, target, metrics, seconds, reference=reference,
                          extra={"n_examples": len(texts), "n_eval_questions": len(held), "steps": steps, "lr": lr})
             for target, metrics, seconds in runs]

@@ -105,11 +105,13 @@ def reference_metrics(ctx: AttackContext, folder: Path, echo: Callable[[str], No
             stale.unlink()
     metrics = {}
     for which in ("base", "modified"):
-        echo(f"attack: evaluating the unattacked {which} model")
-        model, tokenizer = ctx.load(which)
-        metrics[which] = {m: float(v) for m, v in ctx.evaluate(model, tokenizer).items()
-                          if isinstance(v, (int, float))}
-        del model
+        def compute(which: str = which) -> dict:
+            echo(f"attack: evaluating the unattacked {which} model")
+            model, tokenizer = ctx.load(which)
+            return ctx.evaluate(model, tokenizer)
+
+        result, _ = ctx.memoised(which, None, compute, what=f"the unattacked {which} model")
+        metrics[which] = {m: float(v) for m, v in result.items() if isinstance(v, (int, float))}
     atomic_write_json(path, {"settings": key, "metrics": metrics})
     return metrics
 

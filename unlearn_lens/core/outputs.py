@@ -10,6 +10,7 @@ back from here, so a folder name is written once. Layout under ``OUT/``::
     data/                                     forget / retain / WMDP texts (``datasets create``)
     unlearning/<method>/                      models unlearned by the demo (``unlearn-all``)
     .pipeline/<step>.json                     the pipeline's record of each finished step
+    .evaluations/<key>.json                   the evaluation memo (``unlearn_lens/eval_memo.py``)
     report.html                               the report (``analyses/report/``)
 """
 
@@ -65,6 +66,7 @@ CACHES = "caches"
 DATA = "data"
 UNLEARNING = "unlearning"
 PIPELINE_RECORDS = ".pipeline"
+EVALUATIONS = ".evaluations"
 REPORT = "report.html"
 
 # --- names ---------------------------------------------------------------------------------------
@@ -128,6 +130,11 @@ def cache_path(outdir: str | Path, name: str) -> Path:
 def pipeline_record(outdir: str | Path, step_id: str) -> Path:
     """``OUT/.pipeline/<step>.json`` (``capture:base`` -> ``capture__base.json``)."""
     return Path(outdir) / PIPELINE_RECORDS / (step_id.replace(":", "__") + ".json")
+
+
+def evaluations_dir(outdir: str | Path) -> Path:
+    """``OUT/.evaluations``: the evaluation memo (one ``<key>.json`` per stored evaluation)."""
+    return Path(outdir) / EVALUATIONS
 
 
 # --- the completion marker -------------------------------------------------------------------
