@@ -71,6 +71,18 @@ def test_the_lipschitz_policy_is_in_plan(tmp_path):
     assert next(s for s in plan(settings) if s.id == "lipschitz:ga").settings.max_length == 64
 
 
+def test_the_demo_shortens_lipschitz_only_in_the_demo(tmp_path):
+    """The demo's Lipschitz step draws DEMO_LIPSCHITZ_SETTINGS' directions; a plain pipeline the command's."""
+    from unlearn_lens.demo import DEMO_LIPSCHITZ_SETTINGS, demo_settings
+    from unlearn_lens.lipschitz import LipschitzSettings
+    from unlearn_lens.pipeline import plan
+
+    demo = next(s for s in plan(demo_settings(tmp_path, "rmu")) if s.id == "lipschitz:rmu").settings
+    plain = next(s for s in plan(_settings(tmp_path)) if s.id == "lipschitz:ga").settings
+    assert demo.n_perturb == DEMO_LIPSCHITZ_SETTINGS["n_perturb"] == 4
+    assert plain.n_perturb == LipschitzSettings.n_perturb == 8
+
+
 # --- each step's settings equal the command's from the pipeline's former argv -------------------------
 
 def _captured(monkeypatch, module, function, argv, result=None):

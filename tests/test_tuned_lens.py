@@ -288,6 +288,7 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir):
         "translators.safetensors", "config.json", "wmdp_lens_results.csv", "summary.json", "wmdp_tuned_lens.png",
         "training_kl.csv", "train_log.csv", "_COMPLETE"}
     config = json.loads((folder / "config.json").read_text())
+    assert config["kl_measured_on"] == "the first 64 training tokens"  # two steps of 32 (kl_report_tokens)
     L = config["num_layers"]
     rows = list(csv.DictReader((folder / "wmdp_lens_results.csv").open()))
     assert list(rows[0]) == ["layer", "scoring", "accuracy", "delta_from_final", "n_questions"]
@@ -472,3 +473,10 @@ def test_untrained_tuned_lens_reproduces_the_analyze_logit_lens(tmp_path):
     tuned = list(csv.DictReader((tmp_path / "tl" / "base" / "wmdp_tuned_lens" / "wmdp_lens_results.csv").open()))
     key = lambda r: (r["scoring"], int(r["layer"]))  # noqa: E731
     assert {key(r): float(r["accuracy"]) for r in logit} == {key(r): float(r["accuracy"]) for r in tuned}
+
+
+def test_kl_report_tokens_are_two_steps_at_most_1024():
+    """The before / after KL reads two training steps' tokens: 1024 at the default 512 per step, as before."""
+    from unlearn_lens.tuned_lens.step import kl_report_tokens
+
+    assert [kl_report_tokens(n) for n in (16, 128, 512, 4096)] == [32, 256, 1024, 1024]

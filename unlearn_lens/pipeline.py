@@ -88,6 +88,7 @@ class PipelineSettings:
     workers: int | None = None
     lipschitz_samples: int = LIPSCHITZ_MAX_SAMPLES
     lipschitz_eps: str = DEFAULT_EPS_TEXT
+    lipschitz_options: dict = field(default_factory=dict)  # LipschitzSettings fields overridden (the demo's short run)
     tuned_lens_steps: int = TunedLensSettings.steps
     tuned_lens_tokens: int = TunedLensSettings.tokens_per_step
     trust_remote_code: bool = False
@@ -199,7 +200,8 @@ def capture_settings(settings: PipelineSettings, entry: ModelEntry) -> CaptureRu
 
 
 def lipschitz_settings(settings: PipelineSettings, entry: ModelEntry) -> LipschitzSettings:
-    """`lipschitz` base -> ``entry``: --lipschitz-samples texts of at most LIPSCHITZ_MAX_LENGTH tokens."""
+    """`lipschitz` base -> ``entry``: --lipschitz-samples texts of at most LIPSCHITZ_MAX_LENGTH tokens;
+    ``lipschitz_options`` override fields (the demo's short run)."""
     from unlearn_lens.lipschitz import LipschitzSettings, parse_eps
 
     s = settings
@@ -207,7 +209,7 @@ def lipschitz_settings(settings: PipelineSettings, entry: ModelEntry) -> Lipschi
         s.model_ref(s.base), s.model_ref(entry), str(s.data_dir), str(s.outdir), name_a=s.base.name,
         name_b=entry.name, eps_values=tuple(parse_eps(s.lipschitz_eps)), max_samples=s.lipschitz_samples,
         max_length=min(s.max_length, LIPSCHITZ_MAX_LENGTH), compute=Compute(s.device, s.model_dtype),
-        overwrite=s.force)
+        overwrite=s.force, **s.lipschitz_options)
 
 
 def tuned_lens_settings(settings: PipelineSettings, entry: ModelEntry) -> TunedLensSettings:
