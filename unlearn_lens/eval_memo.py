@@ -39,8 +39,8 @@ def checkpoint_fingerprint(spec: str) -> list | None:
         stat = path.stat()
         return [[path.name, stat.st_size, stat.st_mtime_ns]]
     if path.is_dir():
-        return [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns]
-                for f in sorted(path.rglob("*")) if f.is_file()]
+        files = [(f, f.stat()) for f in sorted(path.rglob("*")) if f.is_file()]
+        return [[str(f.relative_to(path)), stat.st_size, stat.st_mtime_ns] for f, stat in files]
     return None
 
 
@@ -126,6 +126,13 @@ class EvalMemo:
         entry = {"key": record, "result": {k: _plain(v) for k, v in result.items()}, "seconds": seconds}
         atomic_write_text(self.path(key), json.dumps(entry, indent=1, sort_keys=True) + "\n")
         return result, seconds
+
+    def evaluation(self, what: str, spec: str, revision: str | None, transform: dict | None, data,
+                   settings: dict, compute: Callable[[], dict]) -> tuple[dict, float]:
+        """``get`` for model ``spec`` (at ``revision``) evaluated on ``data`` (``forget``, ``retain``,
+        ``items``) with ``settings`` (``eval_settings``): the keys every caller builds the same way."""
+        return self.get(what, model_identity(spec, revision), transform,
+                        data_identity(data.forget, data.retain, data.items), settings, compute)
 
 
 def _plain(value: Any) -> Any:

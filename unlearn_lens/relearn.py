@@ -260,9 +260,8 @@ def settings_record(**settings) -> dict:
 
 def plot_curve(curve: Sequence[dict], base_eval: dict, name: str, path: Path) -> None:
     """Forget NLL and WMDP accuracy against relearning steps, both conditions, base as a line."""
-    from analyses.plotting import subplots
-
     from analyses.io import atomic_save_figure
+    from analyses.plotting import subplots
 
     figure, (left, right) = subplots(1, 2, figsize=(11, 4))
     colours = {"forget": "tab:red", "retain_control": "tab:blue"}
@@ -371,7 +370,6 @@ def run_relearn(settings: RelearnSettings) -> Path:
 
     # both unattacked evaluations are memoised (OUT/.evaluations/): `attack` and the other models' runs reuse them
     memo = eval_memo.EvalMemo(outdir, force=overwrite, echo=lambda line: print(f"relearn: {line}", file=sys.stderr))
-    data_key = eval_memo.data_identity(data.forget, data.retain, data.items)
     eval_key = eval_memo.eval_settings(max_length=max_length, batch_size=eval_batch_size, dtype=dtype, device=device)
 
     def evaluate_base() -> dict:
@@ -381,11 +379,10 @@ def run_relearn(settings: RelearnSettings) -> Path:
         _free_accelerator_memory()
         return result
 
-    base_eval, _ = memo.get("the base model", eval_memo.model_identity(base_spec, base_revision), None, data_key,
-                            eval_key, evaluate_base)
+    base_eval, _ = memo.evaluation("the base model", base_spec, base_revision, None, data, eval_key, evaluate_base)
     model, tokenizer = load_for_eval(model_spec, revision, dtype, device, s.model.trust_remote_code)
-    start_eval, _ = memo.get("the modified model", eval_memo.model_identity(model_spec, revision), None, data_key,
-                             eval_key, lambda: evaluate_data(model, tokenizer, data, max_length, eval_batch_size))
+    start_eval, _ = memo.evaluation("the modified model", model_spec, revision, None, data, eval_key,
+                                    lambda: evaluate_data(model, tokenizer, data, max_length, eval_batch_size))
     base_tokenizer = load_tokenizer(base_spec, base_revision, s.base.trust_remote_code)
     if len(tokenizer) != len(base_tokenizer) or tokenizer.get_vocab() != base_tokenizer.get_vocab():
         print("WARNING: --model and --base-model tokenizers differ; NLLs are not comparable", file=sys.stderr)

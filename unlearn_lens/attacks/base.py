@@ -175,9 +175,8 @@ class AttackContext:
         s = self.settings
         data = data or self.data
         spec, revision = (s.base, s.base_revision) if which == "base" else (s.model, s.model_revision)
-        return self._memo.get(
-            what or f"the {which} model", eval_memo.model_identity(spec, revision), transform,
-            eval_memo.data_identity(data.forget, data.retain, data.items),
+        return self._memo.evaluation(
+            what or f"the {which} model", spec, revision, transform, data,
             eval_memo.eval_settings(max_length=s.max_length, batch_size=s.batch_size, dtype=s.dtype, device=s.device),
             compute)
 
