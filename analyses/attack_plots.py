@@ -20,10 +20,10 @@ def _finite(value) -> float:
 
 def recovery_bar_plot(path: str | Path, rows: Sequence[Mapping], title: str) -> Path:
     """Grouped bars: per attack, the best recovery of each metric over its settings (modified rows)."""
-    from analyses.plotting import subplots
     import numpy as np
 
     from analyses.io import atomic_save_figure
+    from analyses.plotting import subplots
 
     attacks = list(dict.fromkeys(r["attack"] for r in rows if r["target"] == "modified"))
     figure, ax = subplots(figsize=(max(5.0, 1.8 * len(attacks) + 2), 3.8))

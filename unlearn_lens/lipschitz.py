@@ -274,9 +274,8 @@ def summarise(rows: Sequence[dict], name_a: str, name_b: str) -> dict:
 
 def plot_results(rows: Sequence[dict], name_a: str, name_b: str, path) -> None:
     """Grouped bars per eps: forget vs retain (colour) and base vs modified (hatching)."""
-    from analyses.plotting import subplots
-
     from analyses.io import atomic_save_figure
+    from analyses.plotting import subplots
 
     eps_values = sorted({r["eps"] for r in rows})
     index = {(r["model"], r["split"], r["eps"]): r for r in rows}

@@ -34,9 +34,8 @@ def load_translators(path: str | Path) -> dict[str, np.ndarray]:
 
 def plot_accuracies(rows: Sequence[dict], title: str, path) -> None:
     """Accuracy per layer, one line per scoring, with the 0.25 chance line."""
-    from analyses.plotting import subplots
-
     from analyses.io import atomic_save_figure
+    from analyses.plotting import subplots
 
     figure, ax = subplots(figsize=(8, 4.5))
     for scoring in SCORINGS:
