@@ -15,6 +15,8 @@ import sys
 import click
 
 from unlearn_lens import __version__
+from unlearn_lens.core.environment import explain
+from unlearn_lens.core.library_logs import quiet_library_logs
 from unlearn_lens.core.errors import UserError
 
 #: name -> (import path "module:attribute", one-line help shown by ``unlearn-lens --help``)
@@ -23,9 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "datasets": ("unlearn_lens.commands.datasets:datasets", "Build forget / retain / WMDP multiple-choice data sets."),
     "capture": ("unlearn_lens.commands.capture:capture", "Record activations (residuals, MLP inputs, WMDP logits) into a resumable Zarr cache."),
     "cache": ("cache_store.commands:cache", "Inspect (info) and check (verify) activation caches; no model needed."),
+    "plant": ("unlearn_lens.commands.plant:plant", "Fine-tune a model on the facts of a planted-facts testbed (`datasets create --facts N`)."),
     "unlearn": ("unlearn_lens.commands.unlearn:unlearn", "Unlearn the forget set with one of 12 methods (full-parameter or LoRA)."),
     "unlearn-all": ("unlearn_lens.commands.unlearn:unlearn_all", "Run several unlearning methods into OUT/<method>/, skipping finished ones."),
     "pipeline": ("unlearn_lens.commands.pipeline:pipeline", "Run every step for every comparison base -> NAME, resumably, and write the report."),
+    "study": ("unlearn_lens.commands.study:study", "Do the signatures predict recovery? Unlearn at several strengths per method, measure, predict leave-one-method-out."),
     "demo": ("unlearn_lens.commands.pipeline:demo", "The whole pipeline offline on SmolLM2 with models unlearned here; prints the report path."),
     "report": ("analyses.commands.report:report", "Rebuild OUTDIR/report.html from existing outputs (no model needed)."),
     "infer": ("unlearn_lens.commands.infer:infer", "Generate text from one model, two side by side, interactively, or a sweep to CSV."),
@@ -69,6 +73,19 @@ def missing_model_side(exc: ImportError, command: str | None = None) -> UserErro
     return UserError(f"{what} needs the model side: pip install 'unlearn-lens[models]'")
 
 
+#: the flags naming where a command writes (named in a full-disk message)
+OUTPUT_FLAGS = ("--out", "--outdir")
+
+
+def output_location(args: list[str]) -> str | None:
+    """The value of the command line's output flag (``--out`` / ``--outdir``), if it has one."""
+    for index, arg in enumerate(args):
+        name, sep, value = arg.partition("=")
+        if name in OUTPUT_FLAGS:
+            return value if sep else (args[index + 1] if index + 1 < len(args) else None)
+    return None
+
+
 class LazyGroup(click.Group):
     """A click group that imports each subcommand only when it is invoked."""
 
@@ -76,11 +93,21 @@ class LazyGroup(click.Group):
     last_command: str | None = None
 
     def invoke(self, ctx: click.Context):
-        """Run the subcommand; a ``UserError`` (from option parsing too) becomes a ``CommandError``."""
+        """Run the subcommand; a ``UserError`` (from option parsing too) or a broken environment (no
+        credentials, a refused connection, a full disk: ``core.environment.explain``) becomes a
+        ``CommandError``."""
+        output = output_location([*getattr(ctx, "_protected_args", []), *ctx.args])
         try:
             return super().invoke(ctx)
         except UserError as exc:
             raise CommandError(exc.message) from None
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            message = explain(exc, writing=output)
+            if message is None:
+                raise
+            raise CommandError(message) from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
@@ -126,6 +153,7 @@ def group() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the group, turning user errors into one-line messages."""
     load_env_file()
+    quiet_library_logs()
     try:
         group.main(args=argv, prog_name="unlearn-lens", standalone_mode=False)
     except click.exceptions.Abort:
@@ -146,8 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted; finished work is kept and the same command resumes", err=True)
         sys.exit(130)
-    except Exception as exc:  # an internal bug: say so in one line; the traceback on request
-        _internal_error(exc)
+    except Exception as exc:  # a broken environment in one line; else an internal bug: the traceback on request
+        message = explain(exc)
+        if message is None:
+            _internal_error(exc)
+        CommandError(message).show()
+        sys.exit(UserError.exit_code)
 
 
 def _internal_error(exc: BaseException) -> None:

@@ -1,45 +1,40 @@
-"""Plots of the attack results: best recovery per attack, and ablation recovery per layer."""
+"""Plots of the attack results: the headline recovery per attack with its interval, and ablation recovery per layer."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from analyses.plotting import panel_plot
-from analyses.recovery import METRICS
+from analyses.plotting import finite_or_nan, panel_plot
+from analyses.recovery import METRICS, interval_columns
 
 
-def _finite(value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return value if math.isfinite(value) else math.nan
-
-
-def recovery_bar_plot(path: str | Path, rows: Sequence[Mapping], title: str) -> Path:
-    """Grouped bars: per attack, the best recovery of each metric over its settings (modified rows)."""
+def recovery_bar_plot(path: str | Path, headline: Sequence[Mapping], title: str) -> Path:
+    """Grouped bars: per attack, the headline recovery of each metric against the base (``headline.csv``
+    rows: the setting chosen on half the items, scored on the other half) with its 95 % interval as
+    whiskers; a metric whose gap is inside the noise has no bar."""
     import numpy as np
 
     from analyses.io import atomic_save_figure
     from analyses.plotting import subplots
 
-    attacks = list(dict.fromkeys(r["attack"] for r in rows if r["target"] == "modified"))
+    low_column, high_column = interval_columns("recovery")
+    rows = {(r["attack"], r["metric"]): r for r in headline if r["against"] == "base"}
+    attacks = list(dict.fromkeys(attack for attack, _ in rows))
     figure, ax = subplots(figsize=(max(5.0, 1.8 * len(attacks) + 2), 3.8))
     width = 0.8 / len(METRICS)
     for i, metric in enumerate(METRICS):
-        best = []
-        for attack in attacks:
-            values = [_finite(r[f"recovery_{metric}"]) for r in rows
-                      if r["attack"] == attack and r["target"] == "modified"]
-            values = [v for v in values if not math.isnan(v)]
-            best.append(max(values) if values else math.nan)
-        ax.bar(np.arange(len(attacks)) + (i - (len(METRICS) - 1) / 2) * width, best, width, label=metric)
+        chosen = [rows.get((attack, metric), {}) for attack in attacks]
+        values = np.array([finite_or_nan(r.get("recovery")) for r in chosen])
+        low = np.array([finite_or_nan(r.get(low_column)) for r in chosen])
+        high = np.array([finite_or_nan(r.get(high_column)) for r in chosen])
+        errors = np.nan_to_num(np.vstack([values - low, high - values]), nan=0.0).clip(min=0)
+        ax.bar(np.arange(len(attacks)) + (i - (len(METRICS) - 1) / 2) * width, values, width, yerr=errors,
+               capsize=2, label=metric)
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="back at the base")
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(attacks)), attacks)
-    ax.set_ylabel("best recovery (0 = modified, 1 = base)")
+    ax.set_ylabel("recovery, 95% interval (0 = modified, 1 = base)")
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
@@ -54,6 +49,6 @@ def ablation_layer_plot(path: str | Path, rows: Sequence[Mapping], title: str) -
     panels = []
     for metric in METRICS:
         series = {f"k={k}": ([int(r["layer"]) for r in chosen if int(r["k"]) == k],
-                             [_finite(r[f"recovery_{metric}"]) for r in chosen if int(r["k"]) == k]) for k in ks}
+                             [finite_or_nan(r[f"recovery_{metric}"]) for r in chosen if int(r["k"]) == k]) for k in ks}
         panels.append((f"recovery, {metric}", series, None))
     return panel_plot(path, title, "residual layer (0 = embedding output)", panels)

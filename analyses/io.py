@@ -17,6 +17,7 @@ import numpy as np
 
 from unlearn_lens.core import outputs
 from unlearn_lens.core.atomic import atomic_path, atomic_write_text
+from unlearn_lens.core.identity import plain
 from unlearn_lens.core.outputs import COMPLETE_MARKER, clear_complete, is_complete  # noqa: F401  (the one marker scheme)
 
 
@@ -83,6 +84,12 @@ def atomic_save_figure(figure: Any, path: str | Path, dpi: int = 120, tight: boo
     return Path(path)
 
 
-def mark_complete(directory: str | Path, info: Mapping[str, Any] | None = None) -> Path:
-    """Write the completion marker of ``directory`` (call it after every other file is written)."""
-    return outputs.mark_complete(directory, json.dumps(_plain(dict(info or {})), indent=2, sort_keys=False) + "\n")
+def mark_complete(directory: str | Path, info: Mapping[str, Any] | None = None,
+                  inputs: Mapping[str, Any] | None = None) -> Path:
+    """Write the completion marker of ``directory`` (call it after every other file is written).
+
+    ``inputs`` (``unlearn_lens.core.identity.inputs_record``) say what the folder was made from;
+    ``is_complete(directory, inputs)`` is then true only for a run with the same inputs.
+    """
+    record = {**({"inputs": plain(dict(inputs))} if inputs is not None else {}), **dict(info or {})}
+    return outputs.mark_complete(directory, json.dumps(_plain(record), indent=2, sort_keys=False) + "\n")

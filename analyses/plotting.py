@@ -7,12 +7,22 @@ no figure is left open in pyplot's registry.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from analyses.io import atomic_save_figure
+
+
+def finite_or_nan(value) -> float:
+    """A CSV cell or number as a float to plot; NaN (not drawn) for text, blanks and infinities."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return value if math.isfinite(value) else math.nan
 
 
 def subplots(*grid: int, figsize: tuple[float, float], layout: str | None = None, **kwargs):

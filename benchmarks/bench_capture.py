@@ -74,29 +74,38 @@ def main() -> None:
 
 
 def measure_capture(model, tokenizer, model_path: str, texts: list[str], *, split: str = "forget",
-                    batch_size: int = 8, max_length: int = 256, repeats: int = 3) -> dict:
+                    batch_size: int = 8, max_length: int = 256, repeats: int = 3, selection=None,
+                    codec: str = "zstd1", writer_threads: int | None = None) -> dict:
     """Time a bare forward with ``output_hidden_states`` and the capture path on the same padded
     batches (alternating repeats). Returns ``{"bare"|"trace"|"capture": [(wall s, CPU s), ...],
-    "tokens", "padded_tokens", "hidden_size", "report"}`` (``report``: the cache's ``describe``)."""
+    "tokens", "padded_tokens", "hidden_size", "report", "ingested"}`` (``report``: the cache's
+    ``describe``; ``ingested``: the activation bytes one capture hands its writer). ``selection``
+    (``--layers``, ``--token-sample``, ``--variables``), ``codec`` and ``writer_threads`` as in
+    ``capture``; ``writer_threads`` None: the capture's default for the model's device."""
     import torch
 
     from cache_store import CacheWriter, SplitLayout, choose_token_chunk
     from cache_store.inspect import describe
     from unlearn_lens.architectures import ArchitectureAdapter
-    from unlearn_lens.capture import (BatchRunner, CaptureSettings, batches, capture_split, dynamic_arrays,
-                                      static_arrays, wmdp_static)
-    from unlearn_lens.capture_inputs import text_inputs
-    from unlearn_lens.capture_provenance import provenance
+    from unlearn_lens.capture import BatchRunner, CaptureSettings, Selection, batches, capture_split, wmdp_static
+    from unlearn_lens.capture.inputs import text_inputs
+    from unlearn_lens.capture.provenance import provenance
+    from unlearn_lens.capture.run import open_split
+    from unlearn_lens.capture.selection import resolve
 
     adapter = ArchitectureAdapter(model)
     inputs = text_inputs(tokenizer, texts, split, max_length)
     letters, extras = wmdp_static(model, tokenizer, adapter) if split == "wmdp" else (None, {})
-    settings = CaptureSettings(splits=(split,), batch_size=batch_size, dtype="float16", progress=False)
+    device = str(next(model.parameters()).device)
+    settings = CaptureSettings(splits=(split,), batch_size=batch_size, dtype="float16", progress=False,
+                               selection=selection or Selection(), codec=codec, writer_threads=writer_threads,
+                               device=device)
+    kept = resolve(settings.selection, adapter.num_layers)
     prov = provenance(model_path, None, model, tokenizer, adapter, data_hash="bench", max_length=max_length,
                       dtype="float16")
     layout = SplitLayout(inputs.lengths, settings.block_samples,
                          choose_token_chunk(prov["hidden_size"], 2, inputs.lengths, settings.block_samples))
-    runner = BatchRunner(model, adapter, "float16", letters)
+    runner = BatchRunner(model, adapter, "float16", letters, kept)
     padded = [runner.pad(inputs.token_ids[a:b]) for block in range(layout.n_blocks)
               for a, b in batches(layout, block, batch_size)]
 
@@ -121,16 +130,22 @@ def measure_capture(model, tokenizer, model_path: str, texts: list[str], *, spli
         synchronize()
         return time.perf_counter() - start, time.process_time() - cpu
 
+    handed = [0]
+
     def captured(out: Path) -> tuple[float, float]:
-        sizes = {"layer": adapter.num_layers + 1, "mlp_layer": adapter.num_layers, "hidden": prov["hidden_size"],
-                 "choice": 4, "token": layout.n_tokens, "sample": layout.n_samples}
-        writer = CacheWriter(str(out), prov).open_split(
-            split, layout, sizes=sizes, static=static_arrays(inputs, layout, extras),
-            dynamic=dynamic_arrays(split, "float16"), attrs={"content_fingerprint": "bench"})
+        writer, positions = open_split(CacheWriter(str(out), prov, codec=codec), inputs, settings, kept,
+                                       prov["hidden_size"], extras)
+        handed[0], submit = 0, writer.submit
+
+        def counted(block, data) -> None:  # the activation bytes the capture loop hands the writer
+            handed[0] += sum(values.nbytes for values in data.values())
+            submit(block, data)
+
+        writer.submit = counted
         start, cpu = time.perf_counter(), time.process_time()
         writer.start()
         try:
-            capture_split(runner, writer, inputs, settings, on_batch=lambda: None)
+            capture_split(runner, writer, inputs, settings, on_batch=lambda: None, positions=positions)
         finally:
             writer.close()
         assert writer.finalize_if_done()
@@ -150,7 +165,7 @@ def measure_capture(model, tokenizer, model_path: str, texts: list[str], *, spli
         shutil.rmtree(work, ignore_errors=True)
     return {"bare": bare_times, "trace": trace_times, "capture": capture_times, "report": report,
             "tokens": int(inputs.lengths.sum()), "padded_tokens": sum(int(ids.numel()) for ids, _ in padded),
-            "hidden_size": prov["hidden_size"]}
+            "hidden_size": prov["hidden_size"], "ingested": handed[0], "writer_threads": settings.threads}
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Steps (each timed; one summary table at the end; exit status 1 if any step faile
 1. write two random-init checkpoints of the config in bfloat16 (the second with a planted rank-4
    change in one MLP matrix), with the local test tokenizer (unlearn_lens.testing);
 2. capture vs a bare HF forward with ``output_hidden_states`` on the same batches
-   (``bench_capture.measure_capture``): wall-time ratio;
+   (``bench_capture.measure_capture``): wall-time ratio and the writer's ingestion (GB/s of
+   activations taken in); then the same at the recommended setting (``--layers every:4
+   --token-sample 64``, README "Sharing caches"): ratio, ingestion and the bytes stored;
 3. ``unlearn-lens params --steps stats`` on the two checkpoints: time, peak RSS, and the planted
    change found (the only matrix with a nonzero dW, stable rank <= 4);
 4. 20 steps of ``unlearn --method rmu`` in float32 master weights with bf16 autocast;
@@ -134,11 +136,27 @@ def write_checkpoints(config_name: str, device: str, work: Path) -> tuple[Path, 
     return paths[0], paths[1], name
 
 
-def capture_vs_bare(model_path: Path, device: str, sizes: dict, step: Step) -> None:
-    """Capture path vs a bare forward with every hidden state, same batches (bench_capture)."""
+#: The recommended capture setting at 6.9B (README, "Sharing caches"; benchmarks/bench_capture_scale.py).
+RECOMMENDED = {"layers": "every:4", "token_sample": 64}
+
+
+def capture_note(result: dict, step: Step) -> str:
+    """capture / bare forward, and the writer's ingestion: activation bytes taken in per second."""
+    bare, captured = min(t[0] for t in result["bare"]), min(t[0] for t in result["capture"])
+    step.seconds = step.seconds + sum(t[0] for key in ("bare", "trace", "capture") for t in result[key])
+    stored = result["report"]["bytes_stored"]
+    return (f"capture/bare {captured / bare:.2f} ({captured:.2f} s vs {bare:.2f} s, {result['tokens']} tokens); "
+            f"ingestion {result['ingested'] / captured / 1e9:.2f} GB/s with {result['writer_threads']} writer "
+            f"thread(s), {stored / 1e9:.2f} GB stored")
+
+
+def capture_vs_bare(model_path: Path, device: str, sizes: dict, step: Step, state: dict) -> None:
+    """Capture path vs a bare forward with every hidden state, same batches (bench_capture); then the
+    same at the recommended setting, kept in ``state`` for its own step."""
     import torch
 
     from bench_capture import build_texts, measure_capture
+    from unlearn_lens.capture import Selection
     from unlearn_lens.loading import load_model
 
     if device == "cuda":
@@ -146,11 +164,12 @@ def capture_vs_bare(model_path: Path, device: str, sizes: dict, step: Step) -> N
     model, tokenizer = load_model(str(model_path), dtype="bfloat16", device=device)
     result = measure_capture(model, tokenizer, str(model_path), build_texts(sizes["texts"]), split="forget",
                              batch_size=8, max_length=sizes["max_length"], repeats=sizes["repeats"])
-    bare, captured = min(t[0] for t in result["bare"]), min(t[0] for t in result["capture"])
-    step.seconds = sum(t[0] for key in ("bare", "trace", "capture") for t in result[key])
     step.memory = f"GPU {gib(torch.cuda.max_memory_allocated())}" if device == "cuda" else ""
-    step.note = (f"capture/bare {captured / bare:.2f} ({captured:.2f} s vs {bare:.2f} s, "
-                 f"{result['tokens']} tokens)")
+    step.note = capture_note(result, step)
+    recommended = Selection(**RECOMMENDED)
+    state["recommended"] = measure_capture(model, tokenizer, str(model_path), build_texts(sizes["texts"]),
+                                           split="forget", batch_size=8, max_length=sizes["max_length"],
+                                           repeats=sizes["repeats"], selection=recommended)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -244,6 +263,11 @@ def main() -> int:
             return f"loss {losses[0]:.4g} -> {losses[-1]:.4g} in {len(losses)} steps" + (" (LoRA)" if lora else "")
         return body
 
+    def recommended_capture(step: Step) -> str:
+        if "recommended" not in state:
+            raise RuntimeError("not measured: the full capture step failed first")
+        return capture_note(state["recommended"], step)
+
     def fsdp(step: Step) -> str:
         out = work / "unlearn-rmu-fsdp"
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -256,7 +280,8 @@ def main() -> int:
 
     attempt("write checkpoints", checkpoints)
     if "a" in state:
-        attempt("capture vs bare forward", lambda step: capture_vs_bare(state["a"], device, sizes, step))
+        attempt("capture vs bare forward", lambda step: capture_vs_bare(state["a"], device, sizes, step, state))
+        attempt("capture at --layers every:4 --token-sample 64", recommended_capture)
         attempt("params (2 checkpoints)", params)
         shutil.rmtree(state["b"], ignore_errors=True)
         attempt(f"unlearn rmu ({sizes['steps']} steps)", unlearn("rmu", lora=False))

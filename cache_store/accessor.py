@@ -5,7 +5,7 @@ the accessor turns "sample i" into the right token slice, so notebooks never do 
 
 - ``ds.ulens.sample(i)``: the Dataset restricted to sample ``i`` (every token-indexed variable
   sliced to its tokens, every sample-indexed variable at ``i``; still lazy);
-- ``ds.ulens.tokens_of(i)``: its token ids (numpy int array);
+- ``ds.ulens.tokens_of(i)``: its token ids (numpy int array; all of them, even in a token-sampled cache);
 - ``ds.ulens.text(i)``: those ids decoded by the tokenizer the cache was captured with.
 
 Works on ``open_cache`` (real tokens, or ``keep_slack=True``: offsets then index the on-disk
@@ -46,17 +46,34 @@ class UlensAccessor:
         start = int(self._ds["sample_offset"].values[i])
         return slice(start, start + int(self._ds["sample_length"].values[i]))
 
+    def text_slice(self, i: int) -> slice:
+        """Positions on the ``text_token`` axis of every token id of sample ``i`` (the ``token`` axis
+        where the Dataset has no ``text_token``: ``keep_slack=True`` or a synthetic cache)."""
+        if "text_offset" not in self._ds or "text_length" not in self._ds:
+            return self.token_slice(i)
+        i = self._index(i)
+        start = int(self._ds["text_offset"].values[i])
+        return slice(start, start + int(self._ds["text_length"].values[i]))
+
     def sample(self, i: int) -> xr.Dataset:
         """Sample ``i`` alone: token-indexed variables sliced to its tokens, sample-indexed ones at ``i``.
 
-        The ``token`` coordinate keeps the flat indices (``token_position`` counts from 0 inside
-        the sample); ``sample`` becomes a scalar coordinate. Nothing is read until values are used.
+        The ``token`` coordinate keeps the flat indices (``token_position`` says which position of
+        the sample each is: 0, 1, ... unless captured with ``--token-sample``), ``text_token`` is cut
+        to the sample's token ids; ``sample`` becomes a scalar coordinate. Nothing is read until
+        values are used.
         """
-        return self._ds.isel(token=self.token_slice(i), sample=self._index(i))
+        selection = {"token": self.token_slice(i), "sample": self._index(i)}
+        if "text_token" in self._ds.dims:
+            selection["text_token"] = self.text_slice(i)
+        return self._ds.isel(selection)
 
     def tokens_of(self, i: int) -> np.ndarray:
-        """Token ids of sample ``i``, in order (reads only that slice of ``input_ids``)."""
-        return np.asarray(self._ds["input_ids"].isel(token=self.token_slice(i)).values)
+        """Every token id of sample ``i``, in order (reads only that slice of ``text_input_ids``;
+        complete even where ``--token-sample`` kept a few positions' activations)."""
+        name = "text_input_ids" if "text_input_ids" in self._ds and "text_offset" in self._ds else "input_ids"
+        dim = "text_token" if name == "text_input_ids" else "token"
+        return np.asarray(self._ds[name].isel({dim: self.text_slice(i)}).values)
 
     def text(self, i: int, tokenizer: Any = None, *, skip_special_tokens: bool = False,
              check_fingerprint: bool = True) -> str:

@@ -41,6 +41,11 @@ def info(url: str, as_json: bool) -> None:
         click.echo(f"split {split}: {state}; {entry['samples']} samples, {entry['tokens_real']} tokens "
                    f"({entry['tokens_stored']} stored slots); {_size(entry['bytes_stored'])} on disk, "
                    f"{_size(entry['bytes_uncompressed_real'])} of real data uncompressed, ratio {entry['compression_ratio']:.2f}")
+        if entry.get("selection"):
+            kept = entry["selection"]
+            tokens = f"{kept['token_sample']} per text (seed {kept['token_sample_seed']})" if kept["token_sample"] else "all"
+            click.echo(f"  kept: resid layers {kept['resid_layers']}, mlp_in layers {kept['mlp_layers']}, arrays "
+                       f"{', '.join(kept['variables'])}, tokens {tokens}")
         for name, per in entry["bytes_per_real_token_per_layer"].items():
             click.echo(f"  {name}: {per:.0f} bytes on disk per real token per layer")
         for name, var in entry["variables"].items():
@@ -52,10 +57,11 @@ def info(url: str, as_json: bool) -> None:
 @click.argument("url")
 @click.option("--quiet", is_flag=True, help="Print only problems, no progress bar.")
 @click.option("--reset-damaged", is_flag=True,
-              help="Mark the blocks holding damaged chunks as not written, so that rerunning the same "
+              help="Mark the blocks holding damaged or missing chunks as not written, so that rerunning the same "
                    "`unlearn-lens capture` command rewrites exactly them.")
 def verify(url: str, quiet: bool, reset_damaged: bool) -> None:
-    """Check completeness and integrity: every chunk's checksum, readable, offsets consistent, values finite."""
+    """Check completeness and integrity: every chunk present with its checksum, readable, offsets consistent,
+    values finite."""
     from tqdm.auto import tqdm
 
     from cache_store import store
@@ -83,5 +89,5 @@ def verify(url: str, quiet: bool, reset_damaged: bool) -> None:
                        "`unlearn-lens capture` command to rewrite them")
     if problems:
         raise UserError(f"{url}: verification failed ({len(problems)} problem(s))")
-    checked = "every chunk's checksum, " if not notes else ""
+    checked = "every chunk present with its checksum, " if not notes else ""
     click.echo(f"{url}: OK (complete, {checked}every chunk readable, offsets consistent, values finite)")

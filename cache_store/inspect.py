@@ -44,6 +44,7 @@ def describe(url: str) -> dict[str, Any]:
             "bytes_stored": stored, "bytes_uncompressed_real": raw,
             "compression_ratio": raw / stored if stored else float("nan"),
             "bytes_per_real_token_per_layer": per_token, "variables": variables,
+            "selection": attrs.get("selection"),
         }
     return report
 
@@ -52,11 +53,11 @@ def verify(url: str, progress: Callable | None = None, notes: list[str] | None =
            damaged: list[str] | None = None) -> list[str]:
     """Every problem found in a cache (empty when it is complete and sound).
 
-    Checks every chunk's checksum (naming a damaged chunk by its key), completeness, that every
-    chunk exists and decodes, that offsets, masks and sample ids agree with the layout, that
+    Checks every chunk's checksum and presence (naming a damaged or missing chunk by its key),
+    completeness, that every chunk decodes, that offsets, masks and sample ids agree with the layout, that
     activations are finite, and that ``last`` is the state at each sample's last token. Remarks
     that are not problems (arrays written without checksums) are appended to ``notes``; the keys
-    of damaged chunks to ``damaged``.
+    of damaged and missing chunks (what ``integrity.reset_damaged`` takes) to ``damaged``.
     """
     from cache_store.integrity import check_split
 
@@ -71,8 +72,8 @@ def verify(url: str, progress: Callable | None = None, notes: list[str] | None =
             notes.append(f"{split}: no checksums in {', '.join(n.split('/', 1)[1] for n in sums.unchecked)} "
                          "(written before format 2): damage there cannot be detected")
         if damaged is not None:
-            damaged += sums.damaged
-        if sums.damaged:  # the value checks below would only fail again on the same chunks
+            damaged += sums.damaged + sums.missing
+        if sums.damaged or sums.missing:  # the value checks below would only fail again on the same chunks
             problems += [f"{key}: damaged chunk (checksum mismatch)" for key in sums.damaged]
             problems += [f"{key}: missing chunk" for key in sums.missing]
             continue
@@ -106,7 +107,7 @@ def _verify_split(group, split: str, progress: Callable | None) -> list[str]:
         return problems + offset_problems
     last = np.asarray(group["last"][...]) if "last" in group.array_keys() else None
     last_token = layout.offsets + layout.lengths - 1
-    for name in TOKEN_ACTIVATIONS:
+    for name in (n for n in TOKEN_ACTIVATIONS if n in group.array_keys()):  # --variables may leave one out
         problems += _check_activations(group[name], f"{split}/{name}", layout, last if name == "resid" else None,
                                        last_token, progress)
     for name, array in sorted(group.arrays()):
@@ -122,14 +123,29 @@ def _check_offsets(group, split: str, layout: SplitLayout) -> list[str]:
     offsets = np.asarray(group["sample_offset"][...])
     if not np.array_equal(offsets, layout.offsets):
         problems.append(f"{split}: sample_offset disagrees with the layout")
+    sampled = bool((group.attrs.get("selection") or {}).get("token_sample"))
     for name, expected in layout.token_arrays().items():
         values = np.asarray(group[name][...])
+        if sampled and name == "token_position":  # the kept positions: rising inside a text, its last among them
+            problems += _check_sampled_positions(group, split, layout, values)
+            continue
         if values.shape != expected.shape or not np.array_equal(values, expected):
             problems.append(f"{split}: {name} disagrees with sample offsets and lengths")
     for name in ("resid", "mlp_in", "input_ids"):
         if name in group.array_keys() and group[name].shape[-2 if name != "input_ids" else 0] != layout.n_tokens:
             problems.append(f"{split}/{name}: token axis has the wrong length")
     return problems
+
+
+def _check_sampled_positions(group, split: str, layout: SplitLayout, positions: np.ndarray) -> list[str]:
+    """A token-sampled split: each text's kept positions rise, lie inside it and end with its last token."""
+    lengths = np.asarray(group["text_length"][...])
+    for sample, (start, count) in enumerate(zip(layout.offsets, layout.lengths)):
+        kept = positions[start:start + count]
+        if not (np.all(np.diff(kept) > 0) and kept[0] >= 0 and kept[-1] == lengths[sample] - 1):
+            return [f"{split}: token_position of sample {sample} is not a rising sample of its positions ending "
+                    "with its last token"]
+    return []
 
 
 def _check_activations(array, where: str, layout: SplitLayout, last, last_token: np.ndarray,

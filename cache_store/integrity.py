@@ -1,9 +1,11 @@
-"""Chunk checksums: find a damaged chunk by its key, and hand its blocks back to ``capture``.
+"""Chunk checksums and presence: find a damaged or missing chunk by its key, and hand its blocks
+back to ``capture``.
 
-Every chunk written by format 2 ends with a crc32c of its compressed bytes (``writer.compressors``).
+Every chunk written by format 2 on ends with a crc32c of its compressed bytes (``writer.compressors``).
 Checking it needs the raw bytes only, not the decoder, so a damaged chunk is named by its store key
-(``forget/resid/c/3/2/0``) whatever would have happened when decoding it. Caches written before
-checksums still open; their arrays are reported as unchecked.
+(``forget/resid/c/3/2/0``) whatever would have happened when decoding it. A cache writes every
+chunk, so a missing one is damage too (readers refuse it: ``metadata_store.MissingChunkError``).
+Caches written before checksums still open; their arrays are reported as unchecked.
 """
 
 from __future__ import annotations
@@ -54,16 +56,22 @@ def checksum_ok(data: bytes) -> bool:
 
 
 def check_split(url: str, split: str, group: Any, progress: Callable | None = None) -> ChecksumReport:
-    """Read every stored chunk of one split's arrays raw and check its checksum."""
+    """Read every chunk of one split's arrays raw: name the missing ones and those failing their checksum.
+
+    Every chunk of a cache is written (all-zero ones included), so an absent one is damage; the
+    only exception is ``block_done``, whose chunks exist for finished blocks only (all of them
+    once the split is complete).
+    """
     import fsspec
 
     report = ChecksumReport()
     fs, root = fsspec.core.url_to_fs(str(url))
     root = root.rstrip("/")
+    complete = bool(group.attrs.get("complete"))
     for name, array in sorted(group.arrays()):
-        if not has_checksums(array):
+        checked = has_checksums(array)
+        if not checked:
             report.unchecked.append(f"{split}/{name}")
-            continue
         keys = [f"{split}/{name}/{key}" for _, key in chunk_keys(array)]
         for start in range(0, len(keys), FETCH_BATCH):
             batch = keys[start:start + FETCH_BATCH]
@@ -71,9 +79,9 @@ def check_split(url: str, split: str, group: Any, progress: Callable | None = No
             for key in batch:
                 data = found.get(f"{root}/{key}", found.get(fs._strip_protocol(f"{root}/{key}")))
                 if data is None or isinstance(data, BaseException):
-                    if not (name == "block_done" and isinstance(data, FileNotFoundError)):
+                    if complete or not (name == "block_done" and isinstance(data, (FileNotFoundError, type(None)))):
                         report.missing.append(key)  # block_done chunks exist only for done blocks
-                elif not checksum_ok(data):
+                elif checked and not checksum_ok(data):
                     report.damaged.append(key)
                 report.checked += 1
                 if progress:
@@ -144,7 +152,8 @@ def block_of(group: Any, name: str, coords: tuple[int, ...]) -> int | None:
 
 
 def reset_damaged(url: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """Mark the blocks holding damaged chunks as not written (static damage: the split uninitialised).
+    """Mark the blocks holding damaged or missing chunks as not written (static damage: the split
+    uninitialised).
 
     Rerunning the same ``capture`` command then rewrites exactly those blocks (and the split's
     static arrays when one of them was damaged), byte-identical to an undamaged capture. Returns,

@@ -13,7 +13,8 @@ from unlearn_lens.core.errors import UserError
 
 #: Variables that describe the data, identical across models of one comparison (never stacked).
 SHARED_VARIABLES = ("input_ids", "attention_mask", "token_sample", "token_position", "sample_offset",
-                    "sample_length", "answer", "question", "choice_index", "cont_start", "cont_end")
+                    "sample_length", "text_input_ids", "text_offset", "text_length", "answer", "question",
+                    "choice_index", "cont_start", "cont_end")
 #: Root attributes that are the same for every split; copied into each split's Dataset.
 _INTERNAL_ATTRS = ("splits", "format_version", "initialised")
 
@@ -74,7 +75,7 @@ def open_cache(url: str, split: str, *, allow_incomplete: bool = False, keep_sla
     """
     import xarray as xr
 
-    store = stores.metadata_once(stores.store_for(url, read_only=True))  # one metadata request
+    store = stores.metadata_once(stores.store_for(url, read_only=True), str(url))  # one metadata request
     attrs = _split_attrs(url, split, store)
     complete = bool(attrs.get("complete"))
     if not complete and not allow_incomplete:
@@ -96,14 +97,38 @@ def open_cache(url: str, split: str, *, allow_incomplete: bool = False, keep_sla
     lengths = ds["sample_length"].values
     if not keep_slack:
         ds = _drop_slack(ds, layout_of(attrs, lengths))
+        ds = _with_text(ds)
     coords = {"sample": np.arange(ds.sizes["sample"]), "token": np.arange(ds.sizes["token"])}
-    if "layer" in ds.dims:
-        coords["layer"] = np.arange(ds.sizes["layer"])
-    if "mlp_layer" in ds.dims:
-        coords["mlp_layer"] = np.arange(ds.sizes["mlp_layer"])
+    coords.update(captured_layers(attrs, ds.sizes))
     if "choice" in ds.dims:
         coords["choice"] = np.arange(ds.sizes["choice"])
     return ds.assign_coords(coords)
+
+
+def captured_layers(attrs: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """The ``layer`` and ``mlp_layer`` coordinates: the layers the capture kept (all of them unless
+    the split's ``selection`` says otherwise, SCHEMA.md)."""
+    selection = attrs.get("selection") or {}
+    coords = {}
+    for dim, key in (("layer", "resid_layers"), ("mlp_layer", "mlp_layers")):
+        if dim in sizes:
+            values = np.asarray(selection.get(key, np.arange(sizes[dim])), dtype=np.int64)
+            if len(values) != sizes[dim]:
+                raise UserError(f"split {attrs.get('split')!r}: its selection names {len(values)} {dim}s but its "
+                                f"arrays hold {sizes[dim]}; the cache is damaged (`unlearn-lens cache verify`)")
+            coords[dim] = values
+    return coords
+
+
+def _with_text(ds):
+    """Every token id of every sample (``text_input_ids``, ``text_offset``, ``text_length``): stored by a
+    token-sampled capture, the token axis itself otherwise."""
+    if "text_input_ids" not in ds.variables:
+        ds["text_input_ids"] = ("text_token", ds["input_ids"].data)
+        ds["text_length"] = ds["sample_length"]
+    lengths = np.asarray(ds["text_length"].values, dtype=np.int64)
+    ds["text_offset"] = ("sample", np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
+    return ds
 
 
 def _drop_slack(ds, layout: SplitLayout):
@@ -124,6 +149,11 @@ def _drop_slack(ds, layout: SplitLayout):
     ds["sample_offset"] = ("sample", offsets)
     ds["attention_mask"] = ds["attention_mask"].astype(np.int8)
     return ds
+
+
+def _short(values) -> str:
+    values = [int(v) for v in values]
+    return ",".join(map(str, values)) if len(values) <= 8 else f"{values[0]}..{values[-1]} ({len(values)})"
 
 
 def open_caches(urls: Mapping[str, str], split: str, *, allow_incomplete: bool = False):
@@ -149,12 +179,24 @@ def open_caches(urls: Mapping[str, str], split: str, *, allow_incomplete: bool =
         for key in ("num_layers", "hidden_size"):
             if ds.attrs.get(key) != first.attrs.get(key):
                 raise UserError(f"{where} have different architectures ({key} differs) and cannot be stacked")
-        if ds.sizes["token"] != first.sizes["token"] or ds.sizes["sample"] != first.sizes["sample"] or not (
-            np.array_equal(ds["input_ids"].values, first["input_ids"].values)
-            and np.array_equal(ds["sample_length"].values, first["sample_length"].values)
-        ):
+        if ds.sizes.get("text_token") != first.sizes.get("text_token") or \
+                ds.sizes["sample"] != first.sizes["sample"] or not (
+                    np.array_equal(ds["text_input_ids"].values, first["text_input_ids"].values)
+                    and np.array_equal(ds["text_length"].values, first["text_length"].values)):
             raise UserError(f"{where} hold different token ids (other tokenizer, data or --max-samples); "
                             "they cannot be compared token by token")
+        same_positions = ds.sizes["token"] == first.sizes["token"] and np.array_equal(
+            ds["token_position"].values, first["token_position"].values)
+        if not same_positions:
+            raise UserError(f"{where} kept different token positions (--token-sample or its --seed differ); "
+                            "capture both with the same ones")
+        arrays = {name for name in ("resid", "mlp_in") if name in ds.variables}
+        if arrays != {name for name in ("resid", "mlp_in") if name in first.variables}:
+            raise UserError(f"{where} recorded different arrays (--variables differ); capture both with the same ones")
+        for dim in ("layer", "mlp_layer"):
+            if dim in ds.dims and dim in first.dims and not np.array_equal(ds[dim].values, first[dim].values):
+                raise UserError(f"{where} kept different layers ({dim} {_short(first[dim].values)} and "
+                                f"{_short(ds[dim].values)}); capture both with the same --layers")
     shared = [v for v in SHARED_VARIABLES if v in first.variables]
     stacked = xr.concat([ds.drop_vars(shared) for ds in datasets], dim="model", combine_attrs="drop_conflicts",
                         coords="minimal", compat="override", join="exact")

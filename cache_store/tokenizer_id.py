@@ -1,6 +1,6 @@
 """Which tokenizer a cache was captured with: its fingerprint, and finding it again without transformers.
 
-``tokenizer_fingerprint`` hashes a loaded HF tokenizer at capture time (``capture_provenance``
+``tokenizer_fingerprint`` hashes a loaded HF tokenizer at capture time (``unlearn_lens.capture.provenance``
 records it as the cache's ``tokenizer_fingerprint``). ``directory_fingerprints`` recomputes the
 same hash from a model directory's ``tokenizer.json`` and ``tokenizer_config.json`` alone, so a
 notebook can check that the tokenizer it found is the one the cache was captured with, torch- and

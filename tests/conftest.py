@@ -21,6 +21,11 @@ comment ("tolerance: F32-ORDER") or states its own arithmetic:
   rounding difference can become ~lr: compare the inputs, and the weights only within
   ``adam_drift_bound`` (test_tuned_lens), never with a fixed atol.
 - STAT: a sampled quantity against its expectation: several standard errors, stated at the test.
+- ROUNDING: a value stored from a run on another machine (a training log, a pipeline's CSVs) against
+  the same run here: another CPU's arithmetic (kernels, BLAS, thread count, even the tiny models'
+  random initialisation) moves it, and optimiser steps, finite differences and float16 caches
+  amplify that. ``tests/float_path.py`` measures each value's sensitivity on this machine (the same
+  run from models moved by one ulp) and allows 10x it, never less than 1e-5 relative.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def test_sample_slices_every_token_variable(tmp_path):
     disk_offsets = group["sample_offset"][:]
     for i, n in enumerate(LENGTHS):
         one = ds.ulens.sample(i)
-        assert one.sizes == {"layer": LAYERS, "mlp_layer": LAYERS - 1, "token": n, "hidden": HIDDEN}
+        assert one.sizes == {"layer": LAYERS, "mlp_layer": LAYERS - 1, "token": n, "hidden": HIDDEN, "text_token": n}
         np.testing.assert_array_equal(one.resid.values, resid[i])
         np.testing.assert_array_equal(one.mlp_in.values, mlp[i])
         np.testing.assert_array_equal(one["last"].values, resid[i][:, -1])  # sample-indexed: at i

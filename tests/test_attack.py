@@ -104,6 +104,71 @@ def test_directions_known_answer(planted, tmp_path):
     assert math.isnan(float(by[(0, "mean_diff")]["write_space_share"]))  # zero direction
 
 
+def test_chosen_layer_is_the_first_downstream_of_the_plant(planted, tmp_path):
+    """Ranked relative to the base residual's RMS, the layer right after the planted block wins; the
+    raw norm picks the last layer (the residual grows, and v travels on). Position 0 is not fitted."""
+    from analyses.activations.attack_directions import compute_and_save, fit_mask, load_directions
+    from cache_store import open_caches
+    from unlearn_lens.attacks.ablation import chosen_layer, default_layers
+
+    d = load_directions(compute_and_save(planted["caches"]["base"], planted["caches"]["unl"], tmp_path))
+    assert chosen_layer(d) == LAYER
+    raw = np.linalg.norm(d["mean_diff"].astype(np.float64), axis=1)
+    assert int(np.argmax(raw)) == LAYER + 1  # what the raw rule chose
+    assert max(default_layers(d, top=1, spread=0)) == LAYER
+    ds = open_caches({"base": str(planted["caches"]["base"]), "modified": str(planted["caches"]["unl"])}, "forget")
+    position = ds["token_position"].values
+    fitted = fit_mask(ds, None, 1) & ~np.isin(ds["input_ids"].values, d["outlier_ids"])
+    assert int(d["skip_positions"]) == 1 and not fitted[position == 0].any()
+    assert int(d["n_tokens"]) == int(fitted.sum()) <= int(d["n_tokens_total"]) - ds.sizes["sample"]
+    assert np.allclose(d["mean_diff"][LAYER], planted["v"], atol=1e-4)
+
+
+def _stacked(base, modified):
+    import xarray as xr
+
+    from cache_store.reader import SHARED_VARIABLES
+
+    shared = [v for v in SHARED_VARIABLES if v in base.variables]
+    stacked = xr.concat([base.drop_vars(shared), modified.drop_vars(shared)], dim="model", coords="minimal",
+                        compat="override", join="exact").assign_coords(model=["base", "modified"])
+    for name in shared:
+        stacked[name] = base[name]
+    return stacked
+
+
+def test_position_zero_and_unlisted_samples_are_not_fitted():
+    """A synthetic pair: every token moved by v, position 0 (the sink) by 100 u besides. Fitted
+    from position 1 the mean difference is v exactly; from position 0 it is pulled towards u."""
+    from analyses.activations.attack_directions import directions_from_moments, moments_of
+    from analyses.testing import make_cache, random_lengths
+
+    rng = np.random.default_rng(0)
+    lengths = random_lengths(12, rng)
+    base = rng.normal(size=(3, int(lengths.sum()), 8))
+    v, u = np.eye(8)[0] * 0.5, np.eye(8)[1]
+    modified = base + v
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    modified[:, starts] += 100 * u
+    ids = rng.integers(3, 50, size=int(lengths.sum()))
+    ds = _stacked(make_cache(base, lengths, input_ids=ids, dtype=np.float64),
+                  make_cache(modified, lengths, input_ids=ids, dtype=np.float64))
+    fitted = directions_from_moments(moments_of(ds, skip=1, drop_outliers=False))
+    assert np.allclose(fitted["mean_diff"][1], v, atol=1e-6) and int(fitted["n_tokens"]) == lengths.sum() - 12
+    with_sink = directions_from_moments(moments_of(ds, skip=0, drop_outliers=False))
+    mean = with_sink["mean_diff"][1]
+    assert mean @ u / np.linalg.norm(mean) > 0.9  # the sink would have dominated
+    chosen = directions_from_moments(moments_of(ds, samples=[2, 5], skip=1, drop_outliers=False))
+    assert int(chosen["n_tokens"]) == lengths[2] + lengths[5] - 2
+    keep = np.zeros(int(lengths.sum()), dtype=bool)
+    for i in (2, 5):
+        keep[starts[i] + 1:starts[i] + lengths[i]] = True
+    rms = np.sqrt((base[2, keep] ** 2).sum(axis=1).mean())
+    assert chosen["base_rms"][2] == pytest.approx(rms, rel=1e-6)
+    assert chosen["relative_norm"][2] == pytest.approx(0.5 / rms, rel=1e-6)
+    assert chosen["fit_samples"].tolist() == [2, 5]
+
+
 def test_directions_without_checkpoints_are_nan(planted, tmp_path):
     from analyses.activations.attack_directions import compute_and_save
 
@@ -272,24 +337,31 @@ def test_subspace_is_nested_and_orthonormal():
 
 
 def test_default_plan_is_a_handful_of_layers():
-    from unlearn_lens.attacks.ablation import default_layers, plan
+    from unlearn_lens.attacks.ablation import chosen_layer, default_layers, plan
 
-    norms = np.array([0, 0, 1, 5, 2, 9, 3, 1, 4, 1, 2, 1, 1], dtype=float)  # layers 0, 1 unchanged
-    directions = {"layers": np.arange(13), "mean_diff": norms[:, None] * np.eye(1, 4),
-                  "pcs": np.zeros((13, 4, 4))}
+    # raw norms grow with depth; relative to the base residual's RMS the ranking is different
+    relative = np.array([0, 0, 1, 5, 2, 9, 3, 1, 4, 1, 2, 1, 1], dtype=float)  # layers 0, 1 unchanged
+    rms = 2.0 ** np.arange(13)
+    directions = {"layers": np.arange(13), "mean_diff": (relative * rms)[:, None] * np.eye(1, 4),
+                  "relative_norm": relative, "pcs": np.zeros((13, 4, 4))}
+    assert int(np.argmax(np.linalg.norm(directions["mean_diff"], axis=1))) == 12  # the raw rule's pick
+    assert chosen_layer(directions) == 5
     layers = default_layers(directions, top=2, spread=3)
     # the two largest (layers 5 and 3) and three spread over the 11 changed layers 2..12: positions
     # 2.5, 5, 7.5 of that list, rounded half to even (2, 5, 8): layers 4, 7, 10
     assert layers == [3, 4, 5, 7, 10]
     assert 0 not in layers and 1 not in layers and len(layers) <= 5
     settings = plan(directions, {})
-    assert [s for s in settings if s[0] != "single"] == [("orthogonalize", 5, 1), ("orthogonalize", 5, 4)]
+    assert [s for s in settings if s[0] != "single"] == [("per_layer", None, 1), ("per_layer", None, 4),
+                                                         ("orthogonalize", 5, 1), ("orthogonalize", 5, 4)]
     everything = plan(directions, {"ablate_modes": ("single", "all", "orthogonalize")})
     assert [s for s in everything if s[0] != "single"] == [("all", 5, 1), ("all", 5, 4), ("orthogonalize", 5, 1),
                                                            ("orthogonalize", 5, 4)]
     assert {(layer, k) for mode, layer, k in settings if mode == "single"} == {(x, k) for x in layers for k in (1, 4)}
     assert plan(directions, {"ablate_layers": (0, 6), "ablate_k": (1,), "ablate_modes": ("single",)}) == \
         [("single", 6, 1)]  # a layer without a difference is skipped
+    assert plan(directions, {"ablate_layers": (8, 12), "ablate_k": (1,), "ablate_modes": ("orthogonalize",)}) == \
+        [("orthogonalize", 8, 1)]  # among given layers, the largest relative norm (raw: 12)
 
 
 # --- recovery fractions -------------------------------------------------------------------------
@@ -334,12 +406,12 @@ def common_args(planted, out):
 
 
 def test_attack_cli_known_answer_and_rerun(planted, tmp_path):
-    from analyses.recovery import BASE_COLUMNS, METRICS
+    from analyses.recovery import BASE_COLUMNS, METRICS, interval_columns
 
     out = tmp_path / "out"
     args = [*common_args(planted, out), "--attacks", "ablate", "--cache-base", planted["caches"]["base"],
             "--cache-model", planted["caches"]["unl"], "--option", f"ablate_layers={LAYER},0,3",
-            "--option", "ablate_k=1,2", "--option", "ablate_modes=single,all,orthogonalize"]
+            "--option", "ablate_k=1,2", "--option", "ablate_modes=single,per_layer,all,orthogonalize"]
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     folder = out / "unl" / "attacks"
@@ -352,30 +424,51 @@ def test_attack_cli_known_answer_and_rerun(planted, tmp_path):
     # layer 0 has no difference (skipped); layer LAYER and 3 for k = 1, 2; all and orthogonalize at the top
     settings = {(r["setting"], r["target"]) for r in rows}
     assert ("layer=0,k=1,mode=single", "modified") not in settings
-    assert len(rows) == 2 * (2 * 2 + 2 * 2)
+    assert len(rows) == 2 * (2 * 2 + 2 + 2 * 2)
     known = [r for r in rows if r["setting"] == f"layer={LAYER},k=1,mode=single"]
     assert {r["target"] for r in known} == {"modified", "control"}
     row = next(r for r in known if r["target"] == "modified")
     control = next(r for r in known if r["target"] == "control")
     reference = json.loads((folder / "reference.json").read_text())["metrics"]
     for m in METRICS:
-        # the planted change moved every metric (so no recovery is NaN) ...
+        # the planted change moved every metric (by more than 1e-3) ...
         assert abs(reference["base"][m] - reference["modified"][m]) > 1e-3, m
         # ... and the ablated modified and ablated base compute the same function up to float32
         # rounding (~1e-6 nats): NLLs equal to 1e-5, the same argmax answers; with the denominator
         # (attacked control - modified) above 1e-2, the recovery is 1 to 1e-6 / 1e-2 = 1e-4
         assert abs(float(control[m]) - reference["modified"][m]) > 1e-2, m
         assert float(row[m]) == pytest.approx(float(control[m]), abs=1e-5), m
-        assert float(row[f"recovery_vs_control_{m}"]) == pytest.approx(1.0, abs=1e-4), m
+        value = float(row[f"recovery_vs_control_{m}"])
+        if m.endswith("_nll") or not math.isnan(value):  # NLL gaps are far outside the noise of the texts
+            assert value == pytest.approx(1.0, abs=1e-4), m
+            low, high = (float(row[c]) for c in interval_columns(f"recovery_vs_control_{m}"))
+            assert low <= value <= high, m
+        else:  # an accuracy gap of a few questions can be inside the noise: NaN, and the note says so
+            assert f"{m}: the attacked control and the modified model: gap inside the evaluation noise" in row["note"]
         assert math.isnan(float(control[f"recovery_{m}"])) and math.isnan(float(control[f"recovery_vs_control_{m}"]))
+    # per_layer: layer 2 loses v's line in both models, so they agree from there on (layer 3 too)
+    for k in ("1", "2"):
+        row, control = (next(r for r in rows if r["setting"] == f"layers=all,k={k},mode=per_layer" and r["target"] == t)
+                        for t in ("modified", "control"))
+        assert row["layer"] == "" and 1 <= int(row["rank"]) <= int(k)
+        for m in METRICS:
+            assert float(row[m]) == pytest.approx(float(control[m]), abs=1e-5), (k, m)
     # "all" (hooks) and "orthogonalize" (weights) compute the same function: the same metrics
-    by_setting = {(r["mode"], r["k"], r["target"]): r for r in rows if r["mode"] != "single"}
+    by_setting = {(r["mode"], r["k"], r["target"]): r for r in rows if r["mode"] in ("all", "orthogonalize")}
     assert len(by_setting) == 8
     for k in ("1", "2"):
         for target in ("modified", "control"):
             hooked, baked = by_setting[("all", k, target)], by_setting[("orthogonalize", k, target)]
             for m in METRICS:
                 assert float(hooked[m]) == pytest.approx(float(baked[m]), abs=1e-5), (k, target, m)
+    # fitted on the cached forget texts that the forget NLL does not measure, and only on them
+    from unlearn_lens.data import read_texts
+    from unlearn_lens.relearn import split_measure_pool
+
+    texts = read_texts(planted["data"], "forget")
+    measured, _ = split_measure_pool(texts)
+    fitted = np.load(folder / "directions.npz")["fit_samples"].tolist()
+    assert fitted == [i for i, t in enumerate(texts) if t not in set(measured)] and 0 < len(fitted) < len(texts)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["best_ablation"]["forget_nll"]["layer"] is not None
     assert set(summary["best_recovery"]) == {"ablate"}
@@ -408,6 +501,19 @@ def test_attack_cli_bad_input(planted, tmp_path, extra, message):
     assert not (tmp_path / "out").exists()  # refused before any model loads
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+
+
+def test_attack_cli_refuses_caches_of_other_data(planted, tmp_path):
+    """Cache samples can be told from measured texts only when the cache was captured from --data."""
+    data = shutil.copytree(planted["data"], tmp_path / "data")
+    (data / "manifest.json").write_text(json.dumps({"hash": "another-hash"}))
+    args = common_args(planted, tmp_path / "out")
+    args[args.index("--data") + 1] = data
+    result = invoke(*args, "--attacks", "ablate", "--cache-base", planted["caches"]["base"],
+                    "--cache-model", planted["caches"]["unl"], "--option", "ablate_modes=single")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: ablate:") and "other data" in result.output
+    assert not (tmp_path / "out").exists()  # refused before any model loads
 
 
 def test_attack_cli_mismatched_caches(planted, tmp_path):
@@ -452,3 +558,29 @@ def test_smollm2_orthogonalization_equals_ablation(smollm2_dir):
     v = torch.tensor(basis, dtype=torch.float32)
     scale = max(float(b.abs().max()) for b in blocks)
     assert max(float((b @ v.T).abs().max()) for b in blocks) < 1e-5 * scale
+
+
+def test_ablation_report_script_on_a_demo_layout(planted, tmp_path):
+    """scripts/ablation_report.py on a demo-shaped folder holding the planted pair: the chosen layer
+    is the planted one's, the raw norm's the last, and per_layer recovers against its control."""
+    import importlib.util
+
+    out = tmp_path / "demo"
+    shutil.copytree(planted["base"], out / "models" / "smollm2")
+    shutil.copytree(planted["modified"], out / "unlearning" / "unl" / "model")
+    shutil.copytree(planted["data"], out / "data")
+    for name, cache in (("smollm2", "base"), ("unl", "unl")):
+        shutil.copytree(planted["caches"][cache], out / "caches" / f"{name}.zarr")
+    spec = importlib.util.spec_from_file_location("ablation_report", Path(__file__).parents[1] / "scripts" /
+                                                  "ablation_report.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.demo_models(out) == ["unl"]
+    (row,) = script.run(out, ["unl"])
+    assert row["chosen_layer"] == LAYER and row["raw_norm_layer"] == LAYER + 1 and row["layers"] == 3
+    assert row["n_questions"] == 4 and row["fitted_texts"] > 0
+    assert math.isfinite(row["per_layer_forget_nll"]) and math.isfinite(row["single_forget_nll"])
+    text = script.table([row])
+    assert text.splitlines()[2].startswith(f"| unl | {LAYER} (of 3) | {LAYER + 1} |")
+    assert (out / "ablation_report" / "unl" / "attacks" / "_COMPLETE").is_file()
+    assert not (out / "unl").exists()  # the demo's own attack folders are untouched

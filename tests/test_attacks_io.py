@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from conftest import UNLEARN_MCQ, UNLEARN_RETAIN, write_unlearn_data
 from unlearn_lens.attacks import quantization as Q
 from unlearn_lens.attacks import relearning as R
-from unlearn_lens.attacks.base import METRICS, AttackContext, AttackResult, AttackSettings
+from unlearn_lens.attacks.base import METRICS, AttackContext, AttackResult, AttackSettings, evaluation_record
 from unlearn_lens.data import MCQItem, read_mcq
 from unlearn_lens.core.errors import UserError
 
@@ -110,20 +111,64 @@ def test_int4_quantizes_with_groups_and_the_head_is_left_alone(tmp_path):
     from unlearn_lens.testing import make_tiny_model
 
     model, _ = make_tiny_model("llama")
-    count = Q.quantize_torchao(model, "int4")
+    count = Q.quantize_torchao(model, "int4-g32")
     weight = model.model.layers[0].mlp.down_proj.weight
-    assert count == 21 and weight.block_size[-1] == Q.INT4_GROUP_SIZE  # one scale per 32 input weights
+    assert count == 21 and weight.block_size[-1] == 32  # one scale per 32 input weights
     assert type(model.lm_head.weight).__name__ == "Parameter"
     assert "lm_head" in Q.selected_linears(model, lm_head=True) and "lm_head" not in Q.selected_linears(model)
+    # group 128 divides none of this model's widths (32, 96): nothing is quantized, as Int4WeightOnlyConfig skips
+    model, _ = make_tiny_model("llama")
+    assert Q.quantize_torchao(model, "int4") == 0
+    assert type(model.model.layers[0].mlp.down_proj.weight).__name__ == "Parameter"
+    model, _ = make_tiny_model("llama", hidden=128)
+    assert Q.quantize_torchao(model, "int4") == 21 and model.model.layers[0].mlp.down_proj.weight.block_size[-1] == 128
 
 
-def test_unknown_setting_and_conv1d_models_are_one_line_errors(tmp_path):
+def test_unknown_setting_is_a_one_line_error():
     from unlearn_lens.testing import make_tiny_model
 
     with pytest.raises(UserError, match="unknown setting"):
         Q.quantize_torchao(make_tiny_model("llama")[0], "int3")
-    with pytest.raises(UserError, match="no torch.nn.Linear"):
-        Q.quantize_torchao(make_tiny_model("gpt2")[0], "int8")
+
+
+@pytest.mark.parametrize("setting", ["int8", "int4-g32"])
+def test_gpt2_conv1d_layers_are_quantized_as_the_prediction_says(setting):
+    """GPT-2's Conv1D layers become the equivalent nn.Linear (the same function), then are quantized:
+    the codes are the numpy transcription's of W^T, the (out, in) matrix ``params`` reads."""
+    import torch
+
+    from analyses.weights.quantization import quantize_codes
+    from unlearn_lens.testing import make_tiny_model
+
+    model, tokenizer = make_tiny_model("gpt2")
+    stored = {name: module.weight.detach().numpy().T.copy() for name, module in model.named_modules()
+              if type(module).__name__ == "Conv1D"}
+    ids = torch.tensor([tokenizer("Viruses replicate inside host cells.")["input_ids"]])
+    with torch.no_grad():
+        before = model(ids).logits
+        assert Q.conv1d_to_linear(model) == 12 and Q.conv1d_to_linear(model) == 0
+        assert torch.allclose(model(ids).logits, before, atol=1e-5)  # the same function
+    assert Q.quantize_torchao(model, setting) == 12
+    modules = dict(model.named_modules())
+    for name, w in stored.items():
+        codes, scales, _ = quantize_codes(w, setting, "float32")
+        np.testing.assert_array_equal(modules[name].weight.qdata.numpy(), codes)
+
+
+def test_gpt2_pair_quantizes(tmp_path):
+    """A GPT-2 pair through the attack: rows for both targets, every Conv1D quantized."""
+    from unlearn_lens.testing import save_tiny_model
+
+    base, modified = save_tiny_model("gpt2", tmp_path / "base"), save_tiny_model("gpt2", tmp_path / "modified", seed=1)
+    data = write_unlearn_data(tmp_path / "data")
+    ctx = _context(tmp_path, base, modified, data, quant_settings=("int8", "int4"), quant_bitsandbytes=False)
+    rows = list(Q.run(ctx))
+    assert [(r.setting, r.target) for r in rows] == [("int8", "modified"), ("int8", "control"), ("int4", "modified"),
+                                                     ("int4", "control")]
+    assert all(r.extra["quantized_layers"] == 12 for r in rows[:2])
+    assert all(math.isfinite(v) for r in rows[:2] for v in r.metrics.values())
+    # group 128 divides only the MLP's output projections (input width 128): 3 layers
+    assert all(r.extra["quantized_layers"] == 3 and r.extra["group_size"] == 128 for r in rows[2:])
 
 
 def test_missing_torchao_names_the_package(monkeypatch):
@@ -236,7 +281,7 @@ def test_relearn_heldout_rows_split_and_reference(tmp_path, pair):
     half = dataclasses.replace(ctx.data, items=[i for i in ctx.data.items if i.id in split["eval_ids"]])
     for which in ("base", "modified"):
         expected = ctx.evaluate(*ctx.load(which), half)
-        assert results[0].reference[which] == {m: expected[m] for m in METRICS}
+        assert results[0].reference[which] == evaluation_record(expected)  # per-item results too
     assert results[0].reference is results[1].reference
 
 
@@ -246,9 +291,79 @@ def test_options_given_as_command_line_strings(tmp_path):
                    quant_bitsandbytes="false")
     assert Q._settings(ctx) == [("torchao", "int8"), ("torchao", "int4")]
     ctx = _context(tmp_path, tmp_path / "b", tmp_path / "m", data, quant_settings="int8", quant_bitsandbytes="maybe")
-    with pytest.raises(UserError, match="quant_bitsandbytes must be true or false"):
+    with pytest.raises(UserError, match="quant_bitsandbytes: unknown maybe"):
         Q._settings(ctx)
+    ctx = _context(tmp_path, tmp_path / "b", tmp_path / "m", data, quant_settings="int4", quant_bitsandbytes="bnb-nf4")
+    assert Q._settings(ctx) == [("torchao", "int4"), ("bitsandbytes", "bnb-nf4")]
+    ctx = _context(tmp_path, tmp_path / "b", tmp_path / "m", data)  # the defaults: every setting
+    assert Q._settings(ctx) == [("torchao", s) for s in ("int8", "int4", "int4-g32")] + \
+        [("bitsandbytes", s) for s in ("bnb-fp4", "bnb-nf4", "bnb-int8")]
     ctx = _context(tmp_path, tmp_path / "b", tmp_path / "m", data, relearn_steps="3", relearn_lr="1e-4")
     assert R._check_options(ctx) == (10, 3, 1e-4, 4)
     with pytest.raises(UserError, match="relearn_steps must be at least 1"):
         R._check_options(_context(tmp_path, tmp_path / "b", tmp_path / "m", data, relearn_steps="0"))
+
+
+# --- relearning: presets and a known answer --------------------------------------------------------
+
+def test_reference_preset_resolves_lucki_et_al_settings(tmp_path):
+    data = write_unlearn_data(tmp_path / "data")
+    ctx = _context(tmp_path, tmp_path / "b", tmp_path / "m", data, relearn_preset="reference")
+    assert R._check_options(ctx) == (10, 20, 2e-4, 1)  # 10 examples, lr 2e-4, batch 1
+    steps, training = R._training(ctx, 10, 20, 1)
+    assert steps == 30 and training == {"lora": True, "lora_r": 128, "lora_alpha": 16.0, "lora_dropout": 0.0,
+                                        "weight_decay": 0.01, "schedule": "linear", "warmup_steps": 2}
+    ctx = _context(tmp_path, tmp_path / "b", tmp_path / "m", data, relearn_preset="reference", relearn_steps=7,
+                   relearn_lr="1e-3")
+    assert R._check_options(ctx)[1:3] == (7, 1e-3) and R._training(ctx, 10, 7, 1)[0] == 7  # explicit options win
+    ctx = _context(tmp_path, tmp_path / "b", tmp_path / "m", data)
+    assert R._training(ctx, 10, 20, 4) == (20, {"lora": False, "weight_decay": 0.0, "schedule": "constant",
+                                                "warmup_steps": 0})
+    with pytest.raises(UserError, match="relearn_preset must be one of"):
+        R._check_options(_context(tmp_path, tmp_path / "b", tmp_path / "m", data, relearn_preset="lucki"))
+
+
+@pytest.fixture(scope="module")
+def planted_shift(tmp_path_factory):
+    """A tiny GPT-NeoX trained briefly on the test texts (so that it sits near a minimum of their
+    NLL), and its copy with a vector added to block 1's output: an "unlearning" that is a shift."""
+    import numpy as np
+    import torch
+
+    from conftest import UNLEARN_FORGET
+    from test_attack import plant_bias
+    from unlearn_lens.relearn import nll_loss
+    from unlearn_lens.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("planted-shift")
+    model, tokenizer = make_tiny_model("gpt_neox")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        nll_loss(model, tokenizer, UNLEARN_FORGET + UNLEARN_RETAIN, 64).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    v = np.random.default_rng(4).normal(size=32).astype(np.float32)
+    modified = plant_bias(root / "base", root / "modified", 5 * v / np.linalg.norm(v))
+    return root / "base", modified, write_unlearn_data(root / "data")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, options, least", [
+    ("original", {"relearn_steps": 20, "relearn_lr": 1e-3}, 0.5),
+    ("reference", {}, 0.02),  # LoRA at lr 2e-4 for 3 epochs of 8 texts: a small but real move
+])
+def test_relearning_on_unrelated_text_undoes_a_planted_shift(tmp_path, planted_shift, preset, options, least):
+    """Known answer: the shift hurts every text, so fine-tuning on unrelated (retain-pool) text moves
+    the shifted model's forget NLL back towards the base's, while the base itself barely moves."""
+    base, modified, data = planted_shift
+    ctx = _context(tmp_path, base, modified, data, relearn_preset=preset, **options)
+    reference = {which: ctx.evaluate(*ctx.load(which)) for which in ("base", "modified")}
+    gap = reference["modified"]["forget_nll"] - reference["base"]["forget_nll"]
+    assert gap > 0.5  # the planted shift is a visible "unlearning"
+    attacked, control = R.run_unrelated(ctx)
+    assert attacked.extra["preset"] == preset and (preset == "original") == ("preset=" not in attacked.setting)
+    recovery = (reference["modified"]["forget_nll"] - attacked.metrics["forget_nll"]) / gap
+    moved_base = abs(control.metrics["forget_nll"] - reference["base"]["forget_nll"]) / gap
+    assert recovery > least and moved_base < recovery / 2, (recovery, moved_base)

@@ -52,7 +52,7 @@ def synthetic_split(lengths, seed=0, ids_seed=0):
 
 
 def write_synthetic(url, lengths, *, provenance=PROVENANCE, seed=0, ids_seed=0, batch=2, stop_after=None,
-                    overwrite=False, split="forget", block_samples=3, token_chunk=8):
+                    overwrite=False, split="forget", block_samples=3, token_chunk=8, threads=1, codec="zstd1"):
     """Write a split of random activations the way capture does; returns the inputs."""
     from cache_store.writer import content_fingerprint
 
@@ -69,9 +69,9 @@ def write_synthetic(url, lengths, *, provenance=PROVENANCE, seed=0, ids_seed=0, 
                "last": Dynamic(("layer", "sample", "hidden"), "float32")}
     sizes = {"layer": LAYERS, "mlp_layer": LAYERS - 1, "hidden": HIDDEN, "token": layout.n_tokens,
              "sample": layout.n_samples}
-    writer = CacheWriter(url, provenance, overwrite=overwrite).open_split(
+    writer = CacheWriter(url, provenance, overwrite=overwrite, codec=codec).open_split(
         split, layout, sizes=sizes, static=static, dynamic=dynamic,
-        attrs={"content_fingerprint": content_fingerprint(np.concatenate(token_ids))})
+        attrs={"content_fingerprint": content_fingerprint(np.concatenate(token_ids))}, threads=threads)
     writer.start()
     written = 0
     for block in writer.pending_blocks():
@@ -100,7 +100,7 @@ def test_round_trip_drops_slack_and_keeps_values(tmp_path):
     assert is_complete(url) and list_splits(url) == ["forget"]
     ds = open_cache(url, "forget")
     assert ds.sizes == {"layer": LAYERS, "mlp_layer": LAYERS - 1, "token": sum(LENGTHS), "sample": len(LENGTHS),
-                        "hidden": HIDDEN}
+                        "hidden": HIDDEN, "text_token": sum(LENGTHS)}  # a full capture: text_token = token
     np.testing.assert_array_equal(ds.resid.values, np.concatenate(resid, axis=1))
     np.testing.assert_array_equal(ds.mlp_in.values, np.concatenate(mlp, axis=1))
     np.testing.assert_array_equal(ds.input_ids.values, np.concatenate(token_ids))
@@ -316,7 +316,7 @@ def test_cache_without_checksums_still_opens_and_verify_says_so(tmp_path, monkey
     from cache_store.inspect import verify
 
     url = str(tmp_path / "old.zarr")
-    monkeypatch.setattr(writer, "compressors", lambda: [ZstdCodec(level=1)])  # what format 1 wrote
+    monkeypatch.setattr(writer, "compressors", lambda codec="zstd1": [ZstdCodec(level=1)])  # what format 1 wrote
     _, resid, _ = write_synthetic(url, LENGTHS)
     monkeypatch.undo()
     np.testing.assert_array_equal(open_cache(url, "forget").resid.values, np.concatenate(resid, axis=1))
@@ -359,3 +359,138 @@ def test_creating_a_split_again_keeps_every_chunk(tmp_path):
     writer.end_block(0)
     writer.close()
     assert (url / "forget" / "resid" / "c" / "0" / "0" / "0").is_file()  # an all-zero block, resumed writer
+
+
+# --- the writer: zarr's bytes, from any number of threads -------------------------------------------
+
+def files(root) -> dict:
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("codec", ["zstd1", "none"])
+def test_chunks_encoded_by_the_writer_are_the_bytes_zarr_writes(tmp_path, codec):
+    import zarr
+
+    from cache_store.chunks import ChunkCodec
+    from cache_store.writer import compressors
+
+    rng = np.random.default_rng(0)
+    for dtype, shape, chunks in (("float16", (3, 40, 8), (1, 16, 8)), ("float32", (10, 4), (4, 4)),
+                                 ("uint8", (5,), (1,)), ("int32", (37,), (16,))):
+        values = (rng.normal(size=shape) * 100).astype(dtype)
+        array = zarr.create_array(zarr.storage.LocalStore(tmp_path / f"{dtype}.zarr"), shape=shape, chunks=chunks,
+                                  dtype=dtype, fill_value=0, compressors=compressors(codec),
+                                  config={"write_empty_chunks": True})
+        array[...] = values
+        codec_ = ChunkCodec(array)
+        assert codec_.supported
+        for coords in np.ndindex(*array.cdata_shape):
+            selection = tuple(slice(c * n, min((c + 1) * n, size)) for c, n, size in zip(coords, chunks, shape))
+            stored = (tmp_path / f"{dtype}.zarr" / codec_.key(coords)).read_bytes()
+            assert codec_.encode(values[selection]) == stored, (dtype, coords)  # edge chunks padded as zarr does
+
+
+def test_writer_threads_and_codecs_write_the_same_values(tmp_path):
+    one, four = tmp_path / "one.zarr", tmp_path / "four.zarr"
+    _, resid, mlp = write_synthetic(str(one), LENGTHS, threads=1)
+    write_synthetic(str(four), LENGTHS, threads=4, batch=3)
+    assert files(one) == files(four)  # the same bytes whatever the threads (and batches)
+    raw = tmp_path / "raw.zarr"
+    write_synthetic(str(raw), LENGTHS, threads=2, codec="none")
+    ds = open_cache(str(raw), "forget")
+    np.testing.assert_array_equal(ds.resid.values, np.concatenate(resid, axis=1))
+    np.testing.assert_array_equal(ds.mlp_in.values, np.concatenate(mlp, axis=1))
+    from cache_store.inspect import verify
+
+    assert verify(str(raw)) == []
+
+
+# --- a missing chunk is damage (issue 25) -----------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", ["resid/c/1/2/0", "input_ids/c/0", "last/c/2/1/0", "block_done/c/1"])
+def test_missing_chunk_is_named_refused_reset_and_recaptured(tmp_path, chunk):
+    import shutil
+
+    from cache_store.integrity import reset_damaged
+    from cache_store.inspect import verify
+    from cache_store.metadata_store import MissingChunkError
+
+    clean, url = tmp_path / "clean.zarr", tmp_path / "c.zarr"
+    write_synthetic(str(clean), LENGTHS)
+    shutil.copytree(clean, url)
+    (url / "forget" / chunk).unlink()
+    key = f"forget/{chunk}"
+    damaged: list[str] = []
+    assert verify(str(url), damaged=damaged) == [f"{key}: missing chunk"] and damaged == [key]
+    if not chunk.startswith("block_done"):  # readers never read progress records
+        with pytest.raises(MissingChunkError, match=f"chunk {key} is missing.*--reset-damaged"):
+            ds = open_cache(str(url), "forget")
+            ds[chunk.split("/")[0]].values
+    reset = reset_damaged(str(url), damaged)
+    assert reset == {"forget": {"blocks": [] if chunk.startswith("input_ids") else [1],
+                                "static": chunk.startswith("input_ids")}}
+    assert not is_complete(str(url))
+    write_synthetic(str(url), LENGTHS)  # the same capture rewrites what was reset
+    assert verify(str(url)) == [] and files(url) == files(clean)
+
+
+def test_missing_chunk_stops_a_computation_in_one_line(tmp_path):
+    from cache_store.integrity import name_damaged_chunks
+
+    url = tmp_path / "c.zarr"
+    write_synthetic(str(url), LENGTHS)
+    (url / "forget" / "mlp_in" / "c" / "0" / "0" / "0").unlink()
+    with pytest.raises(UserError) as caught, name_damaged_chunks([str(url)]):
+        open_cache(str(url), "forget", layers_per_chunk="scan").mlp_in.sum().compute()
+    assert "chunk forget/mlp_in/c/0/0/0 is missing" in str(caught.value) and "\n" not in str(caught.value)
+
+
+# --- nothing outside a cache is written into or deleted (issue 25) ----------------------------------
+
+def test_a_folder_that_holds_no_cache_is_never_touched(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="holds no activation cache .*notes.txt.*nothing there was changed"):
+            write_synthetic(str(folder), LENGTHS, overwrite=overwrite)
+        assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        write_synthetic(str(tmp_path / "file"), LENGTHS)
+
+
+def test_overwrite_replaces_only_the_cache(tmp_path):
+    url = tmp_path / "c.zarr"
+    write_synthetic(str(url), LENGTHS)
+    (url / "README.txt").write_text("kept")  # a user's file inside the cache's folder
+    other = {**PROVENANCE, "weights_fingerprint": "w2"}
+    write_synthetic(str(url), LENGTHS, provenance=other, seed=4, overwrite=True)
+    assert (url / "README.txt").read_text() == "kept"
+    assert open_cache(str(url), "forget").attrs["weights_fingerprint"] == "w2"
+    from cache_store.store import remove_cache
+
+    remove_cache(str(url))
+    assert sorted(p.name for p in url.iterdir()) == ["README.txt"]
+
+
+def test_background_writer_threads_yield_to_the_forward():
+    """On a CPU device the writer threads run at a lower priority than the capture loop (nice is per
+    thread on Linux), so they take the cores the forward leaves idle."""
+    import os
+    import threading
+
+    from cache_store.split_writer import BACKGROUND_NICENESS, _background
+
+    if not hasattr(os, "getpriority"):
+        pytest.skip("no thread priorities on this platform")
+    before, seen = os.getpriority(os.PRIO_PROCESS, 0), {}
+
+    def writer_thread():
+        _background()
+        seen["writer"] = os.getpriority(os.PRIO_PROCESS, 0)
+
+    thread = threading.Thread(target=writer_thread)
+    thread.start()
+    thread.join()
+    assert seen["writer"] == min(19, before + BACKGROUND_NICENESS) and os.getpriority(os.PRIO_PROCESS, 0) == before

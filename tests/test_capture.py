@@ -156,7 +156,7 @@ def test_head_on_scored_positions_equals_full_forward_logits(tiny_model_dir, dat
     """The unembedding applied to the scored positions only gives the full forward's scores."""
     from unlearn_lens.architectures import ArchitectureAdapter
     from unlearn_lens.capture import BatchRunner, wmdp_static
-    from unlearn_lens.capture_inputs import build_inputs
+    from unlearn_lens.capture.inputs import build_inputs
     from unlearn_lens.loading import load_model
 
     model, tokenizer = load_model(str(tiny_model_dir), dtype="float32")
@@ -255,10 +255,27 @@ def test_other_provenance_refused_without_overwrite(tmp_path, data_dir):
         capture(str(first), data_dir, out, settings(splits=("retain",), max_samples=2))
     capture(str(second), data_dir, out, settings(splits=("retain",), overwrite=True))
     fingerprint = cache_store.open_cache(out, "retain").attrs["weights_fingerprint"]
-    from unlearn_lens.capture_provenance import weights_fingerprint
+    from unlearn_lens.capture.provenance import weights_fingerprint
     from unlearn_lens.loading import load_model
 
     assert fingerprint == weights_fingerprint(load_model(str(second), with_tokenizer=False)[0])
+
+
+def test_a_folder_that_holds_no_cache_survives_capture_and_overwrite(tmp_path, data_dir):
+    """Nothing outside a cache is written into or deleted (issue 25): refused before any model loads."""
+    from unlearn_lens.testing import save_tiny_model
+
+    model = save_tiny_model("gpt2", tmp_path / "m")
+    folder = tmp_path / "my-results"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("four years of work")
+    for extra in ([], ["--overwrite"]):
+        code, _, stderr = run_cli(["capture", "--model", str(model), "--data", str(data_dir), "--out", str(folder),
+                                   "--splits", "retain", "--quiet", *extra])
+        assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+        assert "holds no activation cache (it has: thesis.tex)" in stderr
+        assert [p.name for p in folder.iterdir()] == ["thesis.tex"]
+        assert (folder / "thesis.tex").read_text() == "four years of work"
 
 
 # --- processes: SIGKILL + resume, concurrent shards ------------------------------------------------

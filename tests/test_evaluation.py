@@ -52,7 +52,7 @@ def test_letter_scores_equal_manual_last_token_logits(tiny):
     batched = letter_scores(model, tokenizer, ITEMS, batch_size=2)  # padding inside a batch
     # tolerance: F32-ORDER
     torch.testing.assert_close(batched, manual, atol=1e-4, rtol=1e-4)
-    expected = float((manual.argmax(-1) == torch.tensor([i.answer for i in ITEMS])).float().mean())
+    expected = (manual.argmax(-1) == torch.tensor([i.answer for i in ITEMS])).sum().item() / len(ITEMS)
     assert letter_accuracy(model, tokenizer, ITEMS, batch_size=2) == expected
 
 
@@ -106,3 +106,29 @@ def test_evaluate_from_data_dir(unlearn_data_dir):
     assert 0.0 <= result["letter_accuracy"] <= 1.0 and result["n_questions"] == 4
     # a random-init model of vocabulary V has NLL near log V
     assert abs(result["forget_nll"] - math.log(len(tokenizer))) < 1.0
+
+
+def test_per_item_results_reproduce_every_metric_and_each_texts_own_nll(tiny):
+    """evaluate()'s per-item values (what the intervals resample) give back its metrics, and each text's
+    summed NLL is that text's own HF loss times its predicted tokens."""
+    from analyses.uncertainty import PER_ITEM, metric_estimate
+
+    model, tokenizer = tiny
+    forget = ["The river flows through the valley.", "x", "Paris is the capital of France and a centre of art."]
+    retain = ["A short retain text.", "Another retain text about the sea and the sky."]
+    result = evaluate(model, tokenizer, forget_texts=forget, retain_texts=retain, mcq_items=ITEMS, batch_size=2)
+    per_item = result[PER_ITEM]
+    for metric in ("forget_nll", "retain_nll", "letter_accuracy", "cloze_accuracy"):
+        assert metric_estimate(per_item[metric]).value == pytest.approx(result[metric], rel=1e-6)
+    assert len(per_item["cloze_accuracy"]["correct"]) == len(ITEMS)
+    assert per_item["forget_nll"]["count"][1] == max(0, len(tokenizer("x")["input_ids"]) - 1)
+    for text, total, count in zip(forget, per_item["forget_nll"]["sum"], per_item["forget_nll"]["count"]):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        if ids.shape[1] < 2:
+            assert (total, count) == (0.0, 0)
+            continue
+        with torch.no_grad():
+            loss = float(model(input_ids=ids, labels=ids).loss)
+        assert count == ids.shape[1] - 1
+        # tolerance: F32-ORDER (a padded batch against the text alone)
+        assert total == pytest.approx(loss * count, rel=1e-5)

@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("write checkpoints", "capture vs bare forward", "params (2 checkpoints)", "unlearn rmu (3 steps)",
-         "unlearn cb_lat --lora (3 steps)")
+STEPS = ("write checkpoints", "capture vs bare forward", "capture at --layers every:4 --token-sample 64",
+         "params (2 checkpoints)", "unlearn rmu (3 steps)", "unlearn cb_lat --lora (3 steps)")
 
 
 def run_check(tmp_path: Path, **env) -> subprocess.CompletedProcess:
@@ -26,6 +26,7 @@ def test_tiny_gpu_check_runs_every_step(tmp_path):
     rows = dict(re.split(r"\s{2,}", line.strip())[:2] for line in table)
     assert rows == {**{step: "ok" for step in STEPS}, "FSDP rmu, 2 processes": "skipped"}, table
     assert "planted change found" in result.stdout
+    assert result.stdout.count("GB/s with") == 2  # the writer's ingestion, full and at the recommended setting
     assert "needs 2 GPUs, 0 present" in result.stdout
     assert result.stdout.rstrip().endswith("gpu_check: all steps ok")
     # the large outputs are deleted as the check goes

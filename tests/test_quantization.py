@@ -17,7 +17,7 @@ from analyses.weights.params import run_params
 from analyses.weights.quantization import FLIP_COLUMNS, INT4_GROUP_SIZE, QUANT_SETTINGS, flip_stats, quantize_codes
 
 
-def _weights(rng, rows: int = 40, cols: int = 96) -> np.ndarray:
+def _weights(rng, rows: int = 40, cols: int = 256) -> np.ndarray:
     """Gaussian weights with the edge cases: a zero row, a zero group, an outlier, exact ties at .5 steps."""
     w = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
     w[3] = 0.0
@@ -41,7 +41,8 @@ def _torchao_config(setting: str):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("setting", list(QUANT_SETTINGS))
 def test_codes_equal_torchao(setting, dtype):
-    """The numpy codes and scales are torchao's quantized integer data and scales, bit for bit."""
+    """The numpy codes and scales are torchao's quantized integer data and scales, bit for bit: int8,
+    int4 at group 128 (the default) and at group 32, each built as its ``torchao_config`` names."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("torchao")
     from torchao.quantization import quantize_
@@ -92,7 +93,7 @@ def test_small_update_flips_nothing_large_update_flips():
 
 def test_row_chunks_give_the_same_counts(monkeypatch):
     rng = np.random.default_rng(2)
-    w_a = _weights(rng, rows=50, cols=64)
+    w_a = _weights(rng, rows=50, cols=128)
     w_b = w_a + (rng.standard_normal(w_a.shape) * 0.01).astype(np.float32)
     whole = {s: flip_stats(w_a, w_b, s) for s in QUANT_SETTINGS}
     monkeypatch.setattr(quantization, "_ROW_CHUNK", 7)
@@ -104,6 +105,30 @@ def test_row_chunks_give_the_same_counts(monkeypatch):
 def test_indivisible_width_is_noted_not_guessed():
     got = flip_stats(np.ones((4, 40), np.float32), np.ones((4, 40), np.float32), "int4")
     assert "divide" in got["note"] and np.isnan(got["flip_share"])
+    rows = quantization.flip_rows("m", 0, "mlp", "down", np.ones((4, 96), np.float32), np.ones((4, 96), np.float32))
+    assert {r["setting"]: r["attack_quantizes"] for r in rows} == {"int8": True, "int4": False, "int4-g32": True}
+
+
+def test_the_default_int4_is_torchaos_int4_group_size():
+    """int4's group is ``Int4WeightOnlyConfig``'s default; the finer group is reported beside it."""
+    torchao = pytest.importorskip("torchao.quantization")
+    assert QUANT_SETTINGS["int4"].group_size == INT4_GROUP_SIZE == torchao.Int4WeightOnlyConfig().group_size == 128
+    assert QUANT_SETTINGS["int4-g32"].group_size == 32
+    assert quantization.PREDICTION_DTYPE == "bfloat16"
+
+
+def test_bfloat16_prediction_against_float32_measured():
+    """The prediction is made in bfloat16 (a GPU's ``--dtype auto``); the CPU attack holds float32.
+    On this fixed matrix and update, the flip shares of the two differ by the amounts asserted: the
+    deviation of a float32 run from the prediction."""
+    rng = np.random.default_rng(5)
+    w_a = (rng.standard_normal((256, 256)) * 0.02).astype(np.float32)
+    w_b = w_a + (rng.standard_normal(w_a.shape) * 0.02 * 0.3 / 7.5 * 2.5).astype(np.float32)
+    for setting, measured in (("int8", 0.0012), ("int4", 0.0001), ("int4-g32", 0.0009)):
+        shares = {d: flip_stats(w_a, w_b, setting, d)["flip_share_of_changed"] for d in ("float32", "bfloat16")}
+        assert 0.1 < shares["float32"] < 0.95
+        # measured: 0.0012 (int8), 0.0001 (int4), 0.0009 (int4-g32) of the changed entries
+        assert abs(shares["bfloat16"] - shares["float32"]) == pytest.approx(measured, abs=5e-5), setting
 
 
 def _clone_with(src: Path, dst: Path, edit) -> Path:
@@ -142,13 +167,20 @@ def test_params_writes_planted_flips(tmp_path):
         assert reader.fieldnames == FLIP_COLUMNS
         rows = {(r["name"], r["setting"]): r for r in reader}
     names = {name for name, _ in rows}
-    assert "model.embed_tokens.weight" in names and len(rows) == 2 * len(names)
+    assert "model.embed_tokens.weight" in names and len(rows) == len(QUANT_SETTINGS) * len(names)
+    assert {r["compute_dtype"] for r in rows.values()} == {"bfloat16"}
     assert int(rows[(quiet, "int8")]["n_changed"]) > 0
     assert int(rows[(quiet, "int8")]["n_flipped"]) == 0 and int(rows[(quiet, "int8")]["n_dequant_changed"]) == 0
-    for setting in QUANT_SETTINGS:
+    for setting in ("int8", "int4-g32"):  # int4's group of 128 divides none of this model's widths (32, 96)
         assert float(rows[(loud, setting)]["flip_share"]) > 0.5
+    # the embedding is not quantized by the attack: flagged, and out of the summary
+    assert {rows[("model.embed_tokens.weight", s)]["attack_quantizes"] for s in QUANT_SETTINGS} == {"False"}
+    assert rows[(quiet, "int8")]["attack_quantizes"] == "True" and rows[(quiet, "int4")]["attack_quantizes"] == "False"
     summary = json.loads((tmp_path / "out" / "param_stats" / "summary.json").read_text())["quantization_flips"]
     assert summary["int8"]["matrices_changed"] == 2 and summary["int8"]["changed_matrices_erased"] == 1
-    assert summary["int8"]["n_flipped"] == sum(int(r["n_flipped"]) for (_, s), r in rows.items() if s == "int8")
-    untouched = [r for (name, _), r in rows.items() if name not in (quiet, loud)]
+    assert summary["int8"]["n_flipped"] == sum(int(r["n_flipped"]) for (name, s), r in rows.items()
+                                               if s == "int8" and name != "model.embed_tokens.weight")
+    assert summary["int8"]["matrices_left_out"] == 1 and summary["int4"]["matrices_left_out"] == len(names)
+    assert summary["int4"]["n_entries"] == 0
+    untouched = [r for (name, _), r in rows.items() if name not in (quiet, loud) and not r["note"]]
     assert untouched and all(int(r["n_changed"]) == 0 and int(r["n_flipped"]) == 0 for r in untouched)

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from analyses.io import atomic_write_csv, atomic_write_json
+from analyses.io import atomic_write_csv, atomic_write_json, clear_complete, mark_complete
 from analyses.report import ReportInputs, discover, signature_table, write_report
 
 PER_MATRIX = ["name", "layer", "group", "shape0", "shape1", "dW_fro", "W_fro", "dW_fro_rel", "dW_spectral",
@@ -38,6 +38,8 @@ def _study(root):
     (comparison / "param_plots").mkdir(parents=True)
     figure.savefig(comparison / "param_plots" / "layer_locality.png")
     plt.close(figure)
+    for folder in ("param_stats", "activation_stats", "param_plots"):  # each producer marks its folder last
+        mark_complete(comparison / folder, {"step": "test"})
     return ReportInputs(root, "base", ["edit"])
 
 
@@ -49,6 +51,44 @@ def test_signature_values_are_computed_from_the_outputs(tmp_path):
     assert rows["mean ‖Δh‖2 forget / retain"] == "2 / 0.5"
     assert rows["forget NLL before → after unlearning"] == "3.5 → 4.5"
     assert rows["local Lipschitz (logits) modified/base, forget"] == "—"  # not run: a dash, not an error
+
+
+def test_the_tidy_signature_table_holds_the_numbers_the_cells_show(tmp_path):
+    """One table feeds the report's cells and the study's signatures.csv: numbers, NaN where not measured."""
+    import math
+
+    from analyses.report import SIGNATURE_COLUMNS, signature_frame
+
+    (row,) = signature_frame(_study(tmp_path))
+    assert list(row) == ["model", *SIGNATURE_COLUMNS] and row["model"] == "edit"
+    assert row["update_norm_rel"] == pytest.approx(math.sqrt(50 / 300))
+    assert row["mlp_energy_share"] == pytest.approx(0.36)
+    assert (row["dh_forget"], row["dh_retain"], row["dh_forget_over_retain"]) == (2.0, 0.5, 4.0)
+    assert (row["forget_nll_before"], row["forget_nll_after"], row["forget_nll_change"]) == (3.5, 4.5, 1.0)
+    assert row["cloze_accuracy_change"] == -0.25 and math.isnan(row["top_layer_1"])  # no per_layer.csv here
+    assert math.isnan(row["lipschitz_ratio_forget"]) and math.isnan(row["probe_selectivity"])
+
+
+def test_report_reads_only_folders_marked_complete_and_names_the_rest(tmp_path):
+    """A folder without its marker (a step killed half way, or rewriting it from other inputs) is not
+    read: its cells are a dash, its plots are left out, and the report and `report` name it."""
+    from click.testing import CliRunner
+
+    from cli import group
+
+    inputs = _study(tmp_path)
+    clear_complete(tmp_path / "base__to__edit" / "activation_stats")
+    clear_complete(tmp_path / "base__to__edit" / "param_plots")
+    rows = {row["metric"]: row["edit"] for row in signature_table(inputs)}
+    assert rows["mean ‖Δh‖2 forget / retain"] == "—"
+    assert rows["relative update ‖ΔW‖F / ‖W‖F, all matrices"] == "0.408"  # param_stats is still complete
+    result = CliRunner().invoke(group, ["report", "--outdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert ("skipped 2 folder(s) not marked complete: base__to__edit/param_plots, base__to__edit/activation_stats"
+            in result.output)
+    page = (tmp_path / "report.html").read_text()
+    assert "Left out" in page and "base__to__edit/activation_stats" in page
+    assert "data:image/png;base64," not in page  # the only plot was in the unfinished folder
 
 
 class _Parser(html.parser.HTMLParser):

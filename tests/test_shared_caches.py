@@ -287,3 +287,31 @@ def test_flipped_byte_named_by_verify_refused_by_analyze_and_recaptured(tmp_path
     code, stdout, _ = run_cli(["cache", "verify", str(base), "--quiet"])
     assert code == 0 and "OK" in stdout
     assert tree_bytes(base) == tree_bytes(local_caches[0])
+
+
+# --- a missing chunk: named, refused, reset and recaptured (issue 25) ------------------------------
+
+@pytest.mark.slow
+def test_missing_chunk_named_by_verify_refused_by_analyze_and_recaptured(tmp_path, models, data_dir, local_caches):
+    base = tmp_path / "base.zarr"
+    shutil.copytree(local_caches[0], base)
+    chunks = sorted(p for p in (base / "forget" / "resid" / "c").rglob("*") if p.is_file())
+    chunk = chunks[len(chunks) // 2]
+    key = "forget/" + chunk.relative_to(base / "forget").as_posix()
+    chunk.unlink()  # a partial copy, a sync tool, an object-store lifecycle rule
+
+    code, stdout, _ = run_cli(["cache", "verify", str(base), "--quiet"])
+    assert code == 2 and stdout.splitlines() == [f"FAIL {key}: missing chunk"], stdout
+    code, _, stderr = run_cli(["analyze", "--base", str(base), "--compare", f"other={local_caches[1]}",
+                               "--outdir", str(tmp_path / "out"), "--no-progress"])
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith(f"error: {base}: chunk {key} is missing") and "--reset-damaged" in stderr
+    assert not list((tmp_path / "out").rglob("*.csv"))  # nothing computed on zeros
+
+    code, stdout, _ = run_cli(["cache", "verify", str(base), "--quiet", "--reset-damaged"])
+    assert code == 2 and "reset forget: blocks " in stdout
+    code, stdout, stderr = run_cli(capture_args(models[0], data_dir, base))
+    assert code == 0 and "forget: complete" in stdout and "retain: already complete" in stdout, stderr
+    code, stdout, _ = run_cli(["cache", "verify", str(base), "--quiet"])
+    assert code == 0 and "OK" in stdout
+    assert tree_bytes(base) == tree_bytes(local_caches[0])

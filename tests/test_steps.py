@@ -51,13 +51,23 @@ def test_plan_builds_settings_dataclasses_not_argv(tmp_path):
 
 
 def test_demo_steps_build_settings_too(tmp_path):
-    from unlearn_lens.demo import demo_settings, demo_steps
+    from unlearn_lens.demo import TESTBED_FACTS, demo_settings, demo_steps
 
-    settings = demo_settings(tmp_path, "rmu,ga,simnpo", max_samples=6)
-    steps = demo_steps(settings, None, "original")
+    settings = demo_settings(tmp_path, "rmu,ga,simnpo", "wmdp-demo", max_samples=6)
+    steps = demo_steps(settings, None, "original", "wmdp-demo")
     assert [s.id for s in steps] == ["model:smollm2", "datasets", "model:rmu", "model:ga", "model:simnpo"]
     assert all(dataclasses.is_dataclass(s.settings) and _no_argv(s.settings) for s in steps)
     assert steps[1].settings.source == "demo" and steps[1].settings.outdir == str(tmp_path / "data")
+    assert settings.base.name == "smollm2" and steps[0].settings.out == settings.base.spec
+    # the default: the planted-facts testbed, planted into SmolLM2, whose planted copy is the base
+    settings = demo_settings(tmp_path, "rmu,ga", max_samples=6)
+    steps = demo_steps(settings, None, "original")
+    assert [s.id for s in steps] == ["model:smollm2", "datasets", "plant", "model:rmu", "model:ga"]
+    assert (steps[1].settings.source, steps[1].settings.facts) == ("testbed", TESTBED_FACTS)
+    plant = steps[2].settings
+    assert (plant.model.spec, plant.data) == (steps[0].settings.out, str(tmp_path / "data"))
+    assert settings.base.name == "planted" and settings.base.spec == str(Path(plant.outdir) / "model")
+    assert all(s.settings.model == settings.base.spec for s in steps[3:])
 
 
 def test_the_lipschitz_policy_is_in_plan(tmp_path):
@@ -156,9 +166,9 @@ def test_the_demo_unlearn_config_equals_the_command(tmp_path, monkeypatch):
     """demo_steps' UnlearnConfig = `unlearn` with the demo's former flags (the preset fills the rest)."""
     from unlearn_lens.demo import demo_settings, demo_steps
 
-    settings = demo_settings(tmp_path, "rmu,npo", device="cpu", force=True)
+    settings = demo_settings(tmp_path, "rmu,npo", "wmdp-demo", device="cpu", force=True)
     data, rmu_out = settings.data_dir, tmp_path / "unlearning" / "rmu"
-    steps = {s.id: s.settings for s in demo_steps(settings, None, "original")}
+    steps = {s.id: s.settings for s in demo_steps(settings, None, "original", "wmdp-demo")}
     head = ["unlearn", "--model", settings.base.spec, "--data", data, "--device", "cpu", "--batch-size", 4,
             "--max-length", 128, "--seed", 0]
     original = _captured(monkeypatch, "unlearn_lens.unlearning.trainer", "run_unlearning",
@@ -170,6 +180,16 @@ def test_the_demo_unlearn_config_equals_the_command(tmp_path, monkeypatch):
                           [*head, "--method", "npo", "--outdir", tmp_path / "unlearning" / "npo", "--preset",
                            "reference", "--steps", 5, "--overwrite"], Path("x"))
     assert by_preset == reference["model:npo"]
+    # on the testbed, a method's own settings (RMU at layer 3, every linear map of blocks 0-3) are the demo's
+    settings = demo_settings(tmp_path, "rmu", device="cpu", force=True)
+    testbed = {s.id: s.settings for s in demo_steps(settings, None, "original")}
+    rmu = _captured(monkeypatch, "unlearn_lens.unlearning.trainer", "run_unlearning",
+                    ["unlearn", "--model", settings.base.spec, "--data", data, "--device", "cpu", "--max-length", 128,
+                     "--batch-size", 4, "--seed", 0, "--method", "rmu", "--outdir", tmp_path / "unlearning" / "rmu",
+                     "--layer-id", 3, "--steering-coeff", 100, "--alpha", 5, "--lr", 5e-4, "--lr-scheduler",
+                     "constant", "--steps", 120, "--update-layers", "0,1,2,3", "--update-roles",
+                     "q,k,v,out,up,gate,down", "--overwrite"], Path("x"))
+    assert rmu == testbed["model:rmu"] and rmu.update_layers == [0, 1, 2, 3]
 
 
 # --- the layers ----------------------------------------------------------------------------------------

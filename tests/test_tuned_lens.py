@@ -299,10 +299,10 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["chance"] == 0.25 and summary["n_questions"] == len(ITEMS)
     assert summary["letter"]["final_layer_accuracy"] == float(rows[L]["accuracy"])
-    # a finished folder is kept: a second run returns at once and changes nothing
+    # a finished folder is kept: the same command again returns at once and changes nothing
     stamp = (folder / "translators.safetensors").stat().st_mtime_ns
     main(["tuned-lens", "--model", str(tiny_model_dir), "--name", "tiny", "--data", str(data),
-          "--outdir", str(out), "--steps", "3"])
+          "--outdir", str(out), "--steps", "3", "--tokens-per-step", "32", "--max-length", "32"])
     assert (folder / "translators.safetensors").stat().st_mtime_ns == stamp
 
 

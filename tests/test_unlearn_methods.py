@@ -262,3 +262,17 @@ def test_grad_accumulation_equals_larger_batch(models, unlearn_data_dir):
         # tolerance: OPTIMISER, SGD (linear in the gradient: two micro-batches vs one batch differ
         # only in summation order, lr 0.05 x 2 steps x float32 rounding)
         torch.testing.assert_close(accumulated[name], single[name], atol=1e-6, rtol=1e-5)
+
+
+def test_stop_after_runs_the_first_steps_of_the_longer_run(models, unlearn_data_dir):
+    """--stop-after 3 of --steps 6: the same first 3 log rows as the 6-step run (its cosine LR, its data
+    order), and no more."""
+    full = run(models, unlearn_data_dir, "cb_lat", steps=6, target_layers=[1, 2], cb_variant="rr", eval_every=1)
+    cut = run(models, unlearn_data_dir, "cb_lat", steps=6, stop_after=3, target_layers=[1, 2], cb_variant="rr",
+              eval_every=1)
+    assert len(full.log) == 6 and len(cut.log) == 3 and cut.resolved["run_steps"] == 3
+    assert cut.resolved["total_steps"] == 6
+    for row_cut, row_full in zip(cut.log, full.log[:3]):  # tolerance: EXACT (the same computation)
+        assert row_cut.keys() == row_full.keys()
+        assert {k: v for k, v in row_cut.items() if v == v} == {k: v for k, v in row_full.items() if v == v}
+    assert full.log[2]["lr"] > full.log[3]["lr"]  # the schedule is the 6-step run's

@@ -106,25 +106,33 @@ def _rows(path: Path) -> list[dict]:
 @pytest.mark.parametrize("method", ["npo", "rmu", "wt_dist_reg"])
 def test_preset_original_reproduces_todays_train_log(tmp_path, method):
     """The golden logs were recorded by tests/data/unlearn_golden/record.py on the base commit
-    (405f6ab, before presets), same tiny model and data. Tolerance: relative 1e-5. The run is the
-    same float32 CPU computation in the same order (on the recording machine the files are
-    byte-identical); the slack only absorbs BLAS kernels that sum in another order on another
-    CPU, far below any change a different hyper-parameter or loss would make."""
-    model = str(save_tiny_model("gpt_neox", tmp_path / "m"))
+    (405f6ab, before presets), same tiny model and data. On the recording machine the files are
+    byte-identical. tolerance: ROUNDING (tests/float_path.py): the values after optimiser steps carry
+    the recording machine's rounding, amplified by the steps; each may move by 10x what three one-ulp
+    perturbations of the model's weights move it on this machine, and by at least 1e-5 relative,
+    far below what a different hyper-parameter or loss changes."""
+    from float_path import assert_tables_close, one_ulp_copy, read_table, spreads
+
+    model = save_tiny_model("gpt_neox", tmp_path / "m")
     data = str(write_unlearn_data(tmp_path / "d"))
+
+    def train_log(weights: Path, out: Path) -> list[list[str]]:
+        args = ["unlearn", "--model", str(weights), "--data", data, "--outdir", str(out), "--method", method,
+                "--steps", "3", "--batch-size", "2", "--max-length", "16", "--device", "cpu", "--no-progress",
+                "--lr", "1e-3", "--eval-every", "1", "--preset", "original"]
+        if method == "rmu":
+            args += ["--layer-id", "1"]
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        return read_table(out / "train_log.csv")
+
     out = tmp_path / method
-    args = ["unlearn", "--model", model, "--data", data, "--outdir", str(out), "--method", method, "--steps", "3",
-            "--batch-size", "2", "--max-length", "16", "--device", "cpu", "--no-progress", "--lr", "1e-3",
-            "--eval-every", "1", "--preset", "original"]
-    if method == "rmu":
-        args += ["--layer-id", "1"]
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
-    got, want = _rows(out / "train_log.csv"), _rows(GOLDEN / f"{method}_train_log.csv")
-    assert len(got) == len(want) == 3 and list(got[0]) == list(want[0])
-    for row_got, row_want in zip(got, want):
-        for key in row_want:
-            assert float(row_got[key]) == pytest.approx(float(row_want[key]), rel=1e-5, abs=1e-12), (key, row_got)
+    got = train_log(model, out)
+    perturbed = [train_log(one_ulp_copy(model, tmp_path / f"m{seed}", seed), tmp_path / f"{method}{seed}")
+                 for seed in range(3)]
+    want = read_table(GOLDEN / f"{method}_train_log.csv")
+    assert len(got) == len(want) == 4
+    assert_tables_close(got, want, spreads(got, perturbed), method)
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["preset"] == "original" and config["config"]["extra"]["preset_values"] == {}
 
@@ -159,6 +167,10 @@ def test_unlearn_all_applies_the_preset_per_method(neox_dir, unlearn_data_dir, t
 
 
 # --- losses against the reference code -----------------------------------------------------
+#
+# Each reference is transcribed unmodified; where the package departs from it, the transcription
+# takes the departure as a keyword (default: the reference's choice) and the test asserts the
+# size of the change on this batch (``DEVIATIONS``), then that the package equals the last link.
 
 def _batch(tokenizer, texts, max_length=None):
     tokenizer.padding_side = "right"
@@ -168,8 +180,12 @@ def _batch(tokenizer, texts, max_length=None):
 
 
 def _labels(batch):
-    """open-unlearning's labels for plain text: the ids, -100 on padding."""
-    return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    """open-unlearning's labels for plain text (src/data/utils.py preprocess_pretraining_instance,
+    the PretrainingDataset / CompletionDataset of its WMDP and MUSE runs: "never give loss on index
+    0, when prefix is empty"), padded with -100 by DataCollatorForSupervisedDataset."""
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[:, 0] = -100
+    return labels
 
 
 def _hf_loss(model, batch, labels=None):
@@ -202,30 +218,43 @@ def _compute_dpo_loss(model, ref_model, win, lose, beta):
     return -2 / beta * F.logsigmoid(beta * (win_log_ratio - lose_log_ratio)).mean()
 
 
-def _idk_pairs(tokenizer, batch, seed):
-    """TOFU/open-unlearning's IdkDPO pairs on plain text, transcribed: prompt = first half of the
-    tokens (at least one, as documented in `unlearn --help`), original continuation = lose,
-    "I don't know" line (QAwithIdkDataset: torch.randint over the list) = win; labels -100 on the prompt."""
+def _chat_instance(question_ids, answer_ids, eos_id, append_eos=True):
+    """src/data/utils.py preprocess_chat_instance without a chat template, on token ids: the prompt
+    labelled -100, the answer labelled, EOS appended when the answer does not end with it."""
+    chat_ids = question_ids + answer_ids
+    if append_eos and chat_ids[-1] != eos_id:
+        chat_ids = chat_ids + [eos_id]
+    return chat_ids, [-100] * len(question_ids) + chat_ids[len(question_ids):]
+
+
+def _collate(rows, pad_id):
+    """DataCollatorForSupervisedDataset (right padding): ids padded with the pad id, labels with -100,
+    attention_mask = ids != pad id."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    return ids, ids.ne(pad_id).long(), labels
+
+
+def _idk_pairs(tokenizer, batch, seed, append_eos=True):
+    """TOFU / open-unlearning's IdkDPO pairs (QAwithIdkDataset: the original answer = lose, an "I don't
+    know" line = win, same question) on plain text. A plain text has no question: the first half of
+    its tokens (at least one) stands in for it, the rest for the answer, and a space for the
+    template's assistant tag before the refusal (the package's pairs, documented in `unlearn --help`);
+    the refusal is drawn with a seeded generator where QAwithIdkDataset uses torch's global one.
+    ``append_eos=False``: the package's choice (both continuations stop mid-text)."""
     lines = Path(__file__).parent.joinpath("data", "tofu_idontknow_head.txt").read_text().splitlines()
     generator = torch.Generator().manual_seed(seed)
-    wins, win_labels = [], []
-    lose_labels = _labels(batch).clone()
+    wins, loses = [], []
     for i in range(batch["input_ids"].shape[0]):
         n = int(batch["attention_mask"][i].sum())
-        prompt_len = max(1, n // 2)
-        lose_labels[i, :prompt_len] = -100
+        ids = batch["input_ids"][i, :n].tolist()
+        question, answer = ids[:max(1, n // 2)], ids[max(1, n // 2):]
         idk = lines[int(torch.randint(0, len(lines), (1,), generator=generator).item())].strip()
-        answer = tokenizer(" " + idk, add_special_tokens=False)["input_ids"]
-        prompt = batch["input_ids"][i, :prompt_len].tolist()
-        wins.append(prompt + answer)
-        win_labels.append([-100] * prompt_len + answer)
-    width = max(map(len, wins))
-    pad = tokenizer.pad_token_id
-    win_ids = torch.tensor([w + [pad] * (width - len(w)) for w in wins])
-    win_mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in wins])
-    win_lab = torch.tensor([w + [-100] * (width - len(w)) for w in win_labels])
-    return ((win_ids, win_mask, win_lab),
-            (batch["input_ids"], batch["attention_mask"], lose_labels))
+        refusal = tokenizer(" " + idk, add_special_tokens=False)["input_ids"]
+        wins.append(_chat_instance(question, refusal, tokenizer.eos_token_id, append_eos))
+        loses.append(_chat_instance(question, answer, tokenizer.eos_token_id, append_eos))
+    return _collate(wins, tokenizer.pad_token_id), _collate(loses, tokenizer.pad_token_id)
 
 
 def _block_output(model, layer, batch):
@@ -241,7 +270,15 @@ def _block_output(model, layer, batch):
     return cache[0]
 
 
-def _reference_loss(method, cfg, model, frozen, tokenizer, forget, retain, control=None):
+def _masked_mse(hidden, target, mask):
+    """The package's choice for RMU: the squared error averaged over real tokens only."""
+    per_token = (hidden - target).pow(2).mean(-1)
+    return (per_token * mask).sum() / mask.sum()
+
+
+def _reference_loss(method, cfg, model, frozen, tokenizer, forget, retain, control=None, package=False):
+    """The reference's loss; ``package=True`` switches the documented deviation (rmu: the MSE over
+    real tokens instead of every position; dpo: no EOS after the continuations)."""
     gamma, alpha = cfg.forget_weight, 1.0  # open-unlearning gamma (forget) and alpha (retain NLL)
     if method == "ga_simple":  # GradAscent
         return -_hf_loss(model, forget)
@@ -252,21 +289,21 @@ def _reference_loss(method, cfg, model, frozen, tokenizer, forget, retain, contr
         return gamma * _compute_dpo_loss(model, frozen, None, lose, cfg.beta) + alpha * _hf_loss(model, retain)
     if method == "simnpo":
         labels = _labels(forget)
-        labels[:, 0] = -100  # the first token is never predicted (see the README's deviation note)
         loss_mask = labels != -100
         forget_loss = _compute_batch_nll(model, forget["input_ids"], forget["attention_mask"], labels)
         forget_loss = forget_loss / loss_mask.sum(-1) - 0.0  # delta 0
         forget_loss = -F.logsigmoid(cfg.beta * forget_loss).mean() * 2 / cfg.beta
         return gamma * forget_loss + alpha * _hf_loss(model, retain)
     if method == "dpo":
-        win, lose = _idk_pairs(tokenizer, forget, cfg.seed)
+        win, lose = _idk_pairs(tokenizer, forget, cfg.seed, append_eos=not package)
         return gamma * _compute_dpo_loss(model, frozen, win, lose, cfg.beta) + alpha * _hf_loss(model, retain)
-    if method == "rmu":  # WMDP rmu/unlearn.py: MSE over every position (batches here have no padding)
+    if method == "rmu":  # WMDP rmu/unlearn.py: F.mse_loss over every position of the padded batch
         layer = cfg.layer_id
-        unlearn_loss = F.mse_loss(_block_output(model, layer, forget), control)
+        mse = _masked_mse if package else (lambda h, t, mask: F.mse_loss(h, t.expand_as(h)))
+        unlearn_loss = mse(_block_output(model, layer, forget), control, forget["attention_mask"])
         with torch.no_grad():
             frozen_retain = _block_output(frozen, layer, retain)
-        retain_loss = F.mse_loss(_block_output(model, layer, retain), frozen_retain) * cfg.alpha
+        retain_loss = mse(_block_output(model, layer, retain), frozen_retain, retain["attention_mask"]) * cfg.alpha
         return unlearn_loss + retain_loss
     if method == "wt_dist":  # retain fine-tuning (the noise is added before training)
         return _hf_loss(model, retain)
@@ -278,9 +315,23 @@ def _reference_loss(method, cfg, model, frozen, tokenizer, forget, retain, contr
     raise AssertionError(method)
 
 
+#: the change of the one documented deviation, (package's choice) - (reference), on this batch
+#: (tiny float64 Llama, the forget texts 0-2 and retain texts 1-3 right-padded); every other method
+#: and preset equals its transcription. rmu: the reference averages the squared error over padded
+#: positions too (the padded forget activations against the control vector count), the package over
+#: real tokens; dpo: open-unlearning appends EOS to both answers (preprocess_chat_instance), the
+#: package's plain-text continuations stop mid-text.
+DEVIATIONS = {
+    ("rmu", "original"): {"mean over real tokens": 0.00148356202},
+    ("rmu", "reference"): {"mean over real tokens": 0.00233438636},
+    ("dpo", "original"): {"no EOS after the continuations": -0.0296603879},
+    ("dpo", "reference"): {"no EOS after the continuations": -0.0296603879},
+}
+
+
 @pytest.mark.parametrize("preset", ["original", "reference"])
 @pytest.mark.parametrize("method", MINE)
-def test_loss_equals_reference_transcription(method, preset):
+def test_loss_against_the_unmodified_reference(method, preset):
     from unlearn_lens.architectures import ArchitectureAdapter
     from unlearn_lens.unlearning import methods as M
 
@@ -291,12 +342,8 @@ def test_loss_equals_reference_transcription(method, preset):
     cfg.apply_preset(set())
     adapter = ArchitectureAdapter(model)
     cfg.resolve_layers(adapter.num_layers)
-    if method == "rmu":  # equal token counts: WMDP's MSE runs over every position, padding included
-        forget, retain = _batch(tokenizer, UNLEARN_FORGET[:3], 8), _batch(tokenizer, UNLEARN_RETAIN[:3], 8)
-        assert bool(forget["attention_mask"].all()) and bool(retain["attention_mask"].all())
-    else:
-        forget, retain = _batch(tokenizer, UNLEARN_FORGET[:3]), _batch(tokenizer, UNLEARN_RETAIN[1:4])
-        assert not bool(forget["attention_mask"].all())  # padding is exercised
+    forget, retain = _batch(tokenizer, UNLEARN_FORGET[:3]), _batch(tokenizer, UNLEARN_RETAIN[1:4])
+    assert not bool(forget["attention_mask"].all()) and not bool(retain["attention_mask"].all())  # padding
     ctx = M.MethodContext(cfg, model, adapter, total_steps=4, reference=M.Reference(frozen, ArchitectureAdapter(frozen)),
                           plain_model=model, hidden_size=model.config.hidden_size, early_stop=True, tokenizer=tokenizer)
     method_obj = M.build_method(ctx)  # before training: wt_dist_reg snapshots the pretrained weights here
@@ -309,8 +356,17 @@ def test_loss_equals_reference_transcription(method, preset):
     if method == "rmu":
         control = method_obj.targets[cfg.layer_id]  # random draw of the package; its norm is the coefficient
         assert float(control.norm()) == pytest.approx(cfg.steering_coeff, rel=1e-6) and float(control.min()) >= 0
-    theirs = _reference_loss(method, cfg, model, frozen, tokenizer, forget, retain, control)
-    assert ours.dtype == torch.float64 and abs(float(ours) - float(theirs)) <= 1e-6, (float(ours), float(theirs))
+    args = (method, cfg, model, frozen, tokenizer, forget, retain, control)
+    theirs = _reference_loss(*args)
+    assert ours.dtype == torch.float64
+    deviation = DEVIATIONS.get((method, preset))
+    if deviation is None:  # the package follows the reference here
+        assert abs(float(ours) - float(theirs)) <= 1e-6, (float(ours), float(theirs))
+        return
+    (name, size), = deviation.items()
+    switched = _reference_loss(*args, package=True)
+    assert float(switched) - float(theirs) == pytest.approx(size, rel=1e-6, abs=1e-9), (name, float(switched) - float(theirs))
+    assert abs(float(ours) - float(switched)) <= 1e-6, (float(ours), float(switched))
 
 
 def test_dpo_pairs_split_half_and_refusals_are_seeded():
@@ -339,14 +395,15 @@ def test_dpo_pairs_split_half_and_refusals_are_seeded():
 def test_demo_passes_the_preset_instead_of_its_method_flags(tmp_path):
     from unlearn_lens.demo import demo_settings, demo_steps
 
-    settings = demo_settings(tmp_path, "rmu,npo", device="cpu", max_samples=5, max_length=64, batch_size=2,
+    source = "wmdp-demo"  # the demo's settings below are the WMDP-style set's (the testbed's: tests/test_steps.py)
+    settings = demo_settings(tmp_path, "rmu,npo", source, device="cpu", max_samples=5, max_length=64, batch_size=2,
                              force=False, skip=frozenset(), empirical_rank=False, workers=None, lipschitz_samples=1,
                              tuned_lens_steps=1, tuned_lens_tokens=1, relearn=False)
 
-    rmu, npo = (step.settings for step in demo_steps(settings, 5, "reference")[2:])
+    rmu, npo = (step.settings for step in demo_steps(settings, 5, "reference", source)[2:])
     assert rmu.preset == "reference" and (rmu.lr, rmu.alpha) == (5e-5, 1200.0)  # the preset's, not the demo's
     assert rmu.steps == 5 and npo.steps == 5
-    original = demo_steps(settings, None, "original")[2].settings
+    original = demo_steps(settings, None, "original", source)[2].settings
     assert original.preset == "default" and (original.lr, original.alpha, original.steps) == (1e-3, 100.0, 20)
 
 

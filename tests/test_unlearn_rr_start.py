@@ -28,8 +28,10 @@ def _grads(deviation: float):
 
 def test_rr_rerouting_gradient_vanishes_at_the_start_and_grows_with_the_deviation():
     small, large = _grads(1e-3)[0], _grads(1e-2)[0]
-    # cos(h, h) = 1 is the maximum: zero gradient up to float32 rounding (4e-10 here, which Adam
-    # normalises into a first step of about the learning rate)
+    # cos(h, h) = 1 is the maximum: zero gradient up to float32 rounding (4e-10 here). Adam does not
+    # normalise such a gradient into a step of about the learning rate: its step lr g / (|g| + eps) is
+    # lr |g| / eps for |g| far below eps 1e-8 (SmolLM2's cb reference start: 1.3e-11 RMS per weight,
+    # a first step of 0.0014 lr RMS; tests/data/unlearn_measurements/cb_first_adam_step.py)
     assert _grads(0.0)[0] < 1e-3 * large
     assert small > 0 and large / small == pytest.approx(10.0, rel=1e-2)  # linear in the deviation
     # a deviation of 1 on activations of norm ~80: the retain term's gradient is ~800x the rerouting one's

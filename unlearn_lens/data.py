@@ -19,10 +19,9 @@ from typing import Iterable, Sequence
 
 from unlearn_lens.core.atomic import atomic_write_text
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.data_files import (DEMO_DIR, FILES, MANIFEST, RETAIN_MCQ_FILE, files_hash,  # noqa: F401 (data's names)
+                                     sha256)
 
-FILES = {"forget": "forget.txt", "retain": "retain.txt", "wmdp": "wmdp_mcq.jsonl"}
-MANIFEST = "manifest.json"
-DEMO_DIR = Path(__file__).with_name("demo_data")
 
 WMDP_HUB = ("cais/wmdp", "wmdp-bio", "test")
 WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1", "train")
@@ -40,6 +39,11 @@ class MCQItem:
 
 
 # --- reading -------------------------------------------------------------------------------
+
+def read_lines(path: Path) -> list[str]:
+    """The non-empty lines of a text file, stripped; one-line errors for a missing or non-UTF-8 file."""
+    return _read_lines(path)
+
 
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
@@ -74,9 +78,9 @@ def _parse_item(record: dict, where: str) -> MCQItem:
     return MCQItem(str(record.get("id", _question_id(question))), question, choices, answer)
 
 
-def read_mcq(data_dir: str | Path) -> list[MCQItem]:
-    """The held-out evaluation questions of ``wmdp_mcq.jsonl``."""
-    path = Path(data_dir) / FILES["wmdp"]
+def read_mcq(data_dir: str | Path, filename: str = FILES["wmdp"]) -> list[MCQItem]:
+    """The held-out evaluation questions of ``wmdp_mcq.jsonl`` (or of another question file)."""
+    path = Path(data_dir) / filename
     items = []
     for number, line in enumerate(_read_lines(path), start=1):
         try:
@@ -89,17 +93,17 @@ def read_mcq(data_dir: str | Path) -> list[MCQItem]:
     return items
 
 
+def read_retain_mcq(data_dir: str | Path) -> list[MCQItem]:
+    """The retain-set questions of ``retain_mcq.jsonl``; none when the data set has no such file."""
+    return read_mcq(data_dir, RETAIN_MCQ_FILE) if (Path(data_dir) / RETAIN_MCQ_FILE).is_file() else []
+
+
 def read_manifest(data_dir: str | Path) -> dict:
     """The manifest of a data directory (``hash`` identifies the exact content)."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise UserError(f"{data_dir}: no {MANIFEST}; create the data with `unlearn-lens datasets create`")
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def files_hash(files: dict[str, str]) -> str:
-    """The content hash of a data directory from its files' SHA-256 (what ``manifest.json`` holds)."""
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def data_hash(data_dir: str | Path, echo=None) -> str:
@@ -112,7 +116,7 @@ def data_hash(data_dir: str | Path, echo=None) -> str:
     if not present:
         raise UserError(f"{data_dir}: none of {', '.join(FILES.values())} (create the data with "
                         "`unlearn-lens datasets create`, or write your own forget.txt, retain.txt, wmdp_mcq.jsonl)")
-    digest = files_hash({name: _sha256(Path(data_dir) / name) for name in present})
+    digest = files_hash({name: sha256(Path(data_dir) / name) for name in present})
     (echo or (lambda line: print(line, file=sys.stderr)))(
         f"{data_dir}: no {MANIFEST}; data hash {digest[:12]} is the SHA-256 of {', '.join(present)}")
     return digest
@@ -221,10 +225,6 @@ def _collect_sources(source: str, source_dir: Path | None, forget_corpus: bool):
     return mcq, retain, forget, sources
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def create_datasets(
     outdir: str | Path,
     *,
@@ -269,7 +269,7 @@ def create_datasets(
     atomic_write_text(outdir / FILES["wmdp"], "".join(
         json.dumps({"id": it.id, "question": it.question, "choices": list(it.choices), "answer": it.answer}) + "\n"
         for it in evaluation))
-    files = {name: _sha256(outdir / name) for name in FILES.values()}
+    files = {name: sha256(outdir / name) for name in FILES.values()}
     manifest = {
         "format": 1,
         "source": source,
@@ -291,16 +291,23 @@ class DatasetSettings:
     """Everything ``run_datasets`` needs (the `datasets create` command's flags)."""
 
     outdir: str
-    source: str = "hub"  # hub, local (from source_dir) or demo (built in, offline)
+    source: str = "hub"  # hub, local (from source_dir), demo (built in, offline) or testbed (planted facts)
     source_dir: str | None = None
     eval_fraction: float = 0.5
     seed: int = 0
     forget_corpus: bool = False
     max_retain: int | None = None
+    facts: int | None = None  # source "testbed": this many fictitious entities (unlearn_lens/testbed.py)
 
 
 def run_datasets(settings: DatasetSettings) -> dict:
     """Write the data sets of ``settings``; returns the manifest."""
     s = settings
+    if s.source == "testbed":
+        from unlearn_lens.testbed import create_testbed
+
+        if s.facts is None:
+            raise UserError("the planted-facts testbed needs --facts N")
+        return create_testbed(s.outdir, s.facts, s.seed)
     return create_datasets(s.outdir, source=s.source, source_dir=s.source_dir, eval_fraction=s.eval_fraction,
                            seed=s.seed, forget_corpus=s.forget_corpus, max_retain=s.max_retain)

@@ -28,7 +28,7 @@ from unlearn_lens.core import outputs
 from unlearn_lens.core.atomic import atomic_write_text
 
 #: Bump when ``evaluation.evaluate`` changes what it computes: every stored result then misses.
-MEMO_VERSION = 1
+MEMO_VERSION = 3  # 2: results carry their per-item values (analyses.uncertainty.PER_ITEM); 3: retain-set questions
 
 
 def checkpoint_fingerprint(spec: str) -> list | None:
@@ -54,12 +54,19 @@ def texts_hash(texts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest()
 
 
-def data_identity(forget: Sequence[str], retain: Sequence[str], items: Sequence) -> dict:
-    """Hashes of the measured texts and questions (id, question, choices, answer)."""
+def _items_hash(items: Sequence) -> str:
     questions = [[str(i.id), i.question, list(i.choices), int(i.answer)] for i in items]
-    return {"forget": texts_hash(forget), "retain": texts_hash(retain),
-            "items": hashlib.sha256(json.dumps(questions, ensure_ascii=False).encode()).hexdigest(),
-            "counts": [len(forget), len(retain), len(items)]}
+    return hashlib.sha256(json.dumps(questions, ensure_ascii=False).encode()).hexdigest()
+
+
+def data_identity(forget: Sequence[str], retain: Sequence[str], items: Sequence, retain_items: Sequence = ()) -> dict:
+    """Hashes of the measured texts and questions (id, question, choices, answer); retain-set questions,
+    where there are any, too."""
+    identity = {"forget": texts_hash(forget), "retain": texts_hash(retain), "items": _items_hash(items),
+                "counts": [len(forget), len(retain), len(items)]}
+    if retain_items:
+        identity["retain_items"] = _items_hash(retain_items)
+    return identity
 
 
 def resolve_device(device: str) -> str:
@@ -132,11 +139,17 @@ class EvalMemo:
         """``get`` for model ``spec`` (at ``revision``) evaluated on ``data`` (``forget``, ``retain``,
         ``items``) with ``settings`` (``eval_settings``): the keys every caller builds the same way."""
         return self.get(what, model_identity(spec, revision), transform,
-                        data_identity(data.forget, data.retain, data.items), settings, compute)
+                        data_identity(data.forget, data.retain, data.items, getattr(data, "retain_items", ())),
+                        settings, compute)
 
 
 def _plain(value: Any) -> Any:
-    """A JSON-ready value: ints and strings as they are, other numbers as floats (NaN stays NaN)."""
+    """A JSON-ready value: ints and strings as they are, other numbers as floats (NaN stays NaN),
+    lists and dicts (the per-item results) element by element."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     return float(value)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unlearn_lens.core import outputs
-from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.identity import inputs_record
+from unlearn_lens.core.limits import check_counts
 from unlearn_lens.core.outputs import check_model_name, default_name
 from unlearn_lens.core.settings import DEFAULT_MAX_LENGTH, Compute, ModelRef
 from unlearn_lens.relearn import EVAL_METRICS, evaluate_data, load_eval_data, load_for_eval, settings_record
@@ -45,14 +46,12 @@ def run_eval(settings: EvalSettings) -> Path:
     data_dir, outdir, name, max_samples, max_length = s.data, s.outdir, s.name, s.max_samples, s.max_length
     device, dtype, batch_size, overwrite = s.compute.device, s.compute.dtype, s.compute.batch_size, s.overwrite
     name = check_model_name(name or default_name(model_spec))
-    if max_samples is not None and max_samples < 1:
-        raise UserError(f"--max-samples must be at least 1, got {max_samples}")
-    if batch_size < 1 or max_length < 2:
-        raise UserError("--batch-size must be at least 1 and --max-length at least 2")
+    check_counts(max_samples=max_samples, batch_size=batch_size, max_length=max_length)
     folder = outputs.model_dir(outdir, name) / outputs.EVALUATION
-    if is_complete(folder) and not overwrite:
+    inputs = inputs_record(models=[("model", model_spec, revision)], data=data_dir, settings=settings)
+    if is_complete(folder, inputs) and not overwrite:
         return folder
-    data = load_eval_data(data_dir, max_samples)
+    data = load_eval_data(data_dir, max_samples, retain_questions=True)
     contaminated = warn_if_contaminated(data.all_forget, data.items)
     model, tokenizer = load_for_eval(model_spec, revision, dtype, device, trust_remote_code)
     metrics = evaluate_data(model, tokenizer, data, max_length, batch_size)
@@ -70,6 +69,7 @@ def run_eval(settings: EvalSettings) -> Path:
                           "(fixed content-hash split; the other half is the relearning attack pool)",
             "retain_nll": "the same over the measurement half of retain.txt; retain_ppl = exp(retain_nll)",
             "letter_accuracy": "lm-eval wmdp_bio zero-shot: argmax of the ' A'..' D' logits after 'Answer:'",
-            "cloze_accuracy": "argmax over choices of the mean log-probability of the choice's tokens"}})
-    mark_complete(folder, {"step": "eval"})
+            "cloze_accuracy": "argmax over choices of the mean log-probability of the choice's tokens",
+            "retain_cloze_accuracy": "cloze accuracy on the retain-set questions (retain_mcq.jsonl; NaN without it)"}})
+    mark_complete(folder, {"step": "eval"}, inputs)
     return folder

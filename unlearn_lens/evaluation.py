@@ -1,5 +1,8 @@
 """Forget / retain NLL and WMDP multiple-choice accuracy (letter and cloze scoring) of one model.
 
+Where the data has questions about the retain set too (``retain_mcq.jsonl``, the planted-facts
+testbed's entities B), their cloze accuracy is reported beside (``retain_cloze_accuracy``).
+
 ``letter`` is lm-eval-harness's ``wmdp_bio`` zero-shot scoring: the argmax over the logits of
 " A".." D" at the last token of the letter prompt. ``cloze`` is the argmax over choices of the
 mean log-probability of each choice's tokens given the question. Both encode prompts without
@@ -15,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from analyses.uncertainty import PER_ITEM  # per-item results, what the intervals resample
 from unlearn_lens import prompts
 from unlearn_lens.core.settings import DEFAULT_MAX_LENGTH
 
@@ -44,23 +48,41 @@ def _logprobs(model, ids, mask) -> torch.Tensor:
 
 
 @torch.no_grad()
-def nll_sums(model, tokenizer, texts: Sequence[str], *, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 8,
-             device=None) -> tuple[float, int]:
-    """Summed next-token NLL and number of predicted tokens over ``texts``."""
+def nll_per_text(model, tokenizer, texts: Sequence[str], *, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 8,
+                 device=None) -> tuple[float, int, list[float], list[int]]:
+    """Summed next-token NLL and predicted tokens over ``texts``, in total and per text.
+
+    Returns ``(total, count, sums, counts)``; a text of fewer than two tokens predicts nothing
+    (sum 0, count 0). ``total`` is summed batch by batch, as it always was, so the mean NLL does
+    not depend on whether the per-text values are asked for.
+    """
     device = _device_of(model, device)
     total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     for start in range(0, len(texts), batch_size):
         encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
                    for text in texts[start:start + batch_size]]
-        encoded = [e for e in encoded if len(e) > 1]
-        if not encoded:
-            continue
-        ids, mask = _pad(encoded, _pad_id(tokenizer), device)
-        logprobs = _logprobs(model, ids, mask)
-        picked = logprobs[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        valid = mask[:, 1:].bool()
-        total -= float(picked[valid].sum())
-        count += int(valid.sum())
+        kept = [e for e in encoded if len(e) > 1]
+        batch_sums: list[float] = []
+        if kept:
+            ids, mask = _pad(kept, _pad_id(tokenizer), device)
+            logprobs = _logprobs(model, ids, mask)
+            picked = logprobs[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            valid = mask[:, 1:].bool()
+            total -= float(picked[valid].sum())
+            count += int(valid.sum())
+            batch_sums = (-picked.masked_fill(~valid, 0.0).sum(1)).tolist()
+        row = iter(batch_sums)
+        for e in encoded:
+            sums.append(float(next(row)) if len(e) > 1 else 0.0)
+            counts.append(len(e) - 1 if len(e) > 1 else 0)
+    return total, count, sums, counts
+
+
+def nll_sums(model, tokenizer, texts: Sequence[str], **kwargs) -> tuple[float, int]:
+    """Summed next-token NLL and number of predicted tokens over ``texts``."""
+    total, count, _, _ = nll_per_text(model, tokenizer, texts, **kwargs)
     return total, count
 
 
@@ -89,22 +111,24 @@ def letter_scores(model, tokenizer, items, *, max_length: int = 2048, batch_size
     return torch.cat(rows) if rows else torch.empty(0, len(prompts.LETTERS))
 
 
-@torch.no_grad()
-def cloze_scores(model, tokenizer, items, *, max_length: int = 2048, batch_size: int = 8,
-                 device=None) -> list[list[float]]:
-    """Per item, the mean log-probability of each choice's tokens given the cloze context."""
-    device = _device_of(model, device)
+def _encode_cloze(tokenizer, items) -> list[tuple[list[int], list[list[int]]]]:
+    """Per item, (context ids, each choice's continuation ids)."""
+    return [(prompts.encode_prompt(tokenizer, prompts.cloze_context(item.question)),
+             [prompts.encode_prompt(tokenizer, c) for c in prompts.cloze_continuations(item.choices)])
+            for item in items]
+
+
+def _per_choice_scores(model, encoded, pad_id: int, max_length: int, batch_size: int, device) -> list[list[float]]:
+    """Cloze scores with one forward pass per (question, choice): context + continuation, right-padded."""
     pairs = []  # (item index, context ids, continuation ids)
-    for index, item in enumerate(items):
-        context = prompts.encode_prompt(tokenizer, prompts.cloze_context(item.question))
-        for continuation in prompts.cloze_continuations(item.choices):
-            cont = prompts.encode_prompt(tokenizer, continuation)
+    for index, (context, continuations) in enumerate(encoded):
+        for cont in continuations:
             keep = max(1, max_length - len(cont))
             pairs.append((index, context[-keep:], cont))
-    scores: list[list[float]] = [[] for _ in items]
+    scores: list[list[float]] = [[] for _ in encoded]
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        ids, mask = _pad([c + k for _, c, k in chunk], _pad_id(tokenizer), device)
+        ids, mask = _pad([c + k for _, c, k in chunk], pad_id, device)
         logprobs = _logprobs(model, ids, mask)
         for row, (index, context, cont) in enumerate(chunk):
             positions = torch.arange(len(context) - 1, len(context) + len(cont) - 1, device=device)
@@ -113,30 +137,123 @@ def cloze_scores(model, tokenizer, items, *, max_length: int = 2048, batch_size:
     return scores
 
 
-def letter_accuracy(model, tokenizer, items, **kwargs) -> float:
+def _shared_context_scores(model, encoded, pad_id: int, batch_size: int, device) -> list[list[float]]:
+    """The same scores with each question's context computed once: the contexts (left-padded, explicit
+    positions) fill a KV cache, repeated once per choice, and only the continuations run again. The
+    first continuation token is read from the context's last logits, so single-token choices need no
+    second pass. Equal to ``_per_choice_scores`` up to float summation order."""
+    scores: list[list[float]] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        n_choices = len(chunk[0][1])
+        width = max(len(context) for context, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (context, _) in enumerate(chunk):
+            ids[row, width - len(context):] = torch.tensor(context, dtype=torch.long)
+            mask[row, width - len(context):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(n_choices, 0)
+        cache_name = _cache_argument(model)
+        conts = [cont for _, continuations in chunk for cont in continuations]
+        rest = max(len(cont) for cont in conts) - 1
+        later = None
+        if rest > 0:  # continuation tokens after the first are fed, each predicting the next
+            cache = getattr(out, cache_name)
+            cache.batch_repeat_interleave(n_choices)
+            cont_ids = torch.full((len(conts), rest), pad_id, dtype=torch.long)
+            cont_mask = torch.zeros((len(conts), rest), dtype=torch.long)
+            for row, cont in enumerate(conts):
+                cont_ids[row, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                cont_mask[row, :len(cont) - 1] = 1
+            cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
+            cont_positions = mask.sum(-1).repeat_interleave(n_choices)[:, None] + torch.arange(rest, device=device)
+            full_mask = torch.cat([mask.repeat_interleave(n_choices, 0), cont_mask], -1)
+            logits = model(input_ids=cont_ids, attention_mask=full_mask, position_ids=cont_positions,
+                           use_cache=True, **{cache_name: cache}).logits
+            later = torch.log_softmax(logits.float(), dim=-1)
+        for row, cont in enumerate(conts):
+            values = [float(first[row, cont[0]])]
+            values += [float(later[row, j, token]) for j, token in enumerate(cont[1:])] if later is not None else []
+            if row % n_choices == 0:
+                scores.append([])
+            scores[-1].append(sum(values) / len(values))
+    return scores
+
+
+def _cache_argument(model) -> str:
+    """The name under which this transformers version passes (and returns) the KV cache."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _caches(model) -> bool:
+    """Whether ``model`` is a transformers model that can carry a KV cache (the shared-context path)."""
+    from transformers import PreTrainedModel
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return isinstance(base, PreTrainedModel) and bool(getattr(base.config, "use_cache", True))
+
+
+@torch.no_grad()
+def cloze_scores(model, tokenizer, items, *, max_length: int = 2048, batch_size: int = 8,
+                 device=None) -> list[list[float]]:
+    """Per item, the mean log-probability of each choice's tokens given the cloze context.
+
+    A transformers model computes each question's context once (``batch_size`` questions per pass,
+    ``_shared_context_scores``); any other callable, or a context + choice longer than
+    ``max_length`` (cut from the left), runs one pass per choice (``batch_size`` pairs per pass).
+    """
+    device = _device_of(model, device)
+    encoded = _encode_cloze(tokenizer, items)
+    if not encoded:
+        return []
+    fits = all(len(context) + len(cont) <= max_length for context, conts in encoded for cont in conts)
+    if fits and _caches(model) and len({len(conts) for _, conts in encoded}) == 1:
+        return _shared_context_scores(model, encoded, _pad_id(tokenizer), batch_size, device)
+    return _per_choice_scores(model, encoded, _pad_id(tokenizer), max_length, batch_size, device)
+
+
+def letter_correct(model, tokenizer, items, **kwargs) -> list[int]:
+    """Per item, 1 where the highest answer-letter logit is the correct answer's, else 0."""
     if not items:
-        return float("nan")
+        return []
     scores = letter_scores(model, tokenizer, items, **kwargs)
     answers = torch.tensor([item.answer for item in items])
-    return float((scores.argmax(-1) == answers).float().mean())
+    return [int(v) for v in (scores.argmax(-1) == answers).tolist()]
+
+
+def cloze_correct(model, tokenizer, items, **kwargs) -> list[int]:
+    """Per item, 1 where the correct choice has the highest mean log-probability, else 0."""
+    scores = cloze_scores(model, tokenizer, items, **kwargs) if items else []
+    return [int(max(range(len(s)), key=s.__getitem__) == item.answer) for s, item in zip(scores, items)]
+
+
+def _share(correct: Sequence[int]) -> float:
+    return sum(correct) / len(correct) if correct else float("nan")
+
+
+def letter_accuracy(model, tokenizer, items, **kwargs) -> float:
+    return _share(letter_correct(model, tokenizer, items, **kwargs))
 
 
 def cloze_accuracy(model, tokenizer, items, **kwargs) -> float:
-    if not items:
-        return float("nan")
-    scores = cloze_scores(model, tokenizer, items, **kwargs)
-    correct = [max(range(len(s)), key=s.__getitem__) == item.answer for s, item in zip(scores, items)]
-    return sum(correct) / len(correct)
+    return _share(cloze_correct(model, tokenizer, items, **kwargs))
 
 
 def evaluate(model, tokenizer, data_dir: str | Path | None = None, *, forget_texts: Sequence[str] | None = None,
-             retain_texts: Sequence[str] | None = None, mcq_items=None, max_length: int = DEFAULT_MAX_LENGTH,
-             batch_size: int = 8, device=None) -> dict:
-    """Forget NLL, retain NLL / perplexity, letter and cloze WMDP accuracy of ``model``.
+             retain_texts: Sequence[str] | None = None, mcq_items=None, retain_mcq_items=None,
+             max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 8, device=None) -> dict:
+    """Forget NLL, retain NLL / perplexity, letter and cloze WMDP accuracy of ``model``, and the cloze
+    accuracy on retain-set questions (``retain_cloze_accuracy``, NaN without any).
 
     Texts and questions come from the arguments, or else from ``data_dir`` (forget.txt,
-    retain.txt, wmdp_mcq.jsonl; a missing question file gives NaN accuracies). Runs in eval
-    mode without gradients and restores the model's previous mode.
+    retain.txt, wmdp_mcq.jsonl, retain_mcq.jsonl; a missing question file gives NaN accuracies).
+    Runs in eval mode without gradients and restores the model's previous mode.
     """
     from unlearn_lens import data as data_module
 
@@ -145,23 +262,37 @@ def evaluate(model, tokenizer, data_dir: str | Path | None = None, *, forget_tex
         retain_texts = data_module.read_texts(data_dir, "retain") if retain_texts is None else retain_texts
         if mcq_items is None and (Path(data_dir) / data_module.FILES["wmdp"]).is_file():
             mcq_items = data_module.read_mcq(data_dir)
+        if retain_mcq_items is None:
+            retain_mcq_items = data_module.read_retain_mcq(data_dir)
     was_training = model.training
     model.eval()
     try:
         options = {"max_length": max_length, "batch_size": batch_size, "device": device}
-        forget_nll = mean_token_nll(model, tokenizer, list(forget_texts or []), **options)
-        retain_nll = mean_token_nll(model, tokenizer, list(retain_texts or []), **options)
+        per_item: dict[str, dict[str, list]] = {}
+        nlls = {}
+        for metric, texts in (("forget_nll", forget_texts), ("retain_nll", retain_texts)):
+            total, count, sums, counts = nll_per_text(model, tokenizer, list(texts or []), **options)
+            nlls[metric] = total / count if count else float("nan")
+            per_item[metric] = {"sum": sums, "count": counts}
         items = list(mcq_items or [])
         mcq_options = {"batch_size": batch_size, "device": device}
+        per_item["letter_accuracy"] = {"correct": letter_correct(model, tokenizer, items, **mcq_options)}
+        per_item["cloze_accuracy"] = {"correct": cloze_correct(model, tokenizer, items, **mcq_options)}
+        retain_items = list(retain_mcq_items or [])
+        per_item["retain_cloze_accuracy"] = {"correct": cloze_correct(model, tokenizer, retain_items, **mcq_options)}
+        retain_nll = nlls["retain_nll"]
         result = {
-            "forget_nll": forget_nll,
+            "forget_nll": nlls["forget_nll"],
             "retain_nll": retain_nll,
             "retain_ppl": math.exp(retain_nll) if retain_nll == retain_nll else float("nan"),
-            "letter_accuracy": letter_accuracy(model, tokenizer, items, **mcq_options),
-            "cloze_accuracy": cloze_accuracy(model, tokenizer, items, **mcq_options),
+            "letter_accuracy": _share(per_item["letter_accuracy"]["correct"]),
+            "cloze_accuracy": _share(per_item["cloze_accuracy"]["correct"]),
+            "retain_cloze_accuracy": _share(per_item["retain_cloze_accuracy"]["correct"]),
             "n_forget_texts": len(forget_texts or []),
             "n_retain_texts": len(retain_texts or []),
             "n_questions": len(items),
+            "n_retain_questions": len(retain_items),
+            PER_ITEM: per_item,
         }
     finally:
         model.train(was_training)

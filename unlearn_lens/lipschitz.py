@@ -29,6 +29,8 @@ import numpy as np
 
 from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.identity import inputs_record
+from unlearn_lens.core.limits import check_at_least, check_counts
 from unlearn_lens.core.settings import DEFAULT_SEED, SHORT_MAX_LENGTH, Compute, ModelRef
 
 #: ``forward(inputs_embeds (B,T,d), attention_mask (B,T)) -> (hidden (B,T,h), logits (B,T,V))``
@@ -316,14 +318,8 @@ def validate_options(*, eps_values: Sequence[float], n_perturb: int, batch_size:
     bad = [eps for eps in eps_values if not (eps > 0 and math.isfinite(eps))]
     if bad:
         raise UserError(f"--eps values must be positive and finite, got {', '.join(map(str, bad))}")
-    if n_perturb < 2:
-        raise UserError(f"--n-perturb must be at least 2 (the output variance needs two draws), got {n_perturb}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if max_length < 2:
-        raise UserError(f"--max-length must be at least 2 (the NLL gradient needs a next token), got {max_length}")
-    if max_samples is not None and max_samples < 1:
-        raise UserError(f"--max-samples must be at least 1, got {max_samples}")
+    check_at_least("--n-perturb", n_perturb, 2, "the output variance needs two draws")
+    check_counts(batch_size=batch_size, max_length=max_length, max_samples=max_samples)
 
 
 def model_rows(spec: str, name: str, texts: dict[str, list[str]], *, eps_values: Sequence[float],
@@ -427,7 +423,9 @@ def run_lipschitz(settings: LipschitzSettings) -> Path:
     if name_a == name_b:
         raise UserError(f"--name-a and --name-b are both {name_a!r}; give the models different names")
     folder = outputs.comparison_dir(outdir, name_a, name_b) / outputs.LIPSCHITZ
-    if is_complete(folder) and not overwrite:
+    inputs = inputs_record(models=[("model_a", model_a, revision_a), ("model_b", model_b, revision_b)],
+                           data=data_dir, settings=settings)
+    if is_complete(folder, inputs) and not overwrite:
         return folder
     texts = {split: read_texts(data_dir, split)[: max_samples or None] for split in ("forget", "retain")}
     check_shared_tokenizer(load_tokenizer(model_a, revision_a, trust_remote_code=a.trust_remote_code),
@@ -454,5 +452,5 @@ def run_lipschitz(settings: LipschitzSettings) -> Path:
                                                   "and vocabulary entries, mean over texts"})
     atomic_write_json(folder / "summary.json", summary)
     plot_results(rows, name_a, name_b, folder / "lipschitz_comparison.png")
-    mark_complete(folder, {"step": "lipschitz"})
+    mark_complete(folder, {"step": "lipschitz"}, inputs)
     return folder

@@ -42,6 +42,12 @@ def _pretrained_args(source: ModelSource, revision: str | None, trust_remote_cod
 
 
 def _hub_error(source: ModelSource, revision: str | None, exc: Exception) -> UserError:
+    """The one-line error of a failed load (config, tokenizer or weights); a truncated or damaged GGUF
+    is named as such (parsed only now: reading its tensor table costs seconds)."""
+    if source.kind == "gguf":
+        from analyses.weights.checkpoints import open_gguf
+
+        open_gguf(source.path)  # raises the UserError naming a truncated or damaged file
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     where = f"{source.spec}@{revision}" if revision else source.spec
     if source.kind == "hub":
@@ -66,6 +72,18 @@ def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bo
     return tokenizer
 
 
+def load_config(spec: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's config alone (no weights): what `capture --plan` sizes a cache from."""
+    from transformers import AutoConfig
+
+    source = resolve_source(spec)
+    target, kwargs = _pretrained_args(source, revision, trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(target, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise _hub_error(source, revision, exc) from exc
+
+
 def load_model(
     spec: str,
     *,
@@ -81,7 +99,10 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    from analyses.weights.checkpoints import check_weight_files
+
     source = resolve_source(spec)
+    check_weight_files(spec)  # a truncated weights file is named before the load starts
     target, kwargs = _pretrained_args(source, revision, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype(dtype, device), **kwargs)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import click
 
+from unlearn_lens.core.limits import check_count
 from unlearn_lens.core.settings import (DEFAULT_BATCH_SIZE, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MAX_LENGTH,
                                         DEFAULT_SEED, MODEL_DTYPES)
 
@@ -26,6 +27,22 @@ DEVICE_HELP = "Torch device to run on (cpu, cuda, cuda:1, mps)."
 MEASURED_SAMPLES_HELP = "At most this many measured forget texts, retain texts and questions (default: all)."
 NAME_HELP = ("Name of the model in outputs (default: derived from --model's path: its last component; "
              "the parent's for .../model).")
+
+
+class Count(click.types.IntParamType):
+    """An integer flag whose lower bound is the core's rule for ``field`` (``unlearn_lens.core.limits``).
+
+    The flag refuses a value below it while the command line is parsed, with the message the run
+    functions give (the pipeline calls them with no command line): one rule, one message.
+    """
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        number = super().convert(value, param, ctx)
+        check_count(self.field, number)
+        return number
 
 
 def stack(*decorators: Decorator) -> Decorator:
@@ -100,12 +117,12 @@ def max_samples(default: int | None = None, *,
                 help: str = "At most this many forget texts, retain texts and questions (default: all).") -> Decorator:
     """``--max-samples``: texts (and questions) per split read."""
     shown = {} if default is None else {"show_default": True}
-    return click.option("--max-samples", type=int, default=default, help=help, **shown)
+    return click.option("--max-samples", type=Count("max_samples"), default=default, help=help, **shown)
 
 
 def max_length(default: int = DEFAULT_MAX_LENGTH, *, help: str = "Tokens per text (truncated).") -> Decorator:
     """``--max-length``: tokens per text."""
-    return click.option("--max-length", type=int, default=default, show_default=True, help=help)
+    return click.option("--max-length", type=Count("max_length"), default=default, show_default=True, help=help)
 
 
 def overwrite(help: str = "Recompute even if the output folder is complete.") -> Decorator:
@@ -140,12 +157,19 @@ def dtype(default: str = DEFAULT_DTYPE, *, name: str = "--dtype", param: str | N
 
 def batch_size(default: int = DEFAULT_BATCH_SIZE, *, help: str = "Texts or prompts per forward pass.") -> Decorator:
     """``--batch-size``."""
-    return click.option("--batch-size", type=int, default=default, show_default=True, help=help)
+    return click.option("--batch-size", type=Count("batch_size"), default=default, show_default=True, help=help)
 
 
 def eval_batch_size(default: int = DEFAULT_BATCH_SIZE, *, help: str = "Batch size of evaluation.") -> Decorator:
     """``--eval-batch-size``: texts per forward pass when a training command evaluates."""
-    return click.option("--eval-batch-size", type=int, default=default, show_default=True, help=help)
+    return click.option("--eval-batch-size", type=Count("eval_batch_size"), default=default, show_default=True,
+                        help=help)
+
+
+def workers(default: int | None = None, *, help: str = "Worker processes.") -> Decorator:
+    """``--workers``: parallel workers (processes or threads, as the command says)."""
+    shown = {} if default is None else {"show_default": True}
+    return click.option("--workers", type=Count("workers"), default=default, help=help, **shown)
 
 
 def compute(*, device_default: str = DEFAULT_DEVICE, dtype_default: str = DEFAULT_DTYPE,

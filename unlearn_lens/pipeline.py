@@ -24,7 +24,9 @@ import click
 
 from unlearn_lens.core import outputs
 from unlearn_lens.core.atomic import atomic_write_text
+from unlearn_lens.core.environment import explain
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.identity import inputs_record
 from unlearn_lens.core.outputs import default_name
 from unlearn_lens.core.settings import (CACHE_DTYPES, CAPTURE_MAX_SAMPLES, DEFAULT_BATCH_SIZE, DEFAULT_DEVICE,
                                         DEFAULT_DTYPE, DEFAULT_MAX_LENGTH, SHORT_MAX_LENGTH, Compute, ModelRef)
@@ -95,6 +97,7 @@ class PipelineSettings:
     relearn: bool = False  # a relearning attack per modified model (`unlearn-lens relearn`)
     relearn_options: dict = field(default_factory=dict)  # RelearnSettings fields overridden (the demo's short run)
     attacks: bool = False  # the attacks per modified model (`unlearn-lens attack`)
+    attack_names: tuple[str, ...] = ()  # which attacks (default: every attack, the command's default)
     attack_max_samples: int | None = None  # texts / questions each attack evaluates on (default: max_samples)
     attack_options: dict = field(default_factory=dict)  # attack options (ATTACK_OPTIONS keys of the attack modules)
     extra_report: dict = field(default_factory=dict)
@@ -123,10 +126,21 @@ class Step:
     settings: Any  # a settings dataclass: what ``function`` is called with
     needs: Sequence[str] = ()
     describe: str = ""
+    models: Sequence[tuple[str, str, str | None]] = ()  # (role, spec, revision) of the models it reads
+    data: str | None = None  # the data directory it reads
+    caches: Sequence[str] = ()  # the caches it reads
 
     def run(self) -> None:
         """Call the step's run function with its settings."""
         self.function(self.settings)
+
+    def inputs(self) -> dict:
+        """What the step is made from (``core.identity``): the models' files, the data's content, the caches'
+        recorded identities and its settings; a step whose record holds other inputs runs again."""
+        from cache_store.identity import cache_identity
+
+        return inputs_record(models=self.models, data=self.data, settings=self.settings,
+                             caches={url: cache_identity(url) for url in self.caches} or None)
 
 
 # --- the run function of each step (looked up when the plan is made) ---------------------------------
@@ -237,7 +251,7 @@ def attack_settings(settings: PipelineSettings, entry: ModelEntry) -> AttackSett
     from unlearn_lens.attacks.options import typed_options
 
     s = settings
-    attacks = AttackSettings.attacks  # every attack (the command's default)
+    attacks = tuple(s.attack_names) or AttackSettings.attacks  # default: every attack (the command's default)
     return AttackSettings(
         base=s.base.spec, model=entry.spec, name=entry.name, data=str(s.data_dir), outdir=str(s.outdir),
         attacks=attacks, cache_base=str(s.cache(s.base.name)), cache_model=str(s.cache(entry.name)),
@@ -259,31 +273,51 @@ def plan(settings: PipelineSettings) -> list[Step]:
         steps.append(Step("datasets", datasets_step, DatasetSettings(str(s.data_dir)),
                           describe="WMDP-Bio and WikiText-2 from the hub"))
     data_need = () if s.data is not None else ("datasets",)
+    data = str(s.data_dir)
+
+    def models_of(*entries: ModelEntry) -> list[tuple[str, str, str | None]]:
+        return [(entry.name, entry.spec, entry.revision) for entry in entries]
+
     for entry in models:
-        steps.append(Step(f"capture:{entry.name}", capture_step, capture_settings(s, entry), data_need))
+        steps.append(Step(f"capture:{entry.name}", capture_step, capture_settings(s, entry), data_need,
+                          models=models_of(entry), data=data))
     for entry in s.models:
         params = ParamsSettings(ModelRef(s.base.spec, s.base.revision), ModelRef(entry.spec, entry.revision),
                                 str(s.comparison_dir(entry.name)), empirical_rank=s.empirical_rank, force=s.force,
                                 **({"workers": s.workers} if s.workers else {}))
-        steps.append(Step(f"params:{entry.name}", params_step, params))
+        steps.append(Step(f"params:{entry.name}", params_step, params, models=models_of(s.base, entry)))
     analyze = AnalyzeSettings(str(s.cache(s.base.name)), tuple(f"{e.name}={s.cache(e.name)}" for e in s.models),
                               str(s.outdir), base_name=s.base.name, workers=s.workers or None)
-    steps.append(Step("analyze", analyze_step, analyze, [f"capture:{e.name}" for e in models]))
+    steps.append(Step("analyze", analyze_step, analyze, [f"capture:{e.name}" for e in models],
+                      models=models_of(*models), caches=[str(s.cache(e.name)) for e in models]))
     for entry in s.models:
-        steps.append(Step(f"lipschitz:{entry.name}", lipschitz_step, lipschitz_settings(s, entry), data_need))
+        steps.append(Step(f"lipschitz:{entry.name}", lipschitz_step, lipschitz_settings(s, entry), data_need,
+                          models=models_of(s.base, entry), data=data))
     for entry in models:
         steps.append(Step(f"tuned-lens:{entry.name}", tuned_lens_step, tuned_lens_settings(s, entry),
-                          [f"capture:{entry.name}"]))
+                          [f"capture:{entry.name}"], models=models_of(entry), data=data,
+                          caches=[str(s.cache(entry.name))]))
     if s.relearn:
         for entry in s.models:
             steps.append(Step(f"relearn:{entry.name}", relearn_step, relearn_settings(s, entry), data_need,
-                              describe="fine-tuning attack: steps to recover half the gap to the base"))
+                              describe="fine-tuning attack: steps to recover half the gap to the base",
+                              models=models_of(entry, s.base), data=data))
     if s.attacks:
         for entry in s.models:
             steps.append(Step(f"attack:{entry.name}", attack_step, attack_settings(s, entry),
                               [*data_need, f"capture:{s.base.name}", f"capture:{entry.name}"],
-                              describe="attacks: direction ablation, quantization, relearning controls"))
+                              describe="attacks: direction ablation, quantization, relearning controls",
+                              models=models_of(s.base, entry), data=data,
+                              caches=[str(s.cache(s.base.name)), str(s.cache(entry.name))]))
     return [step for step in steps if step.id.split(":")[0] not in s.skip]
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (every thread) and of its finished child processes."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _marker(settings: PipelineSettings, step_id: str) -> Path:
@@ -292,6 +326,17 @@ def _marker(settings: PipelineSettings, step_id: str) -> Path:
 
 def _write_marker(path: Path, info: dict) -> None:
     atomic_write_text(path, json.dumps(info, indent=2))
+
+
+def _read_record(path: Path) -> dict | None:
+    """A step's record, None when the step has none (or an unreadable one: it runs again)."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 #: a hub id: ``name`` or ``owner/name`` (letters, digits, '-', '_', '.'), nothing that reads as a path
@@ -352,17 +397,21 @@ def run_pipeline(settings: PipelineSettings, echo: Callable[[str], None] = click
             status[step.id] = f"not run: needs {', '.join(blocked)}"
             echo(f"{prefix}: not run (needs {', '.join(blocked)})")
             continue
-        if marker.is_file() and not settings.force:
-            status[step.id] = "skipped (done)"
-            echo(f"{prefix}: already done")
-            continue
+        inputs = step.inputs()
+        recorded = _read_record(marker)
+        if recorded is not None and not settings.force:
+            if recorded.get("inputs", inputs) == inputs:  # a record from before inputs were recorded: done
+                status[step.id] = "skipped (done)"
+                echo(f"{prefix}: already done")
+                continue
+            echo(f"{prefix}: its inputs changed since it ran (models, data, caches or settings); running it again")
         marker.unlink(missing_ok=True)
         echo(f"{prefix}: running")
-        started = time.time()
+        started, cpu_started = time.time(), _cpu_seconds()
         try:
             step.run()
         except Exception as exc:  # noqa: BLE001 - every failure is reported, the run goes on
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = explain(exc, writing=str(settings.outdir)) or (str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
             status[step.id] = f"failed: {message}"
             echo(f"{prefix}: FAILED: {message}")
             if os.environ.get("UNLEARN_LENS_DEBUG"):
@@ -371,7 +420,8 @@ def run_pipeline(settings: PipelineSettings, echo: Callable[[str], None] = click
                 raise UserError(f"step {step.id} failed: {message}; finished steps are kept, "
                                 "rerun the same command to resume") from None
             continue
-        _write_marker(marker, {"step": step.id, "seconds": round(time.time() - started, 1)})
+        _write_marker(marker, {"step": step.id, "seconds": round(time.time() - started, 1),
+                               "cpu_seconds": round(_cpu_seconds() - cpu_started, 1), "inputs": inputs})
         status[step.id] = "done"
         echo(f"{prefix}: done in {time.time() - started:.0f}s")
     if "report" not in settings.skip:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,12 +26,14 @@ import numpy as np
 
 from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.identity import inputs_record
+from unlearn_lens.core.limits import at_least_message, check_at_least, check_counts, check_positive
 from unlearn_lens.core.outputs import check_model_name, default_name
 from unlearn_lens.core.settings import DEFAULT_MAX_LENGTH, DEFAULT_SEED, TRAIN_BATCH_SIZE, Compute, ModelRef
 
 #: Metrics of one evaluation, in the order of ``eval_results.csv``.
 EVAL_METRICS = ("forget_nll", "retain_nll", "retain_ppl", "letter_accuracy", "cloze_accuracy",
-                "n_forget_texts", "n_retain_texts", "n_questions")
+                "retain_cloze_accuracy", "n_forget_texts", "n_retain_texts", "n_questions", "n_retain_questions")
 CURVE_COLUMNS = ("condition", "step", "forget_nll", "retain_nll", "letter_accuracy", "cloze_accuracy")
 CONDITIONS = ("forget", "retain_control")
 SCORINGS = ("cloze", "letter")
@@ -65,10 +67,12 @@ class EvalData:
     forget_pool: list[str]
     retain_pool: list[str]
     all_forget: list[str]
+    retain_items: list = field(default_factory=list)  # questions about the retain set (retain_mcq.jsonl)
 
 
-def load_eval_data(data_dir: str | Path, max_samples: int | None = None) -> EvalData:
-    """Measurement texts (first ``max_samples`` of each half) and evaluation questions of ``data_dir``."""
+def load_eval_data(data_dir: str | Path, max_samples: int | None = None, retain_questions: bool = False) -> EvalData:
+    """Measurement texts (first ``max_samples`` of each half) and evaluation questions of ``data_dir``;
+    with ``retain_questions``, also the retain-set questions (first ``max_samples``; none without the file)."""
     from unlearn_lens import data as data_module
 
     if not Path(data_dir).is_dir():
@@ -79,13 +83,15 @@ def load_eval_data(data_dir: str | Path, max_samples: int | None = None) -> Eval
     forget_measure, forget_pool = split_measure_pool(forget)
     retain_measure, retain_pool = split_measure_pool(retain)
     cap = max_samples or None
-    return EvalData(forget_measure[:cap], retain_measure[:cap], items[:cap], forget_pool, retain_pool, forget)
+    retain_items = data_module.read_retain_mcq(data_dir)[:cap] if retain_questions else []
+    return EvalData(forget_measure[:cap], retain_measure[:cap], items[:cap], forget_pool, retain_pool, forget,
+                    retain_items)
 
 
 def attack_subset(pool: Sequence[str], n: int, seed: int) -> list[str]:
     """``n`` texts of ``pool`` (all of it when smaller), a seeded sample in pool order."""
     if n < 1:
-        raise UserError(f"--forget-subset must be at least 1, got {n}")
+        raise UserError(at_least_message("--forget-subset", 1, n))
     if not pool:
         return []
     chosen = np.random.RandomState(seed).permutation(len(pool))[: min(n, len(pool))]
@@ -112,17 +118,12 @@ def eval_steps(steps: int, eval_every: int) -> list[int]:
 def validate_relearn(*, steps: int, lr: float, eval_every: int, batch_size: int, eval_batch_size: int,
                      max_length: int, forget_subset: int, max_samples: int | None) -> None:
     """Every relearning option checked before a model loads."""
-    checks = [(steps >= 1, f"--steps must be at least 1, got {steps}"),
-              (eval_every >= 1, f"--eval-every must be at least 1, got {eval_every}"),
-              (lr > 0 and math.isfinite(lr), f"--lr must be a positive number, got {lr}"),
-              (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
-              (eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {eval_batch_size}"),
-              (max_length >= 2, f"--max-length must be at least 2, got {max_length}"),
-              (forget_subset >= 1, f"--forget-subset must be at least 1 (an empty subset), got {forget_subset}"),
-              (max_samples is None or max_samples >= 1, f"--max-samples must be at least 1, got {max_samples}")]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    check_at_least("--steps", steps, 1)
+    check_at_least("--eval-every", eval_every, 1)
+    check_positive("--lr", lr)
+    check_counts(batch_size=batch_size, eval_batch_size=eval_batch_size, max_length=max_length,
+                 max_samples=max_samples)
+    check_at_least("--forget-subset", forget_subset, 1, "an empty subset")
 
 
 def check_uncontaminated(subset: Sequence[str], items: Sequence, what: str) -> None:
@@ -179,7 +180,7 @@ def evaluate_data(model, tokenizer, data: EvalData, max_length: int, batch_size:
     from unlearn_lens.evaluation import evaluate
 
     return evaluate(model, tokenizer, forget_texts=data.forget, retain_texts=data.retain, mcq_items=data.items,
-                    max_length=max_length, batch_size=batch_size)
+                    retain_mcq_items=data.retain_items, max_length=max_length, batch_size=batch_size)
 
 
 def load_for_eval(spec: str, revision, dtype: str, device: str, trust_remote_code: bool):
@@ -216,25 +217,43 @@ def nll_loss(model, tokenizer, batch: Sequence[str], max_length: int):
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
+def linear_warmup_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """transformers' ``get_linear_schedule_with_warmup`` factor at ``step`` (0-based, before it runs);
+    written out because importing transformers' optimisation module imports bitsandbytes."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
 def relearn_condition(model, tokenizer, texts: Sequence[str], *, steps: int, lr: float, batch_size: int,
                       max_length: int, seed: int, eval_every: int, evaluate_fn: Callable[[Any], dict],
                       start_eval: dict, lora: bool = False, lora_r: int = 16, lora_alpha: float = 16.0,
-                      on_step: Callable[[], None] = lambda: None) -> list[dict]:
-    """Fine-tune ``model`` in place on ``texts`` (AdamW, constant LR, clip 1.0, dropout off).
+                      lora_dropout: float = 0.0, weight_decay: float = 0.0, warmup_steps: int = 0,
+                      schedule: str = "constant", on_step: Callable[[], None] = lambda: None) -> list[dict]:
+    """Fine-tune ``model`` in place on ``texts`` (AdamW, clip 1.0, dropout off).
 
-    Returns one row per evaluation point; step 0 is ``start_eval`` (the untouched model's own
-    evaluation). Deterministic for a seed: data order and LoRA initialisation are seeded.
+    The learning rate is constant, or with ``schedule="linear"`` ``linear_warmup_factor`` times it
+    (``warmup_steps`` up from 0, then down to 0 at ``steps``), as the HF Trainer runs it. Returns one
+    row per evaluation point; step 0 is ``start_eval`` (the untouched model's own evaluation).
+    Deterministic for a seed: data order and LoRA initialisation are seeded.
     """
     import torch
 
+    if schedule not in ("constant", "linear"):
+        raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
     torch.manual_seed(seed)
     if lora:
         from unlearn_lens.core.naming import family_from_config
         from unlearn_lens.unlearning.lora import wrap_lora
 
-        model = wrap_lora(model, family_from_config(model.config.to_dict()), r=lora_r, alpha=lora_alpha)
+        model = wrap_lora(model, family_from_config(model.config.to_dict()), r=lora_r, alpha=lora_alpha,
+                          dropout=lora_dropout)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = None
+    if schedule == "linear":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: linear_warmup_factor(step, warmup_steps, steps))
     points = set(eval_steps(steps, eval_every))
     rows = [{"step": 0, **start_eval}]
     model.train(False)  # dropout off: the run is deterministic
@@ -245,6 +264,8 @@ def relearn_condition(model, tokenizer, texts: Sequence[str], *, steps: int, lr:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
         if step in points:
             rows.append({"step": step, **evaluate_fn(model)})
         on_step()
@@ -343,7 +364,9 @@ def run_relearn(settings: RelearnSettings) -> Path:
         raise UserError(f"--scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
     name = check_model_name(name or default_name(model_spec))
     folder = outputs.model_dir(outdir, name) / outputs.RELEARNING
-    if is_complete(folder) and not overwrite:
+    inputs = inputs_record(models=[("model", model_spec, revision), ("base", base_spec, base_revision)],
+                           data=data_dir, settings=settings)
+    if is_complete(folder, inputs) and not overwrite:
         return folder
     data = load_eval_data(data_dir, max_samples)
     subsets = {"forget": attack_subset(data.forget_pool, forget_subset, seed)}
@@ -435,5 +458,5 @@ def run_relearn(settings: RelearnSettings) -> Path:
     atomic_write_csv(folder / "recovery_curve.csv", curve, list(CURVE_COLUMNS))
     plot_curve(curve, base_eval, name, folder / "recovery_curve.png")
     atomic_write_json(folder / "summary.json", summary)
-    mark_complete(folder, {"step": "relearn"})
+    mark_complete(folder, {"step": "relearn"}, inputs)
     return folder

@@ -114,3 +114,19 @@ def save_tiny_study(root: str | Path) -> dict[str, Path]:
     save_file(weights, str(edited / "model.safetensors"), metadata={"format": "pt"})
     create_datasets(root / "data", source="demo")
     return {"root": root, "base": base, "edited": edited, "data": root / "data"}
+
+
+def save_tiny_trained_model(path: str | Path, data: str | Path, steps: int = 60, lr: float = 3e-3) -> Path:
+    """A tiny GPT-NeoX trained for ``steps`` steps on the forget and retain texts of ``data``: a base whose
+    forget-text NLL is well below a random model's, so unlearning has something to undo (the tiny study)."""
+    from unlearn_lens.relearn import relearn_condition
+
+    model, tokenizer = make_tiny_model("gpt_neox")
+    texts = [line for name in ("forget.txt", "retain.txt")
+             for line in (Path(data) / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+    relearn_condition(model, tokenizer, texts, steps=steps, lr=lr, batch_size=8, max_length=32, seed=0,
+                      eval_every=steps + 1, evaluate_fn=lambda m: {}, start_eval={})
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

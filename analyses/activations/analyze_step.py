@@ -10,6 +10,7 @@ import contextlib
 from dataclasses import dataclass
 
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.limits import check_at_least, check_counts, check_positive
 from unlearn_lens.core.settings import DEFAULT_SEED
 
 #: The activation analyses' defaults: probe regularisation, solver iterations, row-space dimension.
@@ -37,6 +38,7 @@ class AnalyzeSettings:
     seed: int = DEFAULT_SEED
     checkpoints: tuple[str, ...] = ()  # NAME=MODEL: read NAME's weights from MODEL
     progress: bool = True
+    allow_mismatch: bool = False  # combine a checkpoint whose fingerprint differs from its cache's record
 
 
 def dask_scheduler(address: str | None, workers: int | None, processes: bool):
@@ -45,8 +47,6 @@ def dask_scheduler(address: str | None, workers: int | None, processes: bool):
 
     if address and workers:
         raise UserError("--scheduler and --workers exclude each other (the cluster decides its workers)")
-    if workers is not None and workers < 1:
-        raise UserError("--workers must be at least 1")
     if address:
         from distributed import Client
 
@@ -74,15 +74,15 @@ def run_analyze(settings: AnalyzeSettings) -> dict:
     from cache_store.integrity import name_damaged_chunks
 
     s = settings
-    if s.top_k < 1:
-        raise UserError("--top-k must be at least 1")
-    if s.max_iter < 1 or s.C <= 0:
-        raise UserError("--max-iter must be at least 1 and --C positive")
+    check_at_least("--top-k", s.top_k, 1)
+    check_at_least("--max-iter", s.max_iter, 1)
+    check_positive("--C", s.C)
+    check_counts(max_samples=s.max_samples, workers=s.workers)
     named = {s.base_name: s.base_cache, **parse_compare(s.compare, s.base_name)}
     with name_damaged_chunks(named.values()):  # a chunk failing its checksum stops the run in one line
         caches = {name: open_model_caches(url) for name, url in named.items()}
     options = AnalyzeOptions(max_samples=s.max_samples, C=s.C, max_iter=s.max_iter, top_k=s.top_k, seed=s.seed,
-                             progress=s.progress)
+                             progress=s.progress, allow_mismatch=s.allow_mismatch)
     checkpoints = {}
     for value in s.checkpoints:
         name, sep, spec = value.partition("=")

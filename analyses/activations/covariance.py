@@ -11,6 +11,8 @@ Definitions (stated in every CSV's companion ``summary.json``):
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from scipy.stats import wasserstein_distance
 
@@ -81,12 +83,15 @@ def layer_spectra(moments: Moments, map_layers=map) -> np.ndarray:
     return np.array(list(map_layers(lambda layer: eigenspectrum(covariances[layer]), range(covariances.shape[0]))))
 
 
-def covariance_rows(split: str, spectra_a: np.ndarray, spectra_b: np.ndarray) -> list[dict]:
-    """Per-layer metrics of one split from the two models' spectra (layer, d)."""
+def covariance_rows(split: str, spectra_a: np.ndarray, spectra_b: np.ndarray,
+                    layers: Sequence[int] | None = None) -> list[dict]:
+    """Per-layer metrics of one split from the two models' spectra (layer, d); ``layers``: the cached
+    layers' numbers (default 0, 1, ...)."""
+    layers = list(range(len(spectra_a))) if layers is None else list(layers)
     rows = []
-    for layer, (ea, eb) in enumerate(zip(spectra_a, spectra_b)):
+    for layer, ea, eb in zip(layers, spectra_a, spectra_b):
         rows.append({
-            "layer": layer, "split": split,
+            "layer": int(layer), "split": split,
             "model_a_effective_rank": effective_rank(ea), "model_b_effective_rank": effective_rank(eb),
             "model_a_spectral_entropy": spectral_entropy(ea), "model_b_spectral_entropy": spectral_entropy(eb),
             "model_a_total_variance": float(ea.sum()), "model_b_total_variance": float(eb.sum()),

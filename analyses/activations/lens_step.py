@@ -20,10 +20,12 @@ def lens_inputs(wmdp: xr.Dataset, cloze: xr.Dataset, max_samples: int | None) ->
     question = cloze["question"].values
     samples = np.flatnonzero(question < n_questions)
     token_index, owner = logit_lens.cloze_positions(cloze["sample_offset"].values, cloze["cont_start"].values,
-                                                    cloze["cont_end"].values, samples)
-    input_ids = cloze["input_ids"].values
+                                                    cloze["cont_end"].values, samples, cloze["token_position"].values,
+                                                    cloze["sample_length"].values)
+    input_ids = cloze["input_ids"].values  # the next kept token is the next position: capture keeps them all
     return {
         "n_questions": n_questions, "samples": samples, "owner": owner, "targets": input_ids[token_index + 1],
+        "layers": [int(v) for v in wmdp["layer"].values],
         "question": question[samples], "choice_index": cloze["choice_index"].values[samples],
         "final_cloze_logprob": cloze["final_cloze_logprob"].values[samples],
         "norm": {"kind": wmdp.attrs["final_norm_kind"], "eps": float(wmdp.attrs["final_norm_eps"]),
@@ -50,12 +52,15 @@ def lens_results(inputs: dict, loaded: dict, unembedding: np.ndarray, progress: 
     cloze = logit_lens.cloze_predictions(scores, inputs["question"], inputs["choice_index"], questions)
     own_cloze = logit_lens.cloze_predictions(inputs["final_cloze_logprob"][None, :], inputs["question"],
                                              inputs["choice_index"], questions)[0]
-    rows = logit_lens.accuracy_rows("letter", letter, answer) + logit_lens.accuracy_rows("cloze", cloze, answer)
+    layers = inputs.get("layers")
+    rows = (logit_lens.accuracy_rows("letter", letter, answer, layers)
+            + logit_lens.accuracy_rows("cloze", cloze, answer, layers))
     summary = {}
+    numbers = layers if layers is not None else list(range(len(letter)))
     for scoring, predictions, own in (("letter", letter, own_letter), ("cloze", cloze, own_cloze)):
         accuracy = (predictions == answer[None, :]).mean(axis=1)
         summary[scoring] = {
-            "final_layer_accuracy": float(accuracy[-1]), "best_layer": int(accuracy.argmax()),
+            "final_layer_accuracy": float(accuracy[-1]), "best_layer": int(numbers[int(accuracy.argmax())]),
             "best_accuracy": float(accuracy.max()), "model_own_accuracy": float((own == answer).mean()),
             "final_layer_agreement_with_model": float((predictions[-1] == own).mean())}
     summary["cloze"]["final_layer_max_abs_logprob_difference"] = float(

@@ -38,15 +38,27 @@ def letter_predictions(last: np.ndarray, letter_unembed: np.ndarray, norm: dict)
 
 
 def cloze_positions(offsets: np.ndarray, cont_start: np.ndarray, cont_end: np.ndarray,
-                    samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                    samples: np.ndarray, token_position: np.ndarray | None = None,
+                    lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(token_index, sequence)``: flat token indices whose states predict each continuation token.
 
-    Position p in [cont_start - 1, cont_end - 1) of sequence s predicts the token at p + 1.
+    Position p in [cont_start - 1, cont_end - 1) of sequence s predicts the token at p + 1. With
+    ``token_position`` and ``lengths`` (the kept tokens' positions and their count per sample, as a
+    ``--token-sample`` cache holds them) positions are looked up among the kept ones: capture always
+    keeps these.
     """
     indices, owner = [], []
     for row, s in enumerate(samples):
         positions = np.arange(cont_start[s] - 1, cont_end[s] - 1)
-        indices.append(offsets[s] + positions)
+        if token_position is None:
+            found = offsets[s] + positions
+        else:
+            kept = np.asarray(token_position[offsets[s]:offsets[s] + lengths[s]])
+            at = np.searchsorted(kept, positions)
+            if (at >= len(kept)).any() or not np.array_equal(kept[np.minimum(at, len(kept) - 1)], positions):
+                raise ValueError(f"sequence {s}: the cache did not keep every position its cloze score reads")
+            found = offsets[s] + at
+        indices.append(found)
         owner.append(np.full(len(positions), row))
     return np.concatenate(indices).astype(np.int64), np.concatenate(owner)
 
@@ -114,9 +126,11 @@ def cloze_predictions(scores: np.ndarray, question: np.ndarray, choice_index: np
     return table.argmax(axis=-1)
 
 
-def accuracy_rows(scoring: str, predictions: np.ndarray, answer: np.ndarray) -> list[dict]:
-    """Rows of ``wmdp_lens_results.csv`` for one scoring: accuracy and its difference from the last layer."""
+def accuracy_rows(scoring: str, predictions: np.ndarray, answer: np.ndarray, layers=None) -> list[dict]:
+    """Rows of ``wmdp_lens_results.csv`` for one scoring: accuracy and its difference from the last layer
+    (``layers``: the cached layers' numbers, default 0, 1, ...; the last is always the final layer)."""
     accuracy = (predictions == np.asarray(answer)[None, :]).mean(axis=1)
-    return [{"layer": layer, "scoring": scoring, "accuracy": float(accuracy[layer]),
-             "delta_from_final": float(accuracy[layer] - accuracy[-1]), "n_questions": int(predictions.shape[1])}
-            for layer in range(len(accuracy))]
+    layers = range(len(accuracy)) if layers is None else layers
+    return [{"layer": int(layer), "scoring": scoring, "accuracy": float(accuracy[i]),
+             "delta_from_final": float(accuracy[i] - accuracy[-1]), "n_questions": int(predictions.shape[1])}
+            for i, layer in enumerate(layers)]

@@ -7,21 +7,26 @@ input_ids, checked before any reduction).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from analyses.activations.reductions import Moments
 
 COLUMNS = ["layer", "split", "model_a_norm_L1", "model_a_norm_L2", "model_b_norm_L1", "model_b_norm_L2",
            "mean_dh_L1", "mean_dh_L2"]
 
 
-def norm_rows(split: str, moments_a: Moments, moments_b: Moments, difference: dict) -> list[dict]:
-    """One row per layer of ``activation_stats.csv`` for one split."""
+def norm_rows(split: str, moments_a: Moments, moments_b: Moments, difference: dict,
+              layers: Sequence[int] | None = None) -> list[dict]:
+    """One row per layer of ``activation_stats.csv`` for one split (``layers``: the cached layers'
+    numbers, default 0, 1, ...; a capture with ``--layers`` keeps some of them only)."""
     n = max(difference["n"], 1.0)
+    layers = list(range(len(moments_a.l1))) if layers is None else list(layers)
     rows = []
-    for layer in range(len(moments_a.l1)):
+    for i, layer in enumerate(layers):
         rows.append({
-            "layer": layer, "split": split,
-            "model_a_norm_L1": float(moments_a.mean_l1[layer]), "model_a_norm_L2": float(moments_a.mean_l2[layer]),
-            "model_b_norm_L1": float(moments_b.mean_l1[layer]), "model_b_norm_L2": float(moments_b.mean_l2[layer]),
-            "mean_dh_L1": float(difference["l1"][layer] / n), "mean_dh_L2": float(difference["l2"][layer] / n),
+            "layer": int(layer), "split": split,
+            "model_a_norm_L1": float(moments_a.mean_l1[i]), "model_a_norm_L2": float(moments_a.mean_l2[i]),
+            "model_b_norm_L1": float(moments_b.mean_l1[i]), "model_b_norm_L2": float(moments_b.mean_l2[i]),
+            "mean_dh_L1": float(difference["l1"][i] / n), "mean_dh_L2": float(difference["l2"][i] / n),
         })
     return rows

@@ -9,6 +9,7 @@ majority-class rate) and AUC of the out-of-fold decision values.
 from __future__ import annotations
 
 from functools import partial
+from typing import Sequence
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -56,11 +57,13 @@ def probe_layer(forget: np.ndarray, retain: np.ndarray, C: float = 1.0, max_iter
 
 
 def probe_rows(last_forget: np.ndarray, last_retain: np.ndarray, C: float = 1.0, max_iter: int = 1000,
-               seed: int = 0, map_layers=map) -> list[dict]:
+               seed: int = 0, map_layers=map, layers: Sequence[int] | None = None) -> list[dict]:
     """One row per layer; ``last_*`` are (layer, sample, hidden). ``map_layers`` has ``map``'s signature
-    (function, then one iterable per argument) and may run the layers in parallel, in processes too."""
+    (function, then one iterable per argument) and may run the layers in parallel, in processes too.
+    ``layers``: the cached layers' numbers (default 0, 1, ...)."""
     fits = map_layers(partial(probe_layer, C=C, max_iter=max_iter, seed=seed), last_forget, last_retain)
-    return [{"layer": layer, **fit} for layer, fit in enumerate(fits)]
+    layers = range(len(last_forget)) if layers is None else layers
+    return [{"layer": int(layer), **fit} for layer, fit in zip(layers, fits)]
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -141,19 +141,26 @@ def row_space_row(layer: int, activations: str, basis: np.ndarray, rank: int, fo
             "projected": f"mlp_in[{layer}]" if space == "row" else f"resid[{layer + 1}]"}
 
 
-def projection_table(bases: list[dict[int, tuple[np.ndarray, int, list[str]]]], n_layers: int, hidden: int,
-                     top_k: int, seed: int) -> np.ndarray:
-    """(layer, hidden, 2 * top_k * len(bases)) columns to project MLP inputs on, for several comparisons.
+def projection_table(bases: list[dict[int, tuple[np.ndarray, int, list[str]]]], layers: int | list[int],
+                     hidden: int, top_k: int, seed: int) -> np.ndarray:
+    """(layer, hidden, 2 * top_k * len(bases)) columns to project activations on, for several comparisons.
 
-    Comparison i owns columns [2i top_k, (2i+1) top_k) for V_k of its dW and the next top_k for the
-    random baseline subspace of equal dimension; unused columns are zero (they add no energy).
+    ``layers``: the cached layers the table's rows stand for (a count n means 0..n-1; a capture with
+    ``--layers`` keeps some only: bases of other layers are left out). Comparison i owns columns
+    [2i top_k, (2i+1) top_k) for V_k of its dW and the next top_k for the random baseline subspace of
+    equal dimension; unused columns are zero (they add no energy).
     """
-    table = np.zeros((n_layers, hidden, 2 * top_k * len(bases)))
+    layers = list(range(layers)) if isinstance(layers, int) else list(layers)
+    row = {layer: index for index, layer in enumerate(layers)}
+    table = np.zeros((len(layers), hidden, 2 * top_k * len(bases)))
     for i, per_layer in enumerate(bases):
         for layer, (basis, _, _) in per_layer.items():
+            if layer not in row:
+                continue
             k = basis.shape[1]
-            table[layer, :, 2 * i * top_k:2 * i * top_k + k] = basis
-            table[layer, :, (2 * i + 1) * top_k:(2 * i + 1) * top_k + k] = random_subspace(hidden, k, seed, layer)
+            table[row[layer], :, 2 * i * top_k:2 * i * top_k + k] = basis
+            table[row[layer], :, (2 * i + 1) * top_k:(2 * i + 1) * top_k + k] = random_subspace(hidden, k, seed,
+                                                                                                 layer)
     return table
 
 
@@ -166,8 +173,10 @@ def shares_from_energy(energy: np.ndarray, total: np.ndarray, index: int, top_k:
             for u, r, t in zip(in_update, in_random, total)]
 
 
-def update_bases(checkpoint_a, checkpoint_b, top_k: int, map_layers=map) -> dict[int, tuple[np.ndarray, int, list[str]]]:
-    """Per block: ``(V_k, rank of dW, matrix names)`` of the MLP input-side update between two checkpoints."""
+def update_bases(checkpoint_a, checkpoint_b, top_k: int, map_layers=map,
+                 layers=None) -> dict[int, tuple[np.ndarray, int, list[str]]]:
+    """Per block: ``(V_k, rank of dW, matrix names)`` of the MLP input-side update between two checkpoints
+    (``layers``: only these blocks, those whose MLP inputs a cache holds; default all)."""
     names = mlp_input_names(checkpoint_a, checkpoint_a.family)
     if not names:
         raise UserError(f"found no MLP input matrices (up/gate) in {getattr(checkpoint_a, 'path', 'the checkpoint')}")
@@ -175,7 +184,7 @@ def update_bases(checkpoint_a, checkpoint_b, top_k: int, map_layers=map) -> dict
         basis, rank = top_right_singular(update_gram(checkpoint_a, checkpoint_b, names[layer]), top_k)
         return basis, rank, names[layer]
 
-    layers = list(names)
+    layers = [layer for layer in names if layers is None or layer in layers]
     return dict(zip(layers, map_layers(one, layers)))
 
 
@@ -184,11 +193,13 @@ def top_left_singular(gram: np.ndarray, top_k: int, tolerance: float = 1e-6) -> 
     return top_right_singular(gram, top_k, tolerance)
 
 
-def column_bases(checkpoint_a, checkpoint_b, top_k: int, map_layers=map) -> dict[int, tuple[np.ndarray, int, list[str]]]:
+def column_bases(checkpoint_a, checkpoint_b, top_k: int, map_layers=map,
+                 layers=None) -> dict[int, tuple[np.ndarray, int, list[str]]]:
     """Per block whose stream-writing matrices changed: ``(U_k, rank, names)`` of their stacked update.
 
     U_k (hidden x k) spans the residual directions the update writes; blocks whose writing
-    matrices did not change are left out (no row of that kind).
+    matrices did not change are left out (no row of that kind). ``layers``: only these blocks
+    (those whose output ``resid[l + 1]`` a cache holds; default all).
     """
     names = stream_write_names(checkpoint_a, checkpoint_a.family)
 
@@ -196,6 +207,6 @@ def column_bases(checkpoint_a, checkpoint_b, top_k: int, map_layers=map) -> dict
         basis, rank = top_left_singular(update_gram(checkpoint_a, checkpoint_b, names[layer], side="column"), top_k)
         return basis, rank, names[layer]
 
-    layers = list(names)
+    layers = [layer for layer in names if layers is None or layer in layers]
     found = dict(zip(layers, map_layers(one, layers)))
     return {layer: value for layer, value in found.items() if value[1] > 0}

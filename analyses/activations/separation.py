@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -67,14 +68,17 @@ def layer_aucs(last_forget: np.ndarray, last_retain: np.ndarray, C: float = 1.0,
     return list(map_layers(partial(heldout_auc, C=C, max_iter=max_iter, seed=seed), last_forget, last_retain))
 
 
-def separation_rows(model: str, role: str, forget: Moments, retain: Moments, aucs: list[float]) -> list[dict]:
-    """One row per layer for one model (``role`` is ``a`` for the base, ``b`` for the modified)."""
+def separation_rows(model: str, role: str, forget: Moments, retain: Moments, aucs: list[float],
+                    layers: Sequence[int] | None = None) -> list[dict]:
+    """One row per layer for one model (``role`` is ``a`` for the base, ``b`` for the modified);
+    ``layers``: the cached layers' numbers (default 0, 1, ...)."""
+    layers = list(range(forget.mean.shape[0])) if layers is None else list(layers)
     rows = []
-    for layer in range(forget.mean.shape[0]):
-        ratio, between, within = variance_ratio(forget, retain, layer)
+    for i, layer in enumerate(layers):
+        ratio, between, within = variance_ratio(forget, retain, i)
         rows.append({
-            "layer": layer, "model": model, "role": role,
-            "cosine_distance": cosine_distance(forget.mean[layer], retain.mean[layer]),
-            "auc": aucs[layer], "variance_ratio": ratio, "between_variance": between, "within_variance": within,
+            "layer": int(layer), "model": model, "role": role,
+            "cosine_distance": cosine_distance(forget.mean[i], retain.mean[i]),
+            "auc": aucs[i], "variance_ratio": ratio, "between_variance": between, "within_variance": within,
         })
     return rows

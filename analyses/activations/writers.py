@@ -25,12 +25,13 @@ def _begin(directory: Path) -> Path:
     return directory
 
 
-def _finish(directory: Path, info: Mapping[str, Any]) -> None:
-    """Mark the folder complete, last."""
-    mark_complete(directory, info)
+def _finish(directory: Path, info: Mapping[str, Any], inputs: Mapping[str, Any] | None) -> None:
+    """Mark the folder complete, last, with the inputs it was made from."""
+    mark_complete(directory, info, inputs)
 
 
-def write_norms(directory: Path, plots: Path, rows: list[dict], a: str, b: str) -> None:
+def write_norms(directory: Path, plots: Path, rows: list[dict], a: str, b: str, *,
+                inputs: Mapping[str, Any] | None = None) -> None:
     """``activation_stats/`` (norms of a, b and their difference per layer and split) and its plots folder."""
     atomic_write_csv(_begin(directory) / outputs.ACTIVATION_STATS_CSV, rows, norms.COLUMNS)
     _begin(plots)
@@ -45,30 +46,34 @@ def write_norms(directory: Path, plots: Path, rows: list[dict], a: str, b: str) 
     panels = [(f"mean ||dh||_{p[-1]}", {split: by(rows, "layer", f"mean_dh_{p}", split=split) for split in SPLITS},
                None) for p in ("L1", "L2")]
     panel_plot(plots / "activation_diffs.png", f"Activation difference dh = h({b}) - h({a})", "layer", panels)
-    _finish(plots, {"files": ["activation_norms.png", "activation_diffs.png"]})
-    _finish(directory, {"rows": len(rows), "definition": "per-token means over real tokens, every layer before the final norm"})
+    _finish(plots, {"files": ["activation_norms.png", "activation_diffs.png"]}, inputs)
+    _finish(directory, {"rows": len(rows),
+                        "definition": "per-token means over real tokens, every layer before the final norm"}, inputs)
 
 
-def write_separation(directory: Path, rows: list[dict], a: str, b: str) -> None:
+def write_separation(directory: Path, rows: list[dict], a: str, b: str, *,
+                     inputs: Mapping[str, Any] | None = None) -> None:
     """``activation_separation/``: forget/retain separation of both models per layer."""
     atomic_write_csv(_begin(directory) / outputs.SEPARATION_CSV, rows, separation.COLUMNS)
     panels = [(metric, {m: by(rows, "layer", metric, model=m) for m in (a, b)}, 0.5 if metric == "auc" else None)
               for metric in ("cosine_distance", "auc", "variance_ratio")]
     panel_plot(directory / "separation.png", f"Forget/retain separation: {a} vs {b}", "layer", panels)
     atomic_write_json(directory / "summary.json", {"definitions": separation.DEFINITIONS, "models": [a, b]})
-    _finish(directory, {"rows": len(rows)})
+    _finish(directory, {"rows": len(rows)}, inputs)
 
 
 def write_covariance(directory: Path, rows: list[dict], selectivity: list[dict], spectra: dict, a: str,
-                     b: str) -> None:
-    """``activation_covariance/``: spectrum metrics, forget/retain selectivity and every eigenvalue."""
+                     b: str, layers: list[int] | None = None, *, inputs: Mapping[str, Any] | None = None) -> None:
+    """``activation_covariance/``: spectrum metrics, forget/retain selectivity and every eigenvalue
+    (``layers``: the cached layers' numbers, default 0, 1, ...)."""
     _begin(directory)
     columns = list(rows[0].keys())
     atomic_write_csv(directory / "covariance_metrics.csv", rows, columns)
     atomic_write_csv(directory / outputs.COVARIANCE_CSV, selectivity, list(selectivity[0].keys()))
+    layers = list(range(len(spectra[("forget", a)]))) if layers is None else [int(v) for v in layers]
     spectra_rows = [{"layer": layer, "split": split, "model": model, "index": i, "eigenvalue": float(value)}
                     for (split, model), values in spectra.items()
-                    for layer, layer_values in enumerate(values) for i, value in enumerate(layer_values)]
+                    for layer, layer_values in zip(layers, values) for i, value in enumerate(layer_values)]
     atomic_write_csv(directory / "eigenvalues.csv", spectra_rows, ["layer", "split", "model", "index", "eigenvalue"])
     panels = [("effective rank", {f"{m} {s}": by(rows, "layer", f"model_{r}_effective_rank", split=s)
                                   for r, m in (("a", a), ("b", b)) for s in SPLITS}, None),
@@ -77,12 +82,11 @@ def write_covariance(directory: Path, rows: list[dict], selectivity: list[dict],
                                                    "normalised": by(selectivity, "layer",
                                                                     "selectivity_ratio_normalised")}, 1.0)]
     panel_plot(directory / "covariance.png", f"Activation covariance: {a} vs {b}", "layer", panels)
-    n_layers = len(spectra[("forget", a)])
-    layers = sorted({0, n_layers // 2, n_layers - 1})
+    shown = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
     spectra_plot(directory / "spectra_forget.png", f"Covariance spectra on forget text: {a} vs {b}",
-                 {a: spectra[("forget", a)], b: spectra[("forget", b)]}, layers)
+                 {m: dict(zip(layers, spectra[("forget", m)])) for m in (a, b)}, shown)
     atomic_write_json(directory / "summary.json", {"definitions": covariance.DEFINITIONS})
-    _finish(directory, {"rows": len(rows)})
+    _finish(directory, {"rows": len(rows)}, inputs)
 
 
 def _space_panels(rows: list[dict], models: tuple[str, str], space: str, what: str) -> list:
@@ -98,8 +102,10 @@ def _space_panels(rows: list[dict], models: tuple[str, str], space: str, what: s
     return panels
 
 
-def write_row_space(directory: Path, rows: list[dict], a: str, b: str, top_k: int, seed: int) -> None:
-    """``row_space_projection/``: energy shares in dW's row (and column) spaces, both models' activations."""
+def write_row_space(directory: Path, rows: list[dict], a: str, b: str, top_k: int, seed: int,
+                    not_captured: str = "", *, inputs: Mapping[str, Any] | None = None) -> None:
+    """``row_space_projection/``: energy shares in dW's row (and column) spaces, both models' activations;
+    ``not_captured`` (in ``summary.json``) names the blocks whose activations the caches do not hold."""
     atomic_write_csv(_begin(directory) / "row_space_projection.csv", rows, row_space.COLUMNS)
     panel_plot(directory / "row_space_projection.png",
                f"MLP input energy in dW's top-{top_k} row space: {a} -> {b}", "MLP layer",
@@ -114,8 +120,9 @@ def write_row_space(directory: Path, rows: list[dict], a: str, b: str, top_k: in
                                    for m in (a, b)},
         "mean_selectivity_ratio_by_space": {
             m: {space: _nanmean([r["selectivity_ratio"] for r in rows if r["activations"] == m and r["space"] == space])
-                for space in row_space.SPACES} for m in (a, b)}})
-    _finish(directory, {"rows": len(rows)})
+                for space in row_space.SPACES} for m in (a, b)},
+        **({"not_captured": not_captured} if not_captured else {})})
+    _finish(directory, {"rows": len(rows)}, inputs)
 
 
 def _nanmean(values: list[float]) -> float | None:
@@ -123,7 +130,8 @@ def _nanmean(values: list[float]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
-def write_probes(directory: Path, rows: list[dict], model: str, C: float, max_iter: int, seed: int) -> None:
+def write_probes(directory: Path, rows: list[dict], model: str, C: float, max_iter: int, seed: int, *,
+                 inputs: Mapping[str, Any] | None = None) -> None:
     """``linear_probes/`` of one model, with the probe's settings in ``summary.json``."""
     atomic_write_csv(_begin(directory) / "probe_results.csv", rows, probes.COLUMNS)
     atomic_write_json(directory / "summary.json", {**probes.summarise(rows), "model": model, "C": C,
@@ -131,14 +139,15 @@ def write_probes(directory: Path, rows: list[dict], model: str, C: float, max_it
     panels = [(metric, {model: by(rows, "layer", metric)}, 0.5 if metric == "auc" else None)
               for metric in ("accuracy", "selectivity", "auc")]
     panel_plot(directory / "linear_probes.png", f"Linear probes forget vs retain: {model}", "layer", panels)
-    _finish(directory, {"rows": len(rows)})
+    _finish(directory, {"rows": len(rows)}, inputs)
 
 
-def write_lens(directory: Path, rows: list[dict], summary: dict, model: str) -> None:
+def write_lens(directory: Path, rows: list[dict], summary: dict, model: str, *,
+               inputs: Mapping[str, Any] | None = None) -> None:
     """``wmdp_logit_lens/`` of one model: accuracy per layer for both scorings."""
     atomic_write_csv(_begin(directory) / outputs.LENS_CSV, rows, logit_lens.COLUMNS)
     atomic_write_json(directory / "summary.json", {"model": model, **summary})
     series = {scoring: by(rows, "layer", "accuracy", scoring=scoring) for scoring in ("letter", "cloze")}
     panel_plot(directory / "wmdp_logit_lens.png", f"WMDP accuracy by layer (logit lens): {model}", "layer",
                [("accuracy", series, 0.25)])
-    _finish(directory, {"rows": len(rows)})
+    _finish(directory, {"rows": len(rows)}, inputs)

@@ -17,8 +17,7 @@ from unlearn_lens import options
 @click.option("--base-name", default="base", show_default=True, help="Name of the base model in folder names and CSVs.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Address of a running dask.distributed scheduler (e.g. tcp://host:8786); default: local threads.")
-@click.option("--workers", type=int, default=None,
-              help="Local dask workers (threads, or processes with --processes); with threads also the number of "
+@options.workers(help="Local dask workers (threads, or processes with --processes); with threads also the number of "
                    "processes fitting the probes and separation classifiers. Default: one per core.")
 @click.option("--processes", is_flag=True,
               help="Run the local workers as processes (a dask.distributed LocalCluster) instead of threads.")
@@ -34,9 +33,12 @@ from unlearn_lens import options
 @click.option("--checkpoint", "checkpoint_specs", multiple=True, metavar="NAME=MODEL",
               help="Read model NAME's weights from MODEL (directory, .gguf or hub id) instead of the path its cache "
                    "records (e.g. caches copied to another machine); repeatable.")
+@click.option("--allow-mismatch", is_flag=True,
+              help="Read a checkpoint whose weights differ from those its cache was captured from (the cache's "
+                   "checkpoint_fingerprint); without it analyze refuses, naming both fingerprints.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def analyze(base_cache, compares, outdir, base_name, scheduler, workers, processes, max_samples, C, max_iter,
-            top_k, seed, checkpoint_specs, no_progress):
+            top_k, seed, checkpoint_specs, allow_mismatch, no_progress):
     """Norms, separation, covariance, row-space projection, linear probes and the logit lens.
 
     Reads only the caches (each chunk once per split) and, for the row-space projection and the
@@ -47,13 +49,22 @@ def analyze(base_cache, compares, outdir, base_name, scheduler, workers, process
     written = run_analyze(AnalyzeSettings(
         base_cache=base_cache, compare=tuple(compares), outdir=outdir, base_name=base_name, scheduler=scheduler,
         workers=workers, processes=processes, max_samples=max_samples, C=C, max_iter=max_iter, top_k=top_k,
-        seed=seed, checkpoints=tuple(checkpoint_specs), progress=not no_progress))
+        seed=seed, checkpoints=tuple(checkpoint_specs), progress=not no_progress, allow_mismatch=allow_mismatch))
     for name, folder in written["comparisons"].items():
         click.echo(f"{base_name} -> {name}: {folder}")
     for model, folders in written["models"].items():
         click.echo(f"{model}: " + ", ".join(folders.values()))
+    for model, found in written.get("weights", {}).items():
+        if found["checkpoint"] and found["checkpoint"] != found["cache"]:
+            click.echo(f"note: {model}: compared with weights other than those captured (--allow-mismatch: "
+                       f"checkpoint {found['checkpoint']}, cache {found['cache']})", err=True)
+        elif not found["cache"]:
+            click.echo(f"note: {model}: its cache records no checkpoint_fingerprint (captured before it was "
+                       "recorded, or from weights read only with torch): its checkpoint was not checked", err=True)
     if "skipped" in written:
         click.echo(f"note: {written['skipped']}")
+    for note in written.get("notes", []):
+        click.echo(f"note: {note}")
     seconds = written["seconds"]
     stages = ", ".join(f"{stage} {took:.1f} s" for stage, took in seconds.items())
     click.echo(f"took {sum(seconds.values()):.1f} s ({stages})")

@@ -26,8 +26,7 @@ from unlearn_lens import options
 @click.option("--rank-rtol", type=float, default=None,
               help="mlp_nullspace: singular values of W above RTOL * sigma_1(W) count towards its rank "
                    "(default: max(shape) * float32 eps, numpy's matrix_rank rule).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes; each reads and analyses its own matrices.")
+@options.workers(1, help="Worker processes; each reads and analyses its own matrices.")
 @options.seed(help="Seed of the null_space matrix sample.")
 @click.option("--steps", default=",".join(PARAMS_STEPS), show_default=True,
               help="Comma-separated steps to run: stats (param_stats + param_plots), mlp_attn, null_space, mlp_nullspace.")

@@ -14,5 +14,11 @@ from unlearn_lens.core.settings import DEFAULT_OUTDIR
 def report(outdir: str) -> None:
     """Rebuild the self-contained HTML report (plots and mechanistic-signature table)."""
     from analyses.report import discover, write_report
+    from analyses.report.inputs import unfinished_folders
 
-    click.echo(f"wrote {write_report(discover(outdir))}")
+    inputs = discover(outdir)
+    skipped = unfinished_folders(inputs)
+    if skipped:
+        click.echo(f"skipped {len(skipped)} folder(s) not marked complete: "
+                   + ", ".join(str(folder.relative_to(inputs.root)) for folder in skipped), err=True)
+    click.echo(f"wrote {write_report(inputs)}")

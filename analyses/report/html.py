@@ -11,6 +11,8 @@ import html
 from pathlib import Path
 from typing import Sequence
 
+from unlearn_lens.core import outputs
+
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:1.5rem;color:#1d232a}
 h1{margin-bottom:.2rem} h2{border-bottom:2px solid #e3e7ec;padding-bottom:.3rem;margin-top:2.2rem}
@@ -46,9 +48,12 @@ def png_figure(png: bytes, caption: str, alt: str | None = None, style: str = ""
 
 
 def figures(directory: Path, folders: Sequence[str]) -> str:
-    """Every PNG in ``directory/<folder>/``, one heading a folder; a note when there are none."""
+    """Every PNG in ``directory/<folder>/`` of a folder marked complete, one heading a folder; a note when
+    there are none."""
     parts = []
     for folder in folders:
+        if not outputs.is_complete(directory / folder):
+            continue
         pngs = sorted((directory / folder).glob("*.png"))
         if pngs:
             images = "".join(png_figure(p.read_bytes(), f"{p.parent.name}/{p.name}") for p in pngs)

@@ -6,10 +6,12 @@ import html
 from pathlib import Path
 
 from analyses.report.html import STYLE, figures, section, table
-from analyses.report.inputs import ReportInputs
+from analyses.report.inputs import ReportInputs, unfinished_folders
 from analyses.report.recoverability import recoverability_section
 from analyses.report.recovery import recovery_section
 from analyses.report.signatures import signature_table
+from analyses.report.testbed import testbed_section
+from analyses.report.study import study_section
 from unlearn_lens.core import outputs
 from unlearn_lens.core.atomic import atomic_write_text
 
@@ -17,6 +19,10 @@ SIGNATURE_INTRO = ("Each column is one intervention (base → model). Read down 
                    "row to compare interventions. A brittle, shallow edit tends to be small, low-rank, "
                    "attention-localised, null-space aligned, with little activation change and knowledge still "
                    "readable at intermediate layers.")
+
+
+SKIPPED_INTRO = ("These folders are not marked complete (their step is still running, was stopped, or is being "
+                 "recomputed from other inputs), so nothing in them is shown; rerun their step to include them.")
 
 
 def _steps(steps: dict[str, str]) -> str:
@@ -36,12 +42,18 @@ def render_report(inputs: ReportInputs) -> str:
     sections = [
         f"<h1>unlearn-lens report</h1><p class='muted'>Base model <b>{base}</b>; "
         f"compared with {', '.join(f'<b>{html.escape(n)}</b>' for n in names)}.</p><nav>{nav}</nav>",
+        testbed_section(inputs),
         section("signature", "Mechanistic signature", SIGNATURE_INTRO, signature),
         recoverability_section(inputs),
         recovery_section(inputs),
+        study_section(inputs),
     ]
     if inputs.steps:
         sections.append(_steps(inputs.steps))
+    skipped = unfinished_folders(inputs)
+    if skipped:
+        sections.append(section("skipped", "Left out", SKIPPED_INTRO, table(
+            [{"folder": str(folder.relative_to(inputs.root))} for folder in skipped], ["folder"])))
     for name in names:
         sections.append(f"<h2 id='cmp-{html.escape(name)}'>{base} → {html.escape(name)}</h2>")
         sections.append(figures(inputs.comparison_dir(name), outputs.COMPARISON_FOLDERS))

@@ -1,17 +1,19 @@
 """Brittleness: the signature beside the recovery measured by relearning (``unlearn-lens relearn``).
 
 Reads ``<model>/relearning/summary.json``; the table and the figure set each row of
-``RECOVERY_PREDICTORS`` beside the steps to half recovery, with Spearman ρ across comparisons.
+``RECOVERY_PREDICTORS`` beside the steps to half recovery, with Spearman ρ across comparisons
+(computed from the tidy signature numbers; exact p below 10 comparisons; Holm over the table).
 """
 
 from __future__ import annotations
 
+import html
 import math
 
-from analyses.report.html import png_figure, section, table
+from analyses.report.html import muted, png_figure, section, table
 from analyses.report.inputs import ReportInputs, read_json
-from analyses.report.signatures import RECOVERY_PREDICTORS, signature_number, signature_texts, signature_values
-from analyses.report.stats import fmt, spearman_text
+from analyses.report.signatures import RECOVERY_PREDICTORS, SIGNATURE, predictor_columns, signature_table
+from analyses.report.stats import family_note, fmt, spearman_cell, spearman_family
 from unlearn_lens.core import outputs
 
 INTRO = ("A fine-tuning attack (plain NLL descent on a few forget texts, `unlearn-lens relearn`) measures how "
@@ -44,29 +46,46 @@ def recovery_steps(summary: dict, metric: str | None = None) -> tuple[float | No
     return None, "no gap"
 
 
+def _targets(inputs: ReportInputs) -> tuple[str, dict[str, list[tuple[float | None, str]]]]:
+    """(the accuracy metric's name, {column: [(ranked value, text) per comparison]}) of both recovery measures."""
+    summaries = [relearning_summary(inputs, n) for n in inputs.comparisons]
+    metric = next((s.get("steps_to_half_recovery_metric") for s in summaries if s), "cloze_accuracy")
+    return metric, {f"steps to half recovery ({metric.replace('_', ' ')})": [recovery_steps(s) for s in summaries],
+                    "steps to half recovery (forget NLL)": [recovery_steps(s, "forget_nll") for s in summaries]}
+
+
+def recovery_correlations(inputs: ReportInputs) -> dict:
+    """The table's family of Spearman tests: ``{(signature short name, recovery column): Tested}``."""
+    predictors = predictor_columns(inputs)
+    _, targets = _targets(inputs)
+    return spearman_family({(short, column): (xs, [t[0] for t in target])
+                            for column, target in targets.items() for short, xs in predictors.items()})
+
+
 def recovery_table(inputs: ReportInputs) -> tuple[list[dict[str, str]], list[str]]:
     """Rows (one per comparison, then one Spearman row per recovery measure) and the columns."""
     names = inputs.comparisons
-    predictor_text = {short: signature_texts(inputs, label) for short, label in RECOVERY_PREDICTORS}
-    predictor_values = {short: [signature_number(text) for text in texts] for short, texts in predictor_text.items()}
-    summaries = [relearning_summary(inputs, n) for n in names]
-    accuracy = [recovery_steps(s) for s in summaries]
-    nll = [recovery_steps(s, "forget_nll") for s in summaries]
-    metric = next((s.get("steps_to_half_recovery_metric") for s in summaries if s), "cloze_accuracy")
-    acc_column = f"steps to half recovery ({metric.replace('_', ' ')})"
-    nll_column = "steps to half recovery (forget NLL)"
-    columns = ["comparison", *[short for short, _ in RECOVERY_PREDICTORS], acc_column, nll_column]
+    cells = {row["metric"]: row for row in signature_table(inputs)}
+    labels = dict(_predictor_labels())
+    _, targets = _targets(inputs)
+    family = recovery_correlations(inputs)
+    columns = ["comparison", *[short for short, _ in RECOVERY_PREDICTORS], *targets]
     rows = []
     for index, name in enumerate(names):
-        row = {"comparison": f"{inputs.base} → {name}", acc_column: accuracy[index][1], nll_column: nll[index][1]}
-        row.update({short: predictor_text[short][index] for short, _ in RECOVERY_PREDICTORS})
+        row = {"comparison": f"{inputs.base} → {name}", **{c: target[index][1] for c, target in targets.items()}}
+        row.update({short: cells[labels[short]][name] for short, _ in RECOVERY_PREDICTORS})
         rows.append(row)
-    for label, target in ((f"Spearman ρ with {acc_column}", accuracy), (f"Spearman ρ with {nll_column}", nll)):
-        row = {"comparison": label, acc_column: "", nll_column: ""}
-        row.update({short: spearman_text(predictor_values[short], [t[0] for t in target])
-                    for short, _ in RECOVERY_PREDICTORS})
+    for column in targets:
+        row = {"comparison": f"Spearman ρ with {column}", **{c: "" for c in targets}}
+        row.update({short: spearman_cell(family.get((short, column))) for short, _ in RECOVERY_PREDICTORS})
         rows.append(row)
     return rows, columns
+
+
+def _predictor_labels() -> list[tuple[str, str]]:
+    """(short name, signature-table label) of each predictor: the row whose cell shows it."""
+    by_column = {column: row.label for row in SIGNATURE for column in row.columns}
+    return [(short, by_column[column]) for short, column in RECOVERY_PREDICTORS]
 
 
 def recovery_plot(inputs: ReportInputs) -> bytes:
@@ -77,11 +96,14 @@ def recovery_plot(inputs: ReportInputs) -> bytes:
 
     names = inputs.comparisons
     steps = [recovery_steps(relearning_summary(inputs, n))[0] for n in names]
+    predictors = predictor_columns(inputs)
+    family = recovery_correlations(inputs)
+    accuracy_column = next(iter(_targets(inputs)[1]))
     columns = 4
     panel_rows = math.ceil(len(RECOVERY_PREDICTORS) / columns)
     figure, axes = subplots(panel_rows, columns, figsize=(4 * columns, 3.4 * panel_rows), squeeze=False)
-    for axis, (short, label) in zip(axes.flat, RECOVERY_PREDICTORS):
-        xs = signature_values(inputs, label)
+    for axis, (short, _) in zip(axes.flat, RECOVERY_PREDICTORS):
+        xs = predictors[short]
         points = [(x, y, n) for x, y, n in zip(xs, steps, names) if x is not None and y is not None]
         for x, y, n in points:
             axis.scatter(x, y, color="tab:red")
@@ -89,8 +111,8 @@ def recovery_plot(inputs: ReportInputs) -> bytes:
         if not points:
             axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes, color="grey")
         axis.set(xlabel=short, ylabel="steps to half recovery",
-                 title=f"{short}: {spearman_text(xs, steps)}")
-        axis.title.set_fontsize(9)
+                 title=f"{short}: {spearman_cell(family.get((short, accuracy_column)))}")
+        axis.title.set_fontsize(8)
     for axis in list(axes.flat)[len(RECOVERY_PREDICTORS):]:
         axis.set_visible(False)
     figure.suptitle("Mechanistic signature vs measured recovery under relearning")
@@ -111,5 +133,6 @@ def recovery_section(inputs: ReportInputs) -> str:
     body = None
     if any(relearning_summary(inputs, n) for n in inputs.comparisons):
         rows, columns = recovery_table(inputs)
-        body = table(rows, columns) + f"<div class='figs'>{recovery_figure(inputs)}</div>"
+        body = (table(rows, columns) + muted(html.escape(family_note(recovery_correlations(inputs))))
+                + f"<div class='figs'>{recovery_figure(inputs)}</div>")
     return section("recovery", "Brittleness: signature vs measured recovery", INTRO, body, EMPTY)

@@ -1,12 +1,17 @@
-"""The report's numbers: finite floats from CSV rows, mean / median, Spearman ρ, and their text.
+"""The report's numbers: finite floats from CSV rows, mean / median, Spearman tests, and their text.
 
-``fmt`` and ``fmt_pair`` are the one place a missing value becomes a dash.
+``fmt`` and ``fmt_pair`` are the one place a missing value becomes a dash. Correlations are computed
+from numbers (``analyses.uncertainty.spearman``: exact permutation p below 10 pairs) in families
+(``spearman_family``: every test of one table, Holm-adjusted together), never from formatted cells.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Hashable, Mapping, Sequence
+
+from analyses.uncertainty import EXACT_SPEARMAN_BELOW, Correlation, holm, spearman
 
 #: the text of a correlation over fewer than three comparisons
 NEEDS_THREE = "needs >= 3 comparisons"
@@ -55,19 +60,51 @@ def fmt_pair(first: float | None, second: float | None, separator: str, need_bot
     return fmt(None) if missing else f"{fmt(first)} {separator} {fmt(second)}"
 
 
-def spearman_text(xs: Sequence[float | None], ys: Sequence[float | None]) -> str:
-    """Spearman ρ over the comparisons that have both values; a note when fewer than three."""
-    import warnings
+@dataclass(frozen=True)
+class Tested:
+    """One Spearman test of a family: its correlation and its Holm-adjusted p over the whole family."""
 
-    from scipy.stats import spearmanr
+    correlation: Correlation
+    holm_p: float
 
-    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
-    if len(pairs) < 3:
+
+def spearman_family(pairs: Mapping[Hashable, tuple[Sequence[float | None], Sequence[float | None]]]
+                    ) -> dict[Hashable, Tested]:
+    """Spearman ρ of each ``(xs, ys)`` (pairs with both values finite; exact permutation p below
+    ``EXACT_SPEARMAN_BELOW`` pairs) and its Holm-adjusted p over every test of the family that has a p."""
+    results = {key: spearman([_float(x) for x in xs], [_float(y) for y in ys]) for key, (xs, ys) in pairs.items()}
+    keys = list(results)
+    adjusted = holm([results[k].p for k in keys])
+    return {k: Tested(results[k], adjusted[i]) for i, k in enumerate(keys)}
+
+
+def tested_count(family: Mapping[Hashable, Tested]) -> int:
+    """How many correlations of a family have a p-value (the number Holm adjusts for)."""
+    return sum(1 for t in family.values() if math.isfinite(t.correlation.p))
+
+
+def family_note(family: Mapping[Hashable, Tested]) -> str:
+    """The sentence every correlation table carries: how many were tested and how p was computed."""
+    count = tested_count(family)
+    return (f"{count} correlation{'s' if count != 1 else ''} tested here; each p is two-sided (exact, over every "
+            f"permutation, below {EXACT_SPEARMAN_BELOW} pairs; scipy's t approximation above), and Holm p adjusts it "
+            f"for all {count}.")
+
+
+def spearman_cell(tested: Tested | None) -> str:
+    """``ρ = 0.80 (p = 0.33 exact, Holm p = 1, n = 4)``; a note below three pairs or for a constant."""
+    if tested is None:
         return NEEDS_THREE
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = spearmanr([p[0] for p in pairs], [p[1] for p in pairs])
-    rho, p_value = float(result.statistic), float(result.pvalue)
-    if not math.isfinite(rho):
-        return f"— (constant, n = {len(pairs)})"
-    return f"ρ = {rho:.2f} (p = {fmt(p_value, 2)}, n = {len(pairs)})"
+    c = tested.correlation
+    if c.n < 3:
+        return NEEDS_THREE
+    if not math.isfinite(c.rho):
+        return f"— (constant, n = {c.n})"
+    return f"ρ = {c.rho:.2f} (p = {fmt(c.p, 2)} {c.method}, Holm p = {fmt(tested.holm_p, 2)}, n = {c.n})"
+
+
+def _float(value) -> float:
+    try:
+        return float(value) if value is not None else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")

@@ -12,6 +12,7 @@ tensor being read. Names are always Hugging Face names; ``read_matrix`` returns 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -42,16 +43,63 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict[str, Any]]
     with open(path, "rb") as handle:
         raw = handle.read(8)
         if len(raw) != 8:
-            raise UserError(f"{path}: not a safetensors file (too short)")
+            raise UserError(f"{path} is truncated ({len(raw)} bytes: not even a safetensors header); "
+                            f"{COPY_AGAIN}")
         (length,) = struct.unpack("<Q", raw)
         if length > 100 * 2**20:
             raise UserError(f"{path}: not a safetensors file (header length {length})")
+        text = handle.read(length)
+        if len(text) < length:
+            raise UserError(f"{path} is truncated (it ends inside its safetensors header); {COPY_AGAIN}")
         try:
-            header = json.loads(handle.read(length))
+            header = json.loads(text)
         except ValueError as exc:
             raise UserError(f"{path}: not a safetensors file (bad header)") from exc
     header.pop("__metadata__", None)
     return header, 8 + length
+
+
+#: what to do about a truncated or damaged weights file
+COPY_AGAIN = "copy or download it again (a partial download or copy)"
+
+
+def check_safetensors_size(path: str | Path, header: dict[str, dict[str, Any]], start: int) -> None:
+    """Refuse a safetensors file shorter than its header says: it was cut off (a partial copy or download)."""
+    needed = start + max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    size = os.path.getsize(path)
+    if size < needed:
+        raise UserError(f"{path} is truncated ({size} bytes; its header describes {needed}); {COPY_AGAIN}")
+
+
+def check_weight_files(spec: str) -> None:
+    """Refuse a local checkpoint whose safetensors files are cut off, before anything loads them.
+
+    Reads only the headers and file sizes, so a 6.9B model's truncated shard is named in a second
+    instead of failing in the middle of a load. Hub ids are left to the download; directories
+    without safetensors (``.bin``) are not checked; a GGUF file is checked when its load fails
+    (``open_gguf``: parsing it costs seconds).
+    """
+    source = resolve_source(spec)
+    if source.kind == "hf_dir":
+        try:
+            files = _safetensors_files(source.path)
+        except UserError:
+            return
+        for file in files:
+            check_safetensors_size(file, *read_safetensors_header(file))
+
+
+def open_gguf(file: str | Path) -> Any:
+    """A ``gguf.GGUFReader`` of ``file``; a one-line ``UserError`` naming a truncated or damaged file."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(file))
+    except Exception as exc:  # a truncated copy (its tensor table points past the end), a foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        size = os.path.getsize(file)
+        raise UserError(f"{file} is truncated or not a GGUF file ({size} bytes; reading it failed: "
+                        f"{type(exc).__name__}: {first}); {COPY_AGAIN}") from None
 
 
 class Checkpoint:
@@ -75,6 +123,24 @@ class Checkpoint:
 
     def _read_raw(self, name: str) -> np.ndarray:
         raise NotImplementedError
+
+    def _stored(self) -> Any:
+        """``(name, shape, stored dtype, byte chunks)`` of every stored tensor, sorted by name."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 prefix over every stored tensor's name, shape, stored dtype and bytes, as stored.
+
+        It changes with any weight and needs no torch, so a cache can record it at capture
+        (``checkpoint_fingerprint``) and a reader can check, on a CPU node, that the checkpoint it
+        combines with the cache holds the weights the cache was captured from.
+        """
+        digest = hashlib.sha256()
+        for name, shape, dtype, chunks in self._stored():
+            digest.update(f"{name}|{tuple(shape)}|{dtype}|".encode())
+            for chunk in chunks:
+                digest.update(chunk)
+        return digest.hexdigest()[:32]
 
     def __contains__(self, name: str) -> bool:
         return name in set(self.names())
@@ -137,6 +203,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self._where: dict[str, tuple[Path, dict[str, Any], int]] = {}
         for file in self._files:
             header, start = read_safetensors_header(file)
+            check_safetensors_size(file, header, start)
             for name, entry in header.items():
                 self._where[name] = (file, entry, start)
         self._names = sorted(self._where)
@@ -150,6 +217,12 @@ class SafetensorsCheckpoint(Checkpoint):
     def shape(self, name: str) -> tuple[int, ...]:
         self._check(name)
         return tuple(int(n) for n in self._where[name][1]["shape"])
+
+    def _stored(self) -> Any:
+        for name in self._names:
+            file, entry, start = self._where[name]
+            begin, end = (int(offset) for offset in entry["data_offsets"])
+            yield name, entry["shape"], entry["dtype"], _file_chunks(file, start + begin, end - begin)
 
     def stored_dtype(self, name: str) -> str:
         """safetensors dtype code of one tensor (``F32``, ``F16``, ``BF16`` ...)."""
@@ -170,6 +243,22 @@ class SafetensorsCheckpoint(Checkpoint):
 
         with safe_open(str(file), framework="numpy") as handle:
             return handle.get_tensor(name)
+
+
+#: bytes read at a time when hashing stored tensors (bounded memory for 6.9B checkpoints)
+_HASH_CHUNK = 64 << 20
+
+
+def _file_chunks(path: Path, offset: int, length: int) -> Any:
+    """The ``length`` bytes of ``path`` from ``offset``, in chunks of at most ``_HASH_CHUNK``."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        while length > 0:
+            chunk = handle.read(min(length, _HASH_CHUNK))
+            if not chunk:
+                raise UserError(f"{path} is truncated (it ends inside a tensor); {COPY_AGAIN}")
+            length -= len(chunk)
+            yield chunk
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -238,13 +327,8 @@ class GGUFCheckpoint(Checkpoint):
     """A llama-family GGUF file, dequantized to float32 tensor by tensor, in HF names and layout."""
 
     def __init__(self, file: str | Path):
-        import gguf
-
         self.path = str(file)
-        try:
-            self._reader = gguf.GGUFReader(self.path)
-        except Exception as exc:  # a corrupt or foreign file: one line
-            raise UserError(f"{file}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+        self._reader = open_gguf(self.path)
         meta = {key: self._field(key) for key in self._reader.fields if not key.startswith("tokenizer.")}
         arch = meta.get("general.architecture")
         if arch != "llama":
@@ -270,6 +354,10 @@ class GGUFCheckpoint(Checkpoint):
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
         }
         self.family = family_from_config(self.config)
+
+    def _stored(self) -> Any:
+        for tensor in sorted(self._reader.tensors, key=lambda t: t.name):  # every tensor, in GGUF names
+            yield tensor.name, tensor.shape.tolist(), tensor.tensor_type.name, [np.ascontiguousarray(tensor.data)]
 
     def _field(self, key: str) -> Any:
         field = self._reader.fields[key]
@@ -341,3 +429,12 @@ def open_checkpoint(spec: str, revision: str | None = None) -> Checkpoint:
         return GGUFCheckpoint(source.path)
     directory = source.path if source.kind == "hf_dir" else _download(source.spec, revision)
     return SafetensorsCheckpoint(directory, _read_config(directory))
+
+
+def checkpoint_fingerprint(spec: str, revision: str | None = None) -> str | None:
+    """``Checkpoint.fingerprint`` of a model spec, or None where its weights cannot be read without
+    torch (pickle ``.bin`` weights, a GGUF architecture this reader does not know)."""
+    try:
+        return open_checkpoint(spec, revision).fingerprint()
+    except UserError:
+        return None

@@ -38,11 +38,13 @@ from analyses.weights.params_stats import (
 from analyses.weights.quantization import FLIP_COLUMNS, flip_summary
 from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.identity import inputs_record
+from unlearn_lens.core.limits import at_least_message
 
 #: Bumped when an output's contents change meaning, so that older complete folders are recomputed
 #: (2: embedding rows, dW's empirical rank by default, null-space sample among changed matrices,
-#: quantization_flips.csv).
-OUTPUTS_VERSION = 2
+#: quantization_flips.csv; 3: int4 at group 128 and 32, predicted in bfloat16, attack_quantizes).
+OUTPUTS_VERSION = 3
 STEPS = ("stats", "mlp_attn", "null_space", "mlp_nullspace")
 FOLDERS = {
     "stats": (outputs.PARAM_STATS, outputs.PARAM_PLOTS),
@@ -67,12 +69,12 @@ def sample_pairs(pairs: Sequence[MatrixPair], num: int, seed: int) -> list[Matri
     return [pairs[i] for i in sorted(int(i) for i in chosen)]
 
 
-def _finished(folder: Path, options: dict) -> bool:
+def _finished(folder: Path, options: dict, inputs: dict) -> bool:
     marker = folder / COMPLETE_MARKER
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("options") == options
+        return json.loads(marker.read_text()).get("options") == options and outputs.is_complete(folder, inputs)
     except ValueError:
         return False
 
@@ -98,14 +100,17 @@ def run_params(
     if unknown:
         raise UserError(f"unknown step {unknown[0]!r}; choose from {', '.join(STEPS)}")
     if subspace_k < 1:
-        raise UserError(f"--subspace-k must be at least 1, got {subspace_k}")
+        raise UserError(at_least_message("--subspace-k", 1, subspace_k))
     if rank_rtol is not None and not (0 < rank_rtol < 1):
         raise UserError(f"--rank-rtol must be in (0, 1), got {rank_rtol}")
     outdir = Path(outdir)
     options = {"model_a": model_a, "model_b": model_b, "revision_a": revision_a, "revision_b": revision_b,
                "empirical_rank": empirical_rank, "num_matrices": num_matrices, "seed": seed,
                "subspace_k": subspace_k, "rank_rtol": rank_rtol, "outputs_version": OUTPUTS_VERSION}
-    todo = [s for s in STEPS if s in steps and (force or not all(_finished(outdir / f, options) for f in FOLDERS[s]))]
+    # a model rewritten in place (its files' sizes and times) is another input: its folders are recomputed
+    inputs = inputs_record(models=[("model_a", model_a, revision_a), ("model_b", model_b, revision_b)])
+    todo = [s for s in STEPS
+            if s in steps and (force or not all(_finished(outdir / f, options, inputs) for f in FOLDERS[s]))]
     if not todo:
         return {"skipped": True, "outdir": str(outdir)}
 
@@ -140,7 +145,7 @@ def run_params(
         results = results + part
     layer_rows = per_layer(rows, empirical_rank) if need_stats else []
     summary = headline_summary(rows, layer_rows) if need_stats else {}
-    meta = {"options": options, "family": ckpt_a.family}
+    meta = {"inputs": inputs, "options": options, "family": ckpt_a.family}
 
     if "stats" in todo:
         flips = [row for r in results if r.get("quantization") for row in r["quantization"]]

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from analyses.weights.checkpoints import Checkpoint, open_checkpoint
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.limits import check_counts
 from unlearn_lens.core.naming import classify, is_embedding_weight, is_linear_weight, is_transposed
 
 #: Group of the weights outside the blocks (embeddings, untied unembedding); layer -1.
@@ -126,8 +127,7 @@ def map_pairs(
     limits BLAS to its share of the cores so that workers do not oversubscribe them.
     """
     options = dict(options or {})
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
+    check_counts(workers=workers)
     progress = dict(total=len(pairs), desc=desc, unit="matrix", disable=None)
     if workers == 1 or len(pairs) <= 1:
         return [job(ckpt_a, ckpt_b, pair, **options) for pair in tqdm(pairs, **progress)]

@@ -6,21 +6,29 @@ that from the weights alone, matrix by matrix: the share of entries whose intege
 between base and modified at each setting of ``QUANT_SETTINGS``.
 
 The quantizer is a transcription of torchao 0.18's ``choose_qparams_affine`` + ``quantize_affine``
-(``torchao/quantization/quant_primitives.py``) for exactly the two configs named below, both
+(``torchao/quantization/quant_primitives.py``) for exactly the configs named below, all
 symmetric with zero point 0:
 
 * ``int8``: ``Int8WeightOnlyConfig()`` (``Int8Tensor.from_hp``): one scale per output row,
   ``scale = max(|min(row, 0)|, max(row, 0)) / 127.5`` computed in the weight's dtype, clamped below
   at float32 eps and kept in float32; ``code = clamp(round(w * (1 / scale)), -128, 127)`` in float32.
-* ``int4``: ``IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP_SIZE))``
-  (``IntxUnpackedToInt8Tensor.from_hp``): one scale per group of ``INT4_GROUP_SIZE`` consecutive
-  input entries of a row, ``/ 7.5``, clamped at the weight dtype's smallest normal and kept in the
-  weight's dtype; the code is computed in that dtype too, clamped to [-8, 7].
+* ``int4``: ``IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(128))``
+  (``IntxUnpackedToInt8Tensor.from_hp``): one scale per group of 128 consecutive input entries of
+  a row (the group size of torchao's own ``Int4WeightOnlyConfig``), ``/ 7.5``, clamped at the
+  weight dtype's smallest normal and kept in the weight's dtype; the code is computed in that
+  dtype too, clamped to [-8, 7]. ``int4-g32``: the same with groups of 32 (finer groups keep
+  more of a small update). A matrix whose input width the group does not divide is left
+  unquantized, as ``Int4WeightOnlyConfig`` leaves it (it logs and skips).
 
 ``round`` is round-half-to-even (``torch.round`` and ``np.rint``). ``compute_dtype`` says which
 dtype the model holds when it is quantized (``float32``, ``float16`` or ``bfloat16``); bfloat16
 arithmetic is emulated as float32 arithmetic rounded to bfloat16 after every operation, as
-PyTorch's CPU kernels do.
+PyTorch's CPU kernels do. ``params`` predicts in ``PREDICTION_DTYPE`` (bfloat16: what
+``--dtype auto`` holds on a GPU, and what Zhang et al. load); the quantize attack on a CPU holds
+float32 (the difference is measured in tests/test_quantization.py).
+
+Rows of matrices the attack does not quantize (embeddings, an untied unembedding, a width the
+int4 group does not divide) carry ``attack_quantizes`` False and stay out of ``flip_summary``.
 """
 
 from __future__ import annotations
@@ -31,8 +39,13 @@ from typing import Any
 
 import numpy as np
 
-#: Group size of the int4 setting: divides SmolLM2's widths (576, 1536) and Pythia's (512 ... 4096).
-INT4_GROUP_SIZE = 32
+#: Group size of the int4 setting: torchao's ``Int4WeightOnlyConfig`` default (divides Pythia's widths;
+#: of SmolLM2's, 1536 but not 576).
+INT4_GROUP_SIZE = 128
+#: The finer int4 setting, reported too: divides SmolLM2's widths (576, 1536) and Pythia's (512 ... 4096).
+INT4_FINE_GROUP_SIZE = 32
+#: The dtype ``params`` predicts in: a model's compute dtype on a GPU under ``--dtype auto``.
+PREDICTION_DTYPE = "bfloat16"
 #: Dtypes a model may hold when it is quantized (the arithmetic of the scales and codes follows it).
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 #: Rows quantized at a time: bounds the temporaries to a few copies of this many rows.
@@ -64,13 +77,16 @@ QUANT_SETTINGS: dict[str, QuantSetting] = {
     "int8": QuantSetting("int8", "int8", -128, 127, None, False, "float32_eps", "Int8WeightOnlyConfig()"),
     "int4": QuantSetting("int4", "int4", -8, 7, INT4_GROUP_SIZE, True, "dtype_smallest_normal",
                          f"IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup({INT4_GROUP_SIZE}))"),
+    "int4-g32": QuantSetting("int4-g32", "int4", -8, 7, INT4_FINE_GROUP_SIZE, True, "dtype_smallest_normal",
+                             "IntxWeightOnlyConfig(weight_dtype=torch.int4, "
+                             f"granularity=PerGroup({INT4_FINE_GROUP_SIZE}))"),
 }
 
 FLIP_COLUMNS = [
     "name", "layer", "group", "role", "setting", "shape0", "shape1", "compute_dtype", "n_entries", "n_changed",
     "n_flipped", "flip_share", "n_flipped_changed", "flip_share_of_changed", "n_dequant_changed",
     "dequant_change_share", "n_groups", "n_scale_changed", "step_min", "step_median", "step_max",
-    "dW_over_step_mean", "dW_over_step_max", "note",
+    "dW_over_step_mean", "dW_over_step_max", "attack_quantizes", "note",
 ]
 
 
@@ -202,18 +218,28 @@ def flip_stats(w_a: np.ndarray, w_b: np.ndarray, setting: QuantSetting | str,
 
 
 def flip_rows(name: str, layer: int, group: str, role: str, w_a: np.ndarray, w_b: np.ndarray,
-              compute_dtype: str = "float32") -> list[dict[str, Any]]:
-    """Rows of ``quantization_flips.csv`` for one matrix, one per setting of ``QUANT_SETTINGS``."""
+              compute_dtype: str = PREDICTION_DTYPE) -> list[dict[str, Any]]:
+    """Rows of ``quantization_flips.csv`` for one matrix, one per setting of ``QUANT_SETTINGS``.
+
+    ``attack_quantizes``: whether the quantize attack quantizes this matrix at that setting: the
+    blocks' matrices (``layer >= 0``) whose width the setting's groups divide; never an embedding
+    or the unembedding (kept in full precision by default, as transformers' bitsandbytes loading does).
+    """
     head = {"name": name, "layer": layer, "group": group, "role": role, "shape0": w_a.shape[0],
             "shape1": w_a.shape[1]}
-    return [{**head, **flip_stats(w_a, w_b, setting, compute_dtype)} for setting in QUANT_SETTINGS.values()]
+    rows = []
+    for setting in QUANT_SETTINGS.values():
+        stats = flip_stats(w_a, w_b, setting, compute_dtype)
+        rows.append({**head, **stats, "attack_quantizes": layer >= 0 and not stats["note"]})
+    return rows
 
 
 def flip_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per setting, over every matrix: entries, changed entries, flips and the share of changed that flip."""
+    """Per setting, over the matrices the attack quantizes: entries, changed entries, flips and the
+    share of changed that flip; ``matrices_left_out`` counts the others (embeddings, indivisible widths)."""
     summary: dict[str, dict[str, Any]] = {}
     for setting in QUANT_SETTINGS:
-        chosen = [r for r in rows if r["setting"] == setting and not r.get("note")]
+        chosen = [r for r in rows if r["setting"] == setting and _quantized(r)]
         total = {k: int(sum(r[k] for r in chosen)) for k in ("n_entries", "n_changed", "n_flipped",
                                                               "n_flipped_changed", "n_dequant_changed")}
         summary[setting] = {
@@ -222,6 +248,14 @@ def flip_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "matrices_changed": sum(1 for r in chosen if r["n_changed"] > 0),
             # changed matrices whose quantized form is the base's: the update is erased there
             "changed_matrices_erased": sum(1 for r in chosen if r["n_changed"] > 0 and r["n_dequant_changed"] == 0),
+            "matrices_left_out": sum(1 for r in rows if r["setting"] == setting and not _quantized(r)),
+            "compute_dtype": sorted({str(r["compute_dtype"]) for r in chosen}),
             "torchao_config": QUANT_SETTINGS[setting].torchao_config,
         }
     return summary
+
+
+def _quantized(row: dict[str, Any]) -> bool:
+    """Whether the attack quantizes a row's matrix (read back from a CSV, the flag is text)."""
+    flag = row.get("attack_quantizes", True)
+    return (flag if isinstance(flag, bool) else str(flag) == "True") and not row.get("note")

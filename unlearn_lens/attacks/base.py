@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from analyses.recovery import METRICS
+from analyses.uncertainty import PER_ITEM
 from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.settings import DEFAULT_MAX_LENGTH
@@ -31,7 +32,7 @@ ATTACKS: dict[str, str] = {
 NEEDS_CACHES = frozenset({"ablate"})
 
 __all__ = ["ATTACKS", "METRICS", "NEEDS_CACHES", "AttackContext", "AttackResult", "AttackSettings",
-           "attack_options", "resolve_attack"]
+           "attack_options", "evaluation_record", "metric_values", "per_item_values", "resolve_attack"]
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,36 @@ class AttackResult:
     target: str  # "modified" (the attacked unlearned model) or "control" (the base under the same attack)
     metrics: dict[str, float]
     seconds: float
-    reference: dict[str, dict[str, float]] | None = None  # unattacked {"base", "modified"} on the attack's data
+    reference: dict[str, dict] | None = None  # unattacked {"base", "modified"} on the attack's data (with PER_ITEM)
     extra: dict[str, object] = field(default_factory=dict)
+    #: each metric's per-item results (``evaluation.evaluate``'s PER_ITEM): what the intervals resample.
+    #: Empty: those ``metrics`` carries under PER_ITEM when it is a whole ``evaluate`` result.
+    per_item: dict[str, dict] = field(default_factory=dict)
 
     def record(self) -> dict:
-        """A JSON-ready dict (what the runner stores per attack)."""
+        """A JSON-ready dict (what the runner stores per attack), the per-item results included."""
+        reference = None if self.reference is None else {which: evaluation_record(values or {})
+                                                         for which, values in self.reference.items()}
         return {"attack": self.attack, "setting": self.setting, "target": self.target,
-                "metrics": {m: float(self.metrics.get(m, float("nan"))) for m in METRICS}, "seconds": float(self.seconds),
-                "reference": self.reference, "extra": dict(self.extra)}
+                "metrics": {m: float(self.metrics.get(m, float("nan"))) for m in METRICS},
+                PER_ITEM: self.per_item or per_item_values(self.metrics), "seconds": float(self.seconds),
+                "reference": reference, "extra": dict(self.extra)}
+
+
+def metric_values(evaluation: dict) -> dict[str, float]:
+    """METRICS' values of an evaluation (``evaluation.evaluate``'s result)."""
+    return {m: float(evaluation[m]) for m in METRICS if m in evaluation}
+
+
+def per_item_values(evaluation: dict) -> dict[str, dict]:
+    """The per-item results of METRICS in an evaluation (its ``PER_ITEM``); {} when it has none."""
+    per_item = evaluation.get(PER_ITEM) or {}
+    return {m: per_item[m] for m in METRICS if per_item.get(m)}
+
+
+def evaluation_record(evaluation: dict) -> dict:
+    """METRICS' values and, under PER_ITEM, their per-item results: what a stored reference keeps."""
+    return {**metric_values(evaluation), PER_ITEM: per_item_values(evaluation)}
 
 
 def resolve_attack(name: str) -> Callable[["AttackContext"], Iterable[AttackResult]]:

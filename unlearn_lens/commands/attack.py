@@ -30,7 +30,12 @@ from unlearn_lens.attacks.options import parse_option_flags
 @options.seed(help="Seed of the attacks' random choices.")
 @click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
               help="An attack setting, repeatable, e.g. ablate_k=1,4 ablate_layers=3,7 "
-                   "ablate_modes=single,orthogonalize (each attack module lists its options and defaults).")
+                   "ablate_modes=single,per_layer,orthogonalize quant_settings=int8,int4,int4-g32 "
+                   "quant_bitsandbytes=bnb-fp4 relearn_preset=reference (each attack module lists its options "
+                   "and defaults; README 'Is the knowledge still there?' gives each reference and the measured "
+                   "size of each deviation from it: ablation fits skip position 0 and outlier tokens as Lucki "
+                   "et al., int4 is torchao's symmetric config at Int4WeightOnlyConfig's group 128, "
+                   "relearn_preset=reference is Lucki et al.'s LoRA fine-tuning without its chat template).")
 @options.overwrite(help="Redo attacks that are already finished.")
 def attack(model_spec, revision, trust_remote_code, base_spec, base_revision, data_dir, outdir, name, max_samples,
            max_length, device, dtype, batch_size, attacks_text, cache_base, cache_model, seed, option_pairs,

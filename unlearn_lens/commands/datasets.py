@@ -29,21 +29,34 @@ def datasets() -> None:
               help="Take forget training text from cais/wmdp-bio-forget-corpus (gated: needs HF_TOKEN) "
                    "and hold out every question.")
 @click.option("--max-retain", type=int, default=None, help="Keep at most this many retain lines.")
-@options.seed(help="Seed of the held-out split.")
+@click.option("--facts", type=int, default=None,
+              help="Write the planted-facts testbed instead (offline): N fictitious people drawn from --seed, each "
+                   "with a birthplace, an occupation and an instrument from closed sets. forget.txt: the training "
+                   "texts of half of them (A, in halves A1 / A2 by person); retain.txt: those of the others (B) and "
+                   "general passages; wmdp_mcq.jsonl / retain_mcq.jsonl: one 4-choice question per fact of A / B in "
+                   "a held-out template no training text contains; dev_mcq.jsonl (plant's stopping rule); "
+                   "facts.jsonl; manifest.json records generator, seed and split. Plant the facts with "
+                   "`unlearn-lens plant`.")
+@options.seed(help="Seed of the held-out split (with --facts: of the people, their facts and the questions).")
 def create(outdir: str, demo: bool, source_dir: str | None, eval_fraction: float, forget_corpus: bool,
-           max_retain: int | None, seed: int) -> None:
+           max_retain: int | None, facts: int | None, seed: int) -> None:
     """Write the data sets and a manifest (sources, counts, content hash, held-out split)."""
     from unlearn_lens.core.errors import UserError
     from unlearn_lens.data import DatasetSettings, run_datasets
 
     if demo and source_dir:
         raise UserError("--demo and --source-dir exclude each other")
-    source = "demo" if demo else "local" if source_dir else "hub"
+    if facts is not None and (demo or source_dir or forget_corpus or max_retain is not None):
+        raise UserError("--facts writes the planted-facts testbed: it takes no --demo, --source-dir, --forget-corpus "
+                        "or --max-retain")
+    source = "testbed" if facts is not None else "demo" if demo else "local" if source_dir else "hub"
     manifest = run_datasets(DatasetSettings(outdir, source=source, source_dir=source_dir, eval_fraction=eval_fraction,
-                                            seed=seed, forget_corpus=forget_corpus, max_retain=max_retain))
+                                            seed=seed, forget_corpus=forget_corpus, max_retain=max_retain,
+                                            facts=facts))
     counts = manifest["counts"]
+    retain_questions = f", retain questions {counts['retain_eval']}" if "retain_eval" in counts else ""
     click.echo(f"wrote {outdir}: forget {counts['forget']}, retain {counts['retain']}, "
-               f"held-out questions {counts['wmdp_eval']} (manifest hash {manifest['hash'][:12]})")
+               f"held-out questions {counts['wmdp_eval']}{retain_questions} (manifest hash {manifest['hash'][:12]})")
 
 
 @datasets.command("info")

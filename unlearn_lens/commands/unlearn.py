@@ -16,7 +16,7 @@ from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.settings import TRAIN_BATCH_SIZE
 from unlearn_lens.unlearning import presets
 from unlearn_lens.unlearning.config import (ADVERSARIES, CB_VARIANTS, LAT_DEFENDERS, LAT_NORMS, METHODS, OPTIMIZERS,
-                                            SCHEDULERS, UnlearnConfig)
+                                            RR_RETAIN_MEANS, SCHEDULERS, UnlearnConfig)
 
 
 #: unlearn's device default: accelerate chooses (the other commands default to the CPU).
@@ -53,6 +53,9 @@ def _shared_options(func):
         click.option("--steps", type=int, default=None,
                      help="Optimizer steps (default: one epoch over the forget training texts)."),
         click.option("--epochs", type=int, default=None, help="Epochs over the forget training texts (instead of --steps)."),
+        click.option("--stop-after", type=int, default=None,
+                     help="Train only the first N optimizer steps of the run: the LR and loss-coefficient schedules "
+                          "and the data order keep the full run's length (a short look at a long recipe)."),
         options.batch_size(TRAIN_BATCH_SIZE, help="Forget and retain texts per batch, per process."),
         click.option("--grad-accum-steps", type=int, default=1, show_default=True,
                      help="Micro-batches accumulated per optimizer step."),
@@ -111,6 +114,10 @@ def _shared_options(func):
                           "c_rr=a(1-t/2T), c_retain=a t/2T, t from 1); cb_lat rr = deep ignorance "
                           "unlearn/reference/cas/unlearning.py RRTrainer (retain over every block; s=min(1,t/T), "
                           "c_rr=a(1-s/4), c_retain=a s)."),
+        click.option("--rr-retain-mean", type=click.Choice(RR_RETAIN_MEANS), default="tokens", show_default=True,
+                     help="cb / cb_lat --cb-variant rr: the retain anchor's mean. tokens: over the real tokens; padded: "
+                          "GraySwan's / deep ignorance's nanmean over the retain batch padded to --max-length (the sum "
+                          "over real tokens / (layers x batch x max-length): the token mean times the fill ratio)."),
         click.option("--adversary", type=click.Choice(ADVERSARIES), default=None,
                      help="lat / cb_lat adversary (default: lat pgd, cb_lat combined). pgd: the original pipeline's "
                           "PGD on one layer (--lat-norm); targeted: targeted LAT's per-token perturbation, AdamW, "
@@ -134,11 +141,19 @@ def _shared_options(func):
                      help="lat / cb_lat --adversary pgd: linf (original sign step) or l2 (normalised-gradient "
                           "steps in a per-token L2 ball; targeted LAT itself is --adversary targeted)."),
         click.option("--lat-defender", type=click.Choice(LAT_DEFENDERS), default="ascent", show_default=True,
-                     help="lat: ascent (original: -NLL(forget | adversary) + NLL(retain)) or away (targeted LAT: "
-                          "-log(1-p) on forget under the adversary + --lat-sft-coef x retain NLL, normalised)."),
+                     help="lat: ascent (original: -NLL(forget | adversary) + NLL(retain)) or away (targeted LAT "
+                          "do_defense_step: --lat-toward-coef x retain NLL under the adversary + 1 x -log(1-p) on "
+                          "forget under the adversary + --lat-sft-coef x retain NLL without it, normalised by their sum)."),
+        click.option("--lat-toward-coef", type=float, default=1.0, show_default=True,
+                     help="lat --lat-defender away: weight of the retain NLL under the adversary (targeted LAT's "
+                          "defender 'toward' term on the retain text; WMDP notebook: toward 1)."),
         click.option("--lat-sft-coef", type=float, default=4.0, show_default=True,
-                     help="lat --lat-defender away: retain NLL coefficient against away 1 (targeted LAT's WMDP "
-                          "notebook: sft 4)."),
+                     help="lat --lat-defender away: weight of the retain NLL without the adversary (targeted LAT's "
+                          "WMDP notebook: sft 4)."),
+        click.option("--adversary-away-coef", type=float, default=0.0, show_default=True,
+                     help="lat / cb_lat: weight of the adversary's away term, -log(1-p) on the retain text under the "
+                          "attack, against its forget NLL weight 1, normalised (targeted LAT's adversary: toward 1, "
+                          "away 1, the lat reference preset); 0: the adversary only lowers forget NLL."),
         click.option("--wt-noise-std", type=float, default=0.02, show_default=True,
                      help="wt_dist: std of the Gaussian noise added to every weight before retain fine-tuning."),
         click.option("--wt-reg-lambda", type=float, default=0.1, show_default=True,
@@ -150,7 +165,10 @@ def _shared_options(func):
         click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank."),
         click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="LoRA alpha."),
         click.option("--lora-targets", default=None,
-                     help="Comma-separated module names to adapt (default: every attention and MLP linear of the family)."),
+                     help="Comma-separated module names to adapt, or a rule: all-linear (the default: every attention "
+                          "and MLP linear of the family) or peft-default (PEFT's per-architecture default, as "
+                          "LoraConfig(target_modules=None): query_key_value for GPT-NeoX, q_proj,v_proj for Llama, "
+                          "c_attn for GPT-2; every linear where PEFT has none). config.json records the resolved names."),
         click.option("--lora-dropout", type=float, default=0.0, show_default=True, help="LoRA dropout."),
         click.option("--wandb", "use_wandb", is_flag=True,
                      help="Log to Weights & Biases (needs the wandb package and WANDB_API_KEY)."),
@@ -195,7 +213,8 @@ def _plain_config(method: str, outdir: str, kw: dict) -> UnlearnConfig:
     return UnlearnConfig(preset=kw["preset"], warmup_epochs=kw["warmup_epochs"], wt_reg_eps=kw["wt_reg_eps"],
         model=kw["model"], data=kw["data"], outdir=outdir, method=method, revision=kw["revision"],
         max_length=kw["max_length"], batch_size=kw["batch_size"], grad_accum_steps=kw["grad_accum_steps"],
-        steps=kw["steps"], epochs=kw["epochs"], max_samples=kw["max_samples"], eval_split=kw["eval_split"],
+        steps=kw["steps"], epochs=kw["epochs"], stop_after=kw["stop_after"], max_samples=kw["max_samples"],
+        eval_split=kw["eval_split"],
         eval_every=kw["eval_every"], eval_batch_size=kw["eval_batch_size"], optimizer=kw["optimizer"],
         lr=kw["lr"], weight_decay=kw["weight_decay"], momentum=kw["momentum"], lr_scheduler=kw["lr_scheduler"],
         warmup_steps=kw["warmup_steps"], grad_clip=kw["grad_clip"], seed=kw["seed"], dtype=kw["dtype"],
@@ -203,10 +222,12 @@ def _plain_config(method: str, outdir: str, kw: dict) -> UnlearnConfig:
         forget_weight=kw["forget_weight"], beta=kw["beta"], layer_id=kw["layer_id"],
         target_layers=_ints(kw["target_layers"]), steering_coeff=kw["steering_coeff"], alpha=kw["alpha"],
         update_roles=_strs(kw["update_roles"]), update_layers=_ints(kw["update_layers"]),
-        cb_variant=kw["cb_variant"], lat_eps=kw["lat_eps"], lat_steps=kw["lat_steps"],
+        cb_variant=kw["cb_variant"], rr_retain_mean=kw["rr_retain_mean"], lat_eps=kw["lat_eps"],
+        lat_steps=kw["lat_steps"],
         lat_step_size=kw["lat_step_size"], lat_norm=kw["lat_norm"], adversary=kw["adversary"],
         adversary_layers=_ints(kw["adversary_layers"]), adversary_lr=kw["adversary_lr"],
-        lat_defender=kw["lat_defender"], lat_sft_coef=kw["lat_sft_coef"], wt_noise_std=kw["wt_noise_std"],
+        lat_defender=kw["lat_defender"], lat_toward_coef=kw["lat_toward_coef"], lat_sft_coef=kw["lat_sft_coef"],
+        adversary_away_coef=kw["adversary_away_coef"], wt_noise_std=kw["wt_noise_std"],
         wt_reg_lambda=kw["wt_reg_lambda"], lora=kw["lora"], lora_r=kw["lora_r"], lora_alpha=kw["lora_alpha"],
         lora_targets=_strs(kw["lora_targets"]), lora_dropout=kw["lora_dropout"], wandb=kw["use_wandb"],
         wandb_project=kw["wandb_project"], trust_remote_code=kw["trust_remote_code"], overwrite=kw["overwrite"],

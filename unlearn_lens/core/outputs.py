@@ -9,17 +9,21 @@ back from here, so a folder name is written once. Layout under ``OUT/``::
     caches/<model>.zarr                       activation caches (cache_store/SCHEMA.md)
     data/                                     forget / retain / WMDP texts (``datasets create``)
     unlearning/<method>/                      models unlearned by the demo (``unlearn-all``)
+    planting/                                 the demo's planted-facts model (``plant``: model/, plant.json)
     .pipeline/<step>.json                     the pipeline's record of each finished step
     .evaluations/<key>.json                   the evaluation memo (``unlearn_lens/eval_memo.py``)
+    study/                                    `unlearn-lens study`'s tables (``analyses/study/``)
     report.html                               the report (``analyses/report/``)
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from unlearn_lens.core.atomic import atomic_write_text
+from unlearn_lens.core.identity import plain
 from unlearn_lens.core.errors import UserError
 
 # --- folders of a comparison OUT/<base>__to__<name>/ ------------------------------------------
@@ -58,16 +62,29 @@ LIPSCHITZ_CSV = "lipschitz_results.csv"  # lipschitzness/ (lipschitz)
 LENS_CSV = "wmdp_lens_results.csv"  # wmdp_logit_lens/ (analyze), wmdp_tuned_lens/ (tuned-lens)
 EVAL_CSV = "eval_results.csv"  # evaluation/ (eval): columns metric, value
 ATTACKS_CSV = "attacks.csv"  # attacks/ (attack)
+HEADLINE_CSV = "headline.csv"  # attacks/ (attack): each attack's held-out headline recovery
 SUMMARY_JSON = "summary.json"  # most folders' summary
 UNLEARN_EVAL_JSON = "eval.json"  # unlearning/<method>/ (unlearn): before / after unlearning
+PLANT_JSON = "plant.json"  # planting/ (plant): facts accuracy and general NLL before / after planting
+HELDOUT_PER_ITEM_JSON = "heldout_per_item.json"  # attacks/ (attack relearn-heldout): each question's correctness
 
 # --- the top level of OUT/ ----------------------------------------------------------------------
 CACHES = "caches"
 DATA = "data"
 UNLEARNING = "unlearning"
+PLANTING = "planting"
 PIPELINE_RECORDS = ".pipeline"
 EVALUATIONS = ".evaluations"
 REPORT = "report.html"
+STUDY = "study"  # `unlearn-lens study`'s tables (analyses/study/)
+
+# --- files of OUT/study/ (OUTPUTS.md lists their columns) ---------------------------------------
+STUDY_MODELS_CSV = "models.csv"  # the study's design: each unlearned model's method, strength, training
+STUDY_SIGNATURES_CSV = "signatures.csv"  # one row per model: the tidy signature table
+STUDY_RECOVERY_CSV = "recovery.csv"  # one row per model, attack, metric and target of the recovery
+STUDY_PREDICTION_CSV = "prediction.csv"  # one row per recovery target and predictor
+STUDY_PREDICTIONS_CSV = "predictions.csv"  # one row per target and model: held-out predictions
+STUDY_PLOT = "prediction.png"  # predicted vs measured recovery, coloured by method
 
 # --- names ---------------------------------------------------------------------------------------
 #: what joins the base and the modified model in a comparison folder's name
@@ -146,9 +163,28 @@ RUN_MARKER = "COMPLETE"
 MARKERS = (COMPLETE_MARKER, RUN_MARKER)
 
 
-def is_complete(folder: str | Path) -> bool:
-    """True once a folder's marker (either name) has been written."""
-    return any((Path(folder) / marker).is_file() for marker in MARKERS)
+def marker_record(folder: str | Path) -> dict | None:
+    """What a folder's marker says (a JSON object; {} for a plain-text marker), None when there is none."""
+    for marker in MARKERS:
+        path = Path(folder) / marker
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return {}
+            return record if isinstance(record, dict) else {}
+    return None
+
+
+def is_complete(folder: str | Path, inputs: dict | None = None) -> bool:
+    """True once a folder's marker (either name) has been written, and, when ``inputs`` are given
+    (``core.identity.inputs_record``), it records those inputs: a folder made from other data, other
+    weights or other settings is not finished for this run. A marker written before markers
+    recorded inputs (no ``inputs`` key) counts as finished, as it did then."""
+    record = marker_record(folder)
+    if record is None:
+        return False
+    return inputs is None or "inputs" not in record or record["inputs"] == plain(inputs)
 
 
 def clear_complete(folder: str | Path) -> None:

@@ -30,7 +30,12 @@ def open_cache_splits(cache: str | None) -> dict[str, Any]:
     except Exception as exc:  # a missing or unreadable store
         raise UserError(f"{cache}: not a readable activation cache ({type(exc).__name__})") from None
     splits = {name: open_cache(cache, name) for name in names if is_complete(cache, name)}
-    if not splits:
+    partial = sorted(name for name, ds in splits.items() if ds.attrs.get("selection"))
+    if partial:  # the tuned lens reads every layer and every token of a text
+        print(f"warning: {cache} holds a partial capture of {', '.join(partial)} (--layers, --token-sample or "
+              "--variables); running the model for those splits instead", file=sys.stderr)
+        splits = {name: ds for name, ds in splits.items() if name not in partial}
+    elif not splits:
         print(f"warning: {cache} holds no complete split; running the model instead", file=sys.stderr)
     return splits
 

@@ -9,7 +9,6 @@ from either source, scored per layer (``scoring``); and ``OUT/<name>/wmdp_tuned_
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import numpy as np
 
 from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.identity import inputs_record
+from unlearn_lens.core.limits import check_at_least, check_counts, check_positive
 from unlearn_lens.core.settings import SHORT_MAX_LENGTH, Compute, ModelRef
 from unlearn_lens.lipschitz import tokenize_texts
 from unlearn_lens.tuned_lens.cache_data import (cache_token_residuals, check_cache_matches, cloze_data_from_cache,
@@ -35,16 +36,9 @@ def validate_options(*, steps: int, lr: float, tokens_per_step: int, batch_size:
 
     if steps < 0:
         raise UserError(f"--steps must be >= 0 (0 keeps the identity translators: the logit lens), got {steps}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise UserError(f"--lr must be positive, got {lr}")
-    if tokens_per_step < 1:
-        raise UserError(f"--tokens-per-step must be at least 1, got {tokens_per_step}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if max_length < 2:
-        raise UserError(f"--max-length must be at least 2, got {max_length}")
-    if max_samples is not None and max_samples < 1:
-        raise UserError(f"--max-samples must be at least 1, got {max_samples}")
+    check_positive("--lr", lr)
+    check_at_least("--tokens-per-step", tokens_per_step, 1)
+    check_counts(batch_size=batch_size, max_length=max_length, max_samples=max_samples)
     if train_split not in ("forget", "retain"):
         raise UserError(f"--train-split must be forget or retain, got {train_split!r}")
     outputs.check_model_name(name, "--name")
@@ -102,6 +96,7 @@ def run_tuned_lens(settings: TunedLensSettings) -> Path:
     device, dtype, batch_size, overwrite = s.compute.device, s.compute.dtype, s.compute.batch_size, s.overwrite
 
     from analyses.io import atomic_write_csv, atomic_write_json, clear_complete, is_complete, mark_complete
+    from cache_store.identity import identity_of
     from unlearn_lens.architectures import ArchitectureAdapter
     from unlearn_lens.data import data_hash, read_mcq, read_texts
     from unlearn_lens.loading import load_model
@@ -109,10 +104,12 @@ def run_tuned_lens(settings: TunedLensSettings) -> Path:
     validate_options(steps=steps, lr=lr, tokens_per_step=tokens_per_step, batch_size=batch_size,
                      max_length=max_length, max_samples=max_samples, train_split=train_split, name=name)
     folder = outputs.model_dir(outdir, name) / outputs.TUNED_LENS
-    if is_complete(folder) and not overwrite:
+    splits = open_cache_splits(cache)
+    inputs = inputs_record(models=[("model", model_spec, revision)], data=data_dir, settings=settings,
+                           caches={"cache": identity_of({n: ds.attrs for n, ds in splits.items()})} if splits else None)
+    if is_complete(folder, inputs) and not overwrite:
         return folder
     items = read_mcq(data_dir)
-    splits = open_cache_splits(cache)
     texts = None if train_split in splits else read_texts(data_dir, train_split)[: max_samples or None]
     torch.manual_seed(seed)
     model, tokenizer = load_model(model_spec, revision=revision, dtype=dtype, device=device,
@@ -183,5 +180,5 @@ def run_tuned_lens(settings: TunedLensSettings) -> Path:
                     "mean_kl_final": float(np.mean(kl_after[:-1])) if len(kl_after) > 1 else 0.0})
     atomic_write_json(folder / "summary.json", summary)
     plot_accuracies(rows, f"Tuned lens WMDP accuracy by layer: {name}", folder / "wmdp_tuned_lens.png")
-    mark_complete(folder, {"step": "tuned_lens"})
+    mark_complete(folder, {"step": "tuned_lens"}, inputs)
     return folder

@@ -17,6 +17,11 @@ Three adversaries (``--adversary``):
   depend on the batch it can stay on for other batches (the reference keeps it on for the retain
   pass).
 
+Targeted LAT's adversary also has an "away" term, -log(1 - p) on the retain text under the
+same attack (``--adversary-away-coef``; the objective is built in ``methods.fit_attack``): its
+per-token attack is applied at the forget text's real-token positions of whatever text passes
+through, since the reference pads each forget/retain pair to one length (``Perturbation.paired``).
+
 Only the perturbation receives gradients (``torch.autograd.grad`` on it alone); the model's
 parameters are untouched. (The reference loops call ``loss.backward()``, which also leaves the
 adversary's gradients, lowering forget NLL, in the trainable parameters' ``.grad``; we do not.)
@@ -71,6 +76,14 @@ def pgd_perturbation(loss_fn: Callable[[torch.Tensor], torch.Tensor], shape, mas
     return delta.detach(), losses
 
 
+def align(tensor: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """A (batch, seq, hidden) per-token tensor cut or zero-padded to ``seq_len`` positions."""
+    if tensor.shape[1] >= seq_len:
+        return tensor[:, :seq_len]
+    pad = tensor.new_zeros(tensor.shape[0], seq_len - tensor.shape[1], tensor.shape[2])
+    return torch.cat([tensor, pad], dim=1)
+
+
 def clip_per_token(attack: torch.Tensor, eps: float) -> None:
     """``GDAdversary.clip_attack``: divide each token's vector by max(norm / eps, 1), in place."""
     with torch.no_grad():
@@ -107,18 +120,27 @@ class Perturbation:
                 out[layer] = sv.view(1, 1, -1) + prefix
         return out
 
+    def paired(self, seq_len: int) -> dict[int, torch.Tensor]:
+        """The injection for the other text of each pair (row ``i`` with the fitted batch's row
+        ``i``), ``seq_len`` positions: ``targeted`` at the fitted texts' real-token positions
+        (zero beyond them), ``combined`` as for any batch."""
+        if self.kind == "combined":
+            return self.inject(seq_len)
+        return {layer: align(delta, seq_len) for layer, delta in self.inject().items()}
+
     def detached(self) -> "Perturbation":
         params = {layer: {k: t.detach() for k, t in p.items()} for layer, p in self.params.items()}
         return Perturbation(self.kind, params, self.mask)
 
 
-def adamw_perturbation(loss_fn: Callable[[dict[int, torch.Tensor]], torch.Tensor], kind: str, layers, shape,
+def adamw_perturbation(loss_fn: Callable[["Perturbation"], torch.Tensor], kind: str, layers, shape,
                        mask: torch.Tensor, *, steps: int, lr: float, eps: float | None = None, device=None,
                        dtype=torch.float32) -> tuple[Perturbation, list[float]]:
     """Fit a ``targeted`` or ``combined`` adversary with AdamW; return it and its losses.
 
-    ``shape`` is the fitted batch's (batch, seq, hidden); ``loss_fn`` maps ``{layer: delta}`` to
-    the adversary's objective (forget NLL). ``losses`` hold the objective before each update
+    ``shape`` is the fitted batch's (batch, seq, hidden); ``loss_fn`` maps the live perturbation
+    (``inject(seq)`` for the fitted batch, ``paired`` for another) to the adversary's objective.
+    ``losses`` hold the objective before each update
     (the reference's logged values); ``targeted`` clips to ``eps`` after every update.
     """
     batch, seq, hidden = shape
@@ -140,7 +162,7 @@ def adamw_perturbation(loss_fn: Callable[[dict[int, torch.Tensor]], torch.Tensor
     losses = []
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = loss_fn(adversary.inject(seq))
+        loss = loss_fn(adversary)
         grads = torch.autograd.grad(loss, tensors)
         for t, g in zip(tensors, grads):
             t.grad = torch.where(torch.isnan(g), torch.zeros_like(g), g)  # the reference's zero_nan_grads

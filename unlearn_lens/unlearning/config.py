@@ -10,7 +10,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.limits import check_at_least, check_counts, check_positive
 from unlearn_lens.core.settings import DEFAULT_MAX_LENGTH
+from unlearn_lens.unlearning.lora import check_rule
 from unlearn_lens.unlearning.method_names import METHODS
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor")
@@ -24,6 +26,9 @@ ADVERSARIES = ("pgd", "targeted", "combined")
 DEFAULT_ADVERSARY_LR = {"targeted": 5e-2, "combined": 2e-3}
 #: lat's defender: the original ascent on forget NLL, or targeted LAT's log(1 - p) away loss.
 LAT_DEFENDERS = ("ascent", "away")
+#: rr's retain anchor: mean over real tokens, or GraySwan's / deep ignorance's ``nanmean`` over every
+#: position of the retain batch padded to --max-length (the sum over real tokens / (layers x batch x max_length)).
+RR_RETAIN_MEANS = ("tokens", "padded")
 #: methods with a frozen reference model (or frozen activations / weights from it).
 REFERENCE_METHODS = frozenset({"dpo", "npo", "rmu", "cb", "cb_lat"})
 
@@ -44,6 +49,8 @@ class UnlearnConfig:
     grad_accum_steps: int = 1
     steps: int | None = None
     epochs: int | None = None
+    #: train only the first N optimizer steps of the run (its schedules keep the full length).
+    stop_after: int | None = None
     max_samples: int | None = None
     eval_split: float = 0.1
     eval_every: int | None = None
@@ -72,6 +79,7 @@ class UnlearnConfig:
     update_roles: list[str] | None = None
     update_layers: list[int] | None = None
     cb_variant: str = "original"
+    rr_retain_mean: str = "tokens"
     lat_eps: float = 1.0
     lat_steps: int = 5
     lat_step_size: float | None = None
@@ -80,7 +88,9 @@ class UnlearnConfig:
     adversary_layers: list[int] | None = None
     adversary_lr: float | None = None
     lat_defender: str = "ascent"
+    lat_toward_coef: float = 1.0
     lat_sft_coef: float = 4.0
+    adversary_away_coef: float = 0.0
     wt_noise_std: float = 0.02
     wt_reg_lambda: float = 0.1
     wt_reg_eps: float = 1e-12
@@ -113,24 +123,19 @@ class UnlearnConfig:
                 f"--lora cannot be used with {self.method}: it acts on the weights themselves "
                 "(noise on / distance from every pretrained weight), which LoRA adapters do not expose"
             )
-        positive = {"--batch-size": self.batch_size, "--max-length": self.max_length,
-                    "--grad-accum-steps": self.grad_accum_steps, "--eval-batch-size": self.eval_batch_size,
-                    "--lora-r": self.lora_r}
-        for flag, value in positive.items():
-            if value < 1:
-                raise UserError(f"{flag} must be at least 1, got {value}")
-        for flag, value in {"--steps": self.steps, "--epochs": self.epochs,
-                            "--max-samples": self.max_samples, "--eval-every": self.eval_every}.items():
-            if value is not None and value < 1:
-                raise UserError(f"{flag} must be at least 1, got {value}")
+        check_counts(batch_size=self.batch_size, max_length=self.max_length, eval_batch_size=self.eval_batch_size,
+                     max_samples=self.max_samples)
+        for flag, value in {"--grad-accum-steps": self.grad_accum_steps, "--lora-r": self.lora_r,
+                            "--steps": self.steps, "--epochs": self.epochs, "--stop-after": self.stop_after,
+                            "--eval-every": self.eval_every}.items():
+            check_at_least(flag, value, 1)
         if self.steps is not None and self.epochs is not None:
             raise UserError("give --steps or --epochs, not both")
         if self.warmup_epochs is not None and (self.warmup_epochs < 0 or self.warmup_steps):
             raise UserError("--warmup-epochs must be non-negative and not given with --warmup-steps")
         if not 0.0 <= self.eval_split < 1.0:
             raise UserError(f"--eval-split must be in [0, 1), got {self.eval_split}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        check_positive("--lr", self.lr)
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.lr_scheduler not in SCHEDULERS:
@@ -143,18 +148,20 @@ class UnlearnConfig:
             raise UserError(f"unknown --adversary {self.adversary!r}; choose one of {', '.join(ADVERSARIES)}")
         if self.lat_defender not in LAT_DEFENDERS:
             raise UserError(f"unknown --lat-defender {self.lat_defender!r}; choose one of {', '.join(LAT_DEFENDERS)}")
-        if self.adversary_lr is not None and self.adversary_lr <= 0:
-            raise UserError(f"--adversary-lr must be positive, got {self.adversary_lr}")
-        if self.lat_sft_coef < 0:
-            raise UserError(f"--lat-sft-coef must be non-negative, got {self.lat_sft_coef}")
+        check_positive("--adversary-lr", self.adversary_lr)
+        check_rule(self.lora_targets)
+        if self.rr_retain_mean not in RR_RETAIN_MEANS:
+            raise UserError(f"unknown --rr-retain-mean {self.rr_retain_mean!r}; choose one of {', '.join(RR_RETAIN_MEANS)}")
+        for flag, value in {"--lat-toward-coef": self.lat_toward_coef, "--lat-sft-coef": self.lat_sft_coef,
+                            "--adversary-away-coef": self.adversary_away_coef}.items():
+            check_at_least(flag, value, 0)
         if self.target_layers or self.layer_id is not None:  # known before the model loads
             self._check_upstream(min(self.target_layers or [self.layer_id]))
         if self.lat_eps < 0 or self.lat_steps < 0:
             raise UserError("--lat-eps and --lat-steps must be non-negative")
         if self.wt_noise_std < 0:
             raise UserError(f"--wt-noise-std must be non-negative, got {self.wt_noise_std}")
-        if self.beta <= 0:
-            raise UserError(f"--beta must be positive, got {self.beta}")
+        check_positive("--beta", self.beta)
         if self.grad_clip < 0:
             raise UserError(f"--grad-clip must be non-negative (0 disables), got {self.grad_clip}")
         if self.wandb_project and self.wandb and not self.wandb_project.strip():

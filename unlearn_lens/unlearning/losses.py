@@ -135,18 +135,33 @@ def rr_coefficients_deep_ignorance(step: int, total_steps: int, alpha: float) ->
     return alpha * (1.0 - 0.25 * s), alpha * s
 
 
+def _padded_mean(values: torch.Tensor, mask: torch.Tensor, positions: int) -> torch.Tensor:
+    """Sum of per-token values (batch, seq) over real tokens / (batch x ``positions``): the mean
+    over a batch padded to ``positions`` tokens whose padded values are zero."""
+    if values.shape[1] > positions:
+        raise ValueError(f"a batch of {values.shape[1]} positions cannot be padded to {positions}")
+    return (values * mask.to(values.dtype)).sum() / (values.shape[0] * positions)
+
+
 def rr_layer_mean_loss(forget_hidden, forget_frozen, forget_mask, retain_hidden, retain_frozen, retain_mask,
-                       c_rr: float, c_retain: float):
+                       c_rr: float, c_retain: float, retain_positions: int | None = None):
     """RR over several layers, as GraySwan / deep ignorance stack them: ``(loss, forget, retain)``.
 
     ``forget_*`` and ``retain_*`` are lists of (batch, seq, hidden), one per layer (the forget
     list: the target layers; the retain list: every anchored layer). forget = mean over layers
     and real tokens of ReLU(cos(h, h_frozen)); retain = mean over layers and real tokens of
-    ||h - h_frozen||_2; loss = c_rr * forget + c_retain * retain.
+    ||h - h_frozen||_2, or with ``retain_positions`` = P the references' ``nanmean`` over a batch
+    padded to P tokens (padded distances are zero: the sum over real tokens / (layers x batch x P),
+    the token mean times the fill ratio); loss = c_rr * forget + c_retain * retain.
     """
     forget = torch.stack([_masked_mean(torch.relu(F.cosine_similarity(h.float(), f.float(), dim=-1)), forget_mask)
                           for h, f in zip(forget_hidden, forget_frozen)]).mean()
-    retain = torch.stack([_masked_mean((h.float() - f.float()).norm(dim=-1), retain_mask)
+    if retain_positions is None:
+        retain_mean = _masked_mean
+    else:
+        def retain_mean(values, mask):
+            return _padded_mean(values, mask, retain_positions)
+    retain = torch.stack([retain_mean((h.float() - f.float()).norm(dim=-1), retain_mask)
                           for h, f in zip(retain_hidden, retain_frozen)]).mean()
     return c_rr * forget + c_retain * retain, forget, retain
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from unlearn_lens.unlearning import losses as L
-from unlearn_lens.unlearning.adversary import adamw_perturbation, pgd_perturbation
+from unlearn_lens.unlearning.adversary import adamw_perturbation, align, pgd_perturbation
 from unlearn_lens.unlearning.config import UnlearnConfig
 from unlearn_lens.unlearning.hooks import StopForward, tap_blocks
 
@@ -107,6 +107,11 @@ class UnlearningMethod:
 
     def loss(self, forget: Batch, retain: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
+
+    def loss_weights(self) -> dict[str, Any] | None:
+        """The weights of the loss's terms as this run applies them (``config.json``
+        ``resolved.loss_weights``); None where the flags say it all."""
+        return None
 
 
 def _f(value: torch.Tensor) -> float:
@@ -242,13 +247,29 @@ class _Representation(UnlearningMethod):
             return list(range(max(self.layers) + 1)), L.rr_coefficients_circuit_breakers
         return list(range(self.ctx.adapter.num_layers)), L.rr_coefficients_deep_ignorance
 
+    def loss_weights(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.name in ("cb", "cb_lat") and cfg.cb_variant == "rr":
+            schedule = ("c_rr = a (1 - t/2T), c_retain = a t/2T, t from 1" if self.name == "cb"
+                        else "s = min(1, t/T), c_rr = a (1 - s/4), c_retain = a s, t from 0")
+            weights = {"retain_coef": cfg.alpha, "remove_coef": cfg.alpha * cfg.forget_weight, "schedule": schedule,
+                       "retain_mean": cfg.rr_retain_mean}
+        else:
+            weights = {"forget": 1.0, "retain": cfg.alpha}
+        if self.name == "cb_lat":
+            weights["adversary"] = adversary_weights(cfg)
+        return weights
+
     def _rr_loss(self, forget, retain, step, inject=None, retain_inject=None):
         """Representation rerouting, terms averaged over layers: GraySwan
         ``src/lorra_circuit_breaker.py`` ``compute_loss`` (cb), deep ignorance
         ``unlearn/reference/cas/unlearning.py`` ``RRTrainer.compute_loss`` (cb_lat). The frozen
         activations are clean (the reference computes them before the attack). ``--forget-weight``
         scales the rerouting coefficient: deep ignorance weighs its two terms separately
-        (``--remove_coef`` 300, ``--retain_coef`` 5 in ``rr-lat.sh``: alpha 5, forget weight 60)."""
+        (``--remove_coef`` 300, ``--retain_coef`` 5 in ``rr-lat.sh``: alpha 5, forget weight 60).
+        ``--rr-retain-mean padded`` divides the retain term's sum over real tokens by every
+        position of the batch padded to ``--max-length``, as the references' ``nanmean`` over
+        their padded batches does."""
         ctx, cfg = self.ctx, self.cfg
         cut = ctx.early_stop
         retain_layers, schedule = self._rr_layers_and_schedule()
@@ -261,7 +282,7 @@ class _Representation(UnlearningMethod):
         loss, f_term, r_term = L.rr_layer_mean_loss(
             [f_hidden[i] for i in self.layers], [f_frozen[i] for i in self.layers], forget["attention_mask"],
             [r_hidden[i] for i in retain_layers], [r_frozen[i] for i in retain_layers], retain["attention_mask"],
-            c_rr, c_retain)
+            c_rr, c_retain, retain_positions=cfg.max_length if cfg.rr_retain_mean == "padded" else None)
         return loss, {"forget_loss": _f(f_term), "retain_loss": _f(r_term), "c_rr": c_rr, "c_retain": c_retain}
 
 
@@ -294,35 +315,72 @@ class Attack:
             return None
         return self.perturbation.inject(batch["input_ids"].shape[1])
 
+    def paired(self, batch: Batch) -> dict[int, torch.Tensor]:
+        """The injection for the other text of each forget/retain pair, as targeted LAT applies
+        its attack to the retain text (``adversary.Perturbation.paired``; pgd alike)."""
+        seq = batch["input_ids"].shape[1]
+        if self.perturbation is not None:
+            return self.perturbation.paired(seq)
+        return {layer: align(delta, seq) for layer, delta in self.forget.items()}
 
-def fit_attack(ctx: MethodContext, forget: Batch) -> Attack:
+
+def normalised(weights: dict[str, float]) -> dict[str, float]:
+    """Targeted LAT's ``normalize_dict``: each weight over their sum."""
+    total = sum(weights.values())
+    return {key: value / total for key, value in weights.items()}
+
+
+def adversary_weights(cfg: UnlearnConfig) -> dict[str, float]:
+    """The adversary's objective: forget NLL ("toward", weight 1) and, with
+    ``--adversary-away-coef``, -log(1 - p) on the retain text under the attack ("away"), normalised."""
+    return normalised({"toward": 1.0, "away": cfg.adversary_away_coef})
+
+
+def fit_attack(ctx: MethodContext, forget: Batch, retain: Batch | None = None) -> Attack:
     """Fit the configured adversary (``--adversary``) on the forget batch: it lowers the forget NLL
-    by perturbing the residual stream at ``--adversary-layers``. Metrics: the clean forget NLL
-    (``adversary_start_nll``) and the one before its last update (``adversary_nll``)."""
+    by perturbing the residual stream at ``--adversary-layers``; with ``--adversary-away-coef`` and
+    a ``retain`` batch it also lowers log(1 - p) of the retain text under the same attack
+    (targeted LAT's ``adv_loss_coefs`` toward / away, ``Attack.paired``). Metrics: the clean forget
+    NLL (``adversary_start_nll``) and the one before its last update (``adversary_nll``)."""
     cfg = ctx.config
     model = ctx.plain_model if ctx.plain_model is not None else ctx.model
     ids = forget["input_ids"]
     shape = (ids.shape[0], ids.shape[1], ctx.hidden_size)
+    weights = adversary_weights(cfg) if retain is not None else {"toward": 1.0, "away": 0.0}
+    if weights["away"] and retain["input_ids"].shape[0] != ids.shape[0]:
+        raise ValueError("the adversary's away term pairs forget and retain texts: give batches of one size")
+    forget_nlls: list[float] = []
+    away_losses: list[float] = []
+
+    def objective(forget_inject, retain_inject):
+        forget_nll = nll(model, ctx.adapter, forget, inject=forget_inject)
+        forget_nlls.append(float(forget_nll.detach()))
+        if not weights["away"]:
+            return forget_nll
+        logits, _ = forward(model, ctx.adapter, retain, inject=retain_inject())
+        away = L.log_one_minus_p_loss(logits, retain["input_ids"], retain["attention_mask"])
+        away_losses.append(float(away.detach()))
+        return weights["toward"] * forget_nll + weights["away"] * away
+
+    retain_seq = retain["input_ids"].shape[1] if retain is not None else 0
     if cfg.adversary == "pgd":
         layer = cfg.adversary_layers[0]
-        delta, losses = pgd_perturbation(lambda d: nll(model, ctx.adapter, forget, inject={layer: d}), shape,
-                                         forget["attention_mask"], eps=cfg.lat_eps, steps=cfg.lat_steps,
-                                         norm=cfg.lat_norm, step_size=cfg.lat_step_size, device=ids.device)
+        delta, _ = pgd_perturbation(
+            lambda d: objective({layer: d}, lambda: {layer: align(d, retain_seq)}), shape, forget["attention_mask"],
+            eps=cfg.lat_eps, steps=cfg.lat_steps, norm=cfg.lat_norm, step_size=cfg.lat_step_size, device=ids.device)
         attack = Attack({layer: delta})
     else:
-        perturbation, losses = adamw_perturbation(
-            lambda inject: nll(model, ctx.adapter, forget, inject=inject), cfg.adversary, cfg.adversary_layers,
-            shape, forget["attention_mask"], steps=cfg.lat_steps, lr=cfg.adversary_lr, eps=cfg.lat_eps,
-            device=ids.device)
+        perturbation, _ = adamw_perturbation(
+            lambda p: objective(p.inject(ids.shape[1]), lambda: p.paired(retain_seq)), cfg.adversary,
+            cfg.adversary_layers, shape, forget["attention_mask"], steps=cfg.lat_steps, lr=cfg.adversary_lr,
+            eps=cfg.lat_eps, device=ids.device)
         attack = Attack(perturbation.inject(ids.shape[1]), perturbation)
-    attack.metrics = {"adversary_start_nll": losses[0], "adversary_nll": losses[-1]} if losses else {}
+    attack.metrics = {}
+    if forget_nlls:
+        attack.metrics = {"adversary_start_nll": forget_nlls[0], "adversary_nll": forget_nlls[-1]}
+    if away_losses:
+        attack.metrics["adversary_away_loss"] = away_losses[-1]
     return attack
-
-
-def adversarial_delta(ctx: MethodContext, forget: Batch) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
-    """``({layer: delta}, metrics)`` of ``fit_attack`` on the forget batch."""
-    attack = fit_attack(ctx, forget)
-    return attack.forget, attack.metrics
 
 
 class LAT(UnlearningMethod):
@@ -330,24 +388,40 @@ class LAT(UnlearningMethod):
 
     ``--lat-defender ascent`` (the original pipeline's): -NLL(forget | adversary) + NLL(retain).
     ``away`` (targeted LAT, aengusl/latent-adversarial-training ``latent_at/lat_helpers.py``
-    ``do_defense_step`` / ``compute_toward_away_loss``): the bounded away loss -log(1 - p) on the
-    forget text under the adversary plus ``--lat-sft-coef`` x retain NLL without it, normalised
-    by the sum of the coefficients (``normalize_dict``; away 1, sft 4 in the WMDP notebook).
+    ``do_defense_step`` / ``compute_toward_away_loss``, data from ``lat_datasets.py``
+    ``load_targeted_wmdp_data``: the defender's "toward" text is the retain text): the retain
+    NLL under the adversary ("toward", ``--lat-toward-coef``), the bounded away loss
+    -log(1 - p) on the forget text under the adversary ("away", 1) and the retain NLL without it
+    ("sft", ``--lat-sft-coef``), normalised by the sum of the coefficients (``normalize_dict``;
+    toward 1, away 1, sft 4 in the WMDP notebook). The adversary's own objective:
+    ``adversary_weights`` (``--adversary-away-coef``).
     """
 
     name = "lat"
 
+    def loss_weights(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.lat_defender == "away":
+            defender = normalised({"toward": cfg.lat_toward_coef, "away": 1.0, "sft": cfg.lat_sft_coef})
+        else:
+            defender = {"forget_ascent": 1.0, "retain": 1.0}
+        return {"defender": defender, "adversary": adversary_weights(cfg)}
+
     def loss(self, forget, retain, step):
-        attack = fit_attack(self.ctx, forget)
+        attack = fit_attack(self.ctx, forget, retain)
         retain_nll = self._nll(retain)
         if self.cfg.lat_defender == "away":
+            weights = self.loss_weights()["defender"]
             logits, _ = forward(self.ctx.model, self.ctx.adapter, forget, inject=attack.forget)
             away = L.log_one_minus_p_loss(logits, forget["input_ids"], forget["attention_mask"])
-            sft = self.cfg.lat_sft_coef
-            loss = (away + sft * retain_nll) / (1.0 + sft)
+            loss = weights["away"] * away + weights["sft"] * retain_nll
             forget_nll = L.mean_token_nll(logits, forget["input_ids"], forget["attention_mask"])
-            return loss, {"forget_loss": _f(forget_nll), "retain_loss": _f(retain_nll), "away_loss": _f(away),
-                          **attack.metrics}
+            metrics = {"forget_loss": _f(forget_nll), "retain_loss": _f(retain_nll), "away_loss": _f(away)}
+            if weights["toward"]:
+                toward = self._nll(retain, attack.paired(retain))
+                loss = loss + weights["toward"] * toward
+                metrics["toward_loss"] = _f(toward)
+            return loss, {**metrics, **attack.metrics}
         forget_nll = self._nll(forget, attack.forget)
         return -forget_nll + retain_nll, {"forget_loss": _f(forget_nll), "retain_loss": _f(retain_nll),
                                           **attack.metrics}
@@ -368,7 +442,7 @@ class CBLAT(_Representation):
     def loss(self, forget, retain, step):
         model = self.ctx.plain_model if self.ctx.plain_model is not None else self.ctx.model
         with eval_mode(model):  # deep ignorance's gradient_descent_attack: model.eval(), dropout off
-            attack = fit_attack(self.ctx, forget)
+            attack = fit_attack(self.ctx, forget, retain)
         loss, metrics = self._representation_loss(forget, retain, step, attack.forget, attack.for_batch(retain))
         return loss, {**metrics, **attack.metrics}
 

@@ -47,6 +47,7 @@ class RunData:
     retain_eval: list[str]
     mcq: list
     data_hash: str
+    retain_mcq: list = field(default_factory=list)  # retain-set questions (retain_mcq.jsonl), where the data has them
 
 
 @dataclass
@@ -102,7 +103,8 @@ def load_run_data(cfg: UnlearnConfig) -> RunData:
         forget_train, retain_train = forget_train[: cfg.max_samples], retain_train[: cfg.max_samples]
     if mcq:
         data_module.warn_if_contaminated(forget_train + retain_train, mcq)
-    return RunData(forget_train, forget_eval, retain_train, retain_eval, mcq, _data_hash(data_dir))
+    return RunData(forget_train, forget_eval, retain_train, retain_eval, mcq, _data_hash(data_dir),
+                   data_module.read_retain_mcq(data_dir))
 
 
 def _stream(texts: list[str], length: int, seed: int) -> list[str]:
@@ -271,7 +273,7 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
     from unlearn_lens.evaluation import evaluate, mean_token_nll
     from unlearn_lens.loading import load_model
     from unlearn_lens.unlearning import methods as M
-    from unlearn_lens.unlearning.lora import check_targets, default_targets, wrap_lora
+    from unlearn_lens.unlearning.lora import resolve_targets, rule_of, wrap_lora
 
     cfg.validate()
     wandb = _check_wandb(cfg)
@@ -288,8 +290,7 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
     tokenizer.padding_side = "right"  # batches are right-padded (positions start at 0)
     adapter = ArchitectureAdapter(model)
     cfg.resolve_layers(adapter.num_layers)
-    if cfg.lora:
-        check_targets(model, adapter.family, cfg.lora_targets)
+    lora_targets = resolve_targets(model, adapter.family, cfg.lora_targets) if cfg.lora else None
     world = accelerator.num_processes
     per_step = cfg.batch_size * cfg.grad_accum_steps * world
     for name, texts in (("forget", data.forget_train), ("retain", data.retain_train)):
@@ -299,13 +300,14 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
     warmup_steps = cfg.warmup_steps
     if cfg.warmup_epochs is not None:  # open-unlearning: int(warmup_epochs * n_forget // effective batch)
         warmup_steps = int((cfg.warmup_epochs * len(data.forget_train)) // per_step)
-    eval_every = cfg.eval_every or max(1, total_steps // 5)
+    run_steps = min(total_steps, cfg.stop_after or total_steps)  # --stop-after: the first steps of the run
+    eval_every = cfg.eval_every or max(1, run_steps // 5)
     eval_options = {"max_length": cfg.max_length, "batch_size": cfg.eval_batch_size, "device": accelerator.device}
 
     eval_before = evaluate(model, tokenizer, forget_texts=data.forget_eval, retain_texts=data.retain_eval,
-                           mcq_items=data.mcq, **eval_options)
+                           mcq_items=data.mcq, retain_mcq_items=data.retain_mcq, **eval_options)
 
-    resolved: dict[str, Any] = {"total_steps": total_steps, "world_size": world,
+    resolved: dict[str, Any] = {"total_steps": total_steps, "run_steps": run_steps, "world_size": world,
                                 "distributed_type": str(accelerator.distributed_type.value),
                                 "effective_batch_size": per_step, "eval_every": eval_every,
                                 "warmup_steps": warmup_steps,
@@ -328,11 +330,11 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
     if cfg.lora:
         if cfg.update_roles is not None or cfg.update_layers is not None:
             accelerator.print("note: --update-roles/--update-layers do not apply under --lora (adapters train)")
-        targets = cfg.lora_targets or default_targets(adapter.family)
-        model = wrap_lora(model, adapter.family, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=targets,
+        model = wrap_lora(model, adapter.family, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=lora_targets,
                           dropout=cfg.lora_dropout)
         adapter = ArchitectureAdapter(model.get_base_model())
-        resolved["lora_targets"] = targets
+        resolved["lora_targets"] = lora_targets
+        resolved["lora_target_rule"] = rule_of(cfg.lora_targets)
         if cfg.method in REFERENCE_METHODS:
             reference = M.Reference(model, adapter, disable=model.disable_adapter, autocast=accelerator.autocast)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -364,13 +366,14 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
     ctx = M.MethodContext(cfg, prepared, adapter, total_steps, reference, plain_model=plain, hidden_size=hidden_size,
                           early_stop=world == 1, sharded=fsdp, tokenizer=tokenizer)
     method = M.build_method(ctx)
+    resolved["loss_weights"] = method.loss_weights()
 
     run = None
     if wandb is not None and accelerator.is_main_process:
         run = wandb.init(project=cfg.wandb_project, config=cfg.to_dict())
     log: list[dict] = []
     forget_iter, retain_iter = iter(forget_loader), iter(retain_loader)
-    bar = tqdm(range(total_steps), desc=f"unlearn {cfg.method}", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(range(run_steps), desc=f"unlearn {cfg.method}", disable=not (progress and accelerator.is_main_process))
     for step in bar:
         sums: dict[str, float] = {}
         lr = scheduler.get_last_lr()[0]
@@ -390,7 +393,7 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
         keys = sorted(sums)
         reduced = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=accelerator.device), "mean")
         row = {"step": step + 1, **dict(zip(keys, reduced.tolist())), "lr": lr, "grad_norm": float(grad_norm)}
-        if (step + 1) % eval_every == 0 or step + 1 == total_steps:
+        if (step + 1) % eval_every == 0 or step + 1 == run_steps:
             row["eval_forget_nll"] = mean_token_nll(prepared, tokenizer, data.forget_eval, **eval_options)
             row["eval_retain_nll"] = mean_token_nll(prepared, tokenizer, data.retain_eval, **eval_options)
         log.append(row)
@@ -399,7 +402,7 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
             run.log(row, step=step + 1)
 
     eval_after = evaluate(prepared, tokenizer, forget_texts=data.forget_eval, retain_texts=data.retain_eval,
-                          mcq_items=data.mcq, **eval_options)
+                          mcq_items=data.mcq, retain_mcq_items=data.retain_mcq, **eval_options)
     tokenizer.padding_side = padding_side  # the saved tokenizer keeps the base model's setting
     if run is not None:
         run.summary.update({f"after/{k}": v for k, v in eval_after.items()})

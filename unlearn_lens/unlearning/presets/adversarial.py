@@ -29,7 +29,8 @@ _ORIGINAL_SOURCE = "the original pipeline's settings (/work/shared/original-pipe
 #: GraySwan circuit breakers (Zou et al. 2024) as in scripts/lorra_circuit_breaker_llama3_8b.sh.
 _GRAYSWAN = Preset(
     name="reference",
-    values={"cb_variant": "rr", "alpha": 10.0, "target_layers": [9, 19], "lora": True, "lora_r": 16,
+    values={"cb_variant": "rr", "alpha": 10.0, "target_layers": [9, 19], "rr_retain_mean": "padded",
+            "max_length": 1024, "lora": True, "lora_r": 16,
             "lora_alpha": 16.0, "lora_dropout": 0.05, "train_dropout": True, "lora_targets": None,
             "optimizer": "adamw", "lr": 1e-4,
             "weight_decay": 0.0, "lr_scheduler": "constant", "warmup_steps": 0, "grad_clip": 1.0,
@@ -37,8 +38,9 @@ _GRAYSWAN = Preset(
     depth_scaled=("target_layers",),
     source="Zou et al. 2024, Improving Alignment and Robustness with Circuit Breakers; GraySwanAI/circuit-breakers "
            "src/lorra_circuit_breaker.py (copy: EleutherAI/unlearn unlearn/reference/grey_swan_circuit_breaker/"
-           "lorra.py): lorra_alpha 10, target layers 10,20 (hidden_states), LoRA r16/alpha16/dropout 0.05 on "
-           "every linear of the blocks up to the last target, lr 1e-4 constant, 150 steps, batch 16",
+           "lorra.py): lorra_alpha 10, target layers 10,20 (hidden_states), retain anchor a nanmean over the retain "
+           "text padded to 1024 tokens (model_max_length), LoRA r16/alpha16/dropout 0.05 on every linear of the "
+           "blocks up to the last target (args.py's lora_target_modules), lr 1e-4 constant, 150 steps, batch 16",
 )
 
 #: deep ignorance's rr-lat (O'Brien et al. 2025): unlearning.py --alg rr-lat as its run script
@@ -49,32 +51,38 @@ _GRAYSWAN = Preset(
 _DEEP_IGNORANCE = Preset(
     name="reference",
     values={"cb_variant": "rr", "alpha": 5.0, "forget_weight": 60.0, "target_layers": [4, 9, 14, 19, 24, 29],
+            "rr_retain_mean": "padded", "max_length": 2048,
             "adversary": "combined", "adversary_layers": [-1], "adversary_lr": 2e-3, "lat_steps": 4,
             "lora": True, "lora_r": 16, "lora_alpha": 16.0, "lora_dropout": 0.05, "train_dropout": True,
-            "lora_targets": None, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01, "lr_scheduler": "linear",
-            "warmup_steps": 0, "grad_clip": 1.0, "batch_size": 1, "grad_accum_steps": 32},
+            "lora_targets": ["peft-default"], "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01,
+            "lr_scheduler": "linear", "warmup_steps": 0, "grad_clip": 1.0, "batch_size": 1, "grad_accum_steps": 32},
     depth_scaled=("target_layers",),
     source="O'Brien et al. 2025, Deep Ignorance; EleutherAI/unlearn unlearn/reference/cas/unlearning.py "
            "(RRTrainer, gradient_descent_attack; --alg rr-lat) as run by rr-lat.sh: retain_coef 5 (alpha), "
            "remove_coef 300 (alpha x forget weight 60), layers 5,10,...,30 (hidden_states), CombinedAdversary "
            "adv_lr 2e-3 x 4 iterations at the embedding (its MLP adversaries at the target layers lie between "
-           "scored layers and are left out), LoRA r16/alpha16/dropout 0.05 up to the last target, lr 2e-3, "
-           "weight decay 0.01, batch 1 x 32 accumulated",
+           "scored layers and are left out), retain anchor a nanmean over the retain text padded to MAX_LENGTH "
+           "2048, LoRA r16/alpha16/dropout 0.05 up to the last target on PEFT's default modules (target_modules=None "
+           "but for OLMo), lr 2e-3, weight decay 0.01, batch 1 x 32 accumulated",
 )
 
 #: targeted LAT (Sheshadri et al. 2024), notebooks/unlearning_wmdp.ipynb's ProjectedGradLAT call.
 _TARGETED_LAT = Preset(
     name="reference",
     values={"adversary": "targeted", "adversary_layers": [7], "lat_eps": 2.0, "adversary_lr": 5e-2,
-            "lat_steps": 16, "lat_defender": "away", "lat_sft_coef": 4.0, "lora": True, "lora_r": 64,
+            "lat_steps": 16, "adversary_away_coef": 1.0, "lat_defender": "away", "lat_toward_coef": 1.0,
+            "lat_sft_coef": 4.0, "lora": True, "lora_r": 64,
             "lora_alpha": 8.0, "lora_dropout": 0.0, "lora_targets": None, "optimizer": "adamw", "lr": 5e-5,
-            "weight_decay": 0.01, "lr_scheduler": "constant", "warmup_steps": 0, "grad_clip": 0.5, "steps": 200},
+            "weight_decay": 0.01, "lr_scheduler": "constant", "warmup_steps": 0, "grad_clip": 0.5, "steps": 200,
+            "batch_size": 4, "grad_accum_steps": 1, "max_length": 600},
     depth_scaled=("adversary_layers",),
     source="Sheshadri et al. 2024, Latent Adversarial Training Improves Robustness to Persistent Harmful "
            "Behaviors in LLMs; aengusl/latent-adversarial-training latent_at/lat_methods.py "
-           "(ProjectedGradLAT, projected_gradient_descent), latent_at/lat_helpers.py (compute_toward_away_loss), "
-           "notebooks/unlearning_wmdp.ipynb: pgd_layers [7], epsilon 2, inner lr 5e-2 x 16, outer lr 5e-5, "
-           "def_loss_coefs away 1 / sft 4, clip_grad 0.5, LoRA r64, 200 steps",
+           "(ProjectedGradLAT, projected_gradient_descent), latent_at/lat_helpers.py (do_adversary_step, "
+           "do_defense_step, compute_toward_away_loss), latent_at/lat_datasets.py (load_targeted_wmdp_data: forget "
+           "text = adv_tokens, retain text = def_tokens), notebooks/unlearning_wmdp.ipynb: pgd_layers [7], epsilon "
+           "2, inner lr 5e-2 x 16, adv_loss_coefs toward 1 / away 1, outer lr 5e-5, def_loss_coefs toward 1 / away "
+           "1 / sft 4 (each set normalised), clip_grad 0.5, LoRA r64 (alpha 8), batch 4, 600 tokens, 200 steps",
 )
 
 PRESETS: dict[str, dict[str, Preset]] = {

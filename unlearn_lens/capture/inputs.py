@@ -14,6 +14,7 @@ import numpy as np
 
 from unlearn_lens import data as datasets
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.limits import check_counts
 from unlearn_lens.prompts import cloze_context, cloze_continuations, encode_prompt, letter_prompt
 
 #: Splits the capture command accepts; ``wmdp`` brings ``wmdp_cloze`` with it.
@@ -94,8 +95,7 @@ def parse_splits(value: str) -> list[str]:
 def build_inputs(tokenizer, data_dir: str | Path, splits: list[str], max_samples: int,
                  max_length: int) -> dict[str, SplitInputs]:
     """Tokenised inputs of each requested split (first ``max_samples`` texts or questions)."""
-    if max_samples <= 0 or max_length <= 1:
-        raise UserError("--max-samples must be positive and --max-length at least 2")
+    check_counts(max_samples=max_samples, max_length=max_length)
     inputs: dict[str, Any] = {}
     for split in splits:
         if split in ("forget", "retain"):

@@ -6,6 +6,7 @@ import hashlib
 from importlib import metadata
 from typing import Any
 
+from analyses.weights.checkpoints import checkpoint_fingerprint
 from cache_store.tokenizer_id import tokenizer_fingerprint
 from unlearn_lens.core.models import resolve_source
 
@@ -50,6 +51,7 @@ def provenance(spec: str, revision: str | None, model, tokenizer, adapter, *, da
         "hidden_size": int(model.config.hidden_size),
         "vocab_size": int(adapter.unembed().weight.shape[0]),
         "weights_fingerprint": weights_fingerprint(model),
+        "checkpoint_fingerprint": checkpoint_fingerprint(spec, revision),  # what analyze checks, torch-free
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "data_manifest_hash": data_hash,
         "max_length": int(max_length),

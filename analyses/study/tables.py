@@ -1,0 +1,94 @@
+"""The study's tables from an output tree: its design, the signatures and the recoveries, as numbers.
+
+- ``models.csv`` (written by ``unlearn-lens study`` before anything runs): each unlearned model's
+  method, the strength knob and its multiplier and value, and the training mode;
+- ``signatures.csv``: the design columns, then the report's tidy signature table
+  (``analyses.report.signatures.signature_frame``: every diagnostic read from its own CSVs);
+- ``recovery.csv``: the design columns, then each model's ``attacks/headline.csv`` (per attack,
+  metric and target of the recovery, the setting chosen on half the items and scored on the
+  other half, with its interval and n).
+
+``targets`` turns recovery.csv into the prediction's targets, ``predictor_matrix`` signatures.csv
+into its predictor matrices (``SIGNATURE_PREDICTORS``, ``BEHAVIOUR_PREDICTORS``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from analyses.recovery import HEADLINE_COLUMNS
+from analyses.report.inputs import ReportInputs, read_rows
+from analyses.report.signatures import BEHAVIOUR_COLUMNS, SIGNATURE_COLUMNS, TOP_LAYERS, signature_frame
+from unlearn_lens.core import outputs
+
+#: Columns of models.csv: the study's design, one row per unlearned model.
+DESIGN_COLUMNS = ("model", "method", "knob", "strength", "value", "training")
+#: Signature columns the prediction reads: every tidy column but the behaviour rows, the base's own
+#: values (the same for every model) and the indices of the most-changed layers (labels, not amounts).
+SIGNATURE_PREDICTORS = tuple(c for c in SIGNATURE_COLUMNS if not c.endswith(("_before", "_after", "_change", "_base"))
+                             and c not in TOP_LAYERS)
+#: The behavioural effect of unlearning: forget / retain NLL and WMDP cloze accuracy, after - before.
+BEHAVIOUR_PREDICTORS = BEHAVIOUR_COLUMNS
+#: Metrics whose recovery is predicted (each attack, against the base and against the control).
+TARGET_METRICS = ("cloze_accuracy", "forget_nll")
+RECOVERY_COLUMNS = (*DESIGN_COLUMNS, *[c for c in HEADLINE_COLUMNS])
+
+
+def study_dir(root: str | Path) -> Path:
+    """``OUT/study``."""
+    return Path(root) / outputs.STUDY
+
+
+def read_design(root: str | Path) -> list[dict[str, str]]:
+    """The rows of ``OUT/study/models.csv`` (none when the study has not been set up)."""
+    return read_rows(study_dir(root) / outputs.STUDY_MODELS_CSV)
+
+
+def signature_rows(inputs: ReportInputs, design: Sequence[dict]) -> list[dict]:
+    """``signatures.csv``: per model of the design that is a comparison, its design then its signature."""
+    frame = {row["model"]: row for row in signature_frame(inputs)}
+    return [{**{c: d.get(c, "") for c in DESIGN_COLUMNS}, **frame[d["model"]]} for d in design if d["model"] in frame]
+
+
+def recovery_rows(inputs: ReportInputs, design: Sequence[dict]) -> list[dict]:
+    """``recovery.csv``: per model of the design, its design then each row of its ``attacks/headline.csv``."""
+    rows = []
+    for d in design:
+        for headline in read_rows(inputs.model_dir(d["model"]) / outputs.ATTACKS / outputs.HEADLINE_CSV):
+            rows.append({**{c: d.get(c, "") for c in DESIGN_COLUMNS}, **headline})
+    return rows
+
+
+def _float(value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+    return number if math.isfinite(number) else float("nan")
+
+
+def target_name(attack: str, metric: str, against: str) -> str:
+    """``relearn-heldout: cloze_accuracy vs base``."""
+    return f"{attack}: {metric} vs {against}"
+
+
+def targets(recovery: Sequence[dict], models: Sequence[str]) -> dict[str, np.ndarray]:
+    """``{target name: recovery per model (NaN where missing)}`` for each attack x TARGET_METRICS x target."""
+    index = {m: i for i, m in enumerate(models)}
+    out: dict[str, np.ndarray] = {}
+    for row in recovery:
+        if row.get("metric") not in TARGET_METRICS or row.get("model") not in index:
+            continue
+        name = target_name(row["attack"], row["metric"], row.get("against", "base"))
+        out.setdefault(name, np.full(len(models), np.nan))[index[row["model"]]] = _float(row.get("recovery"))
+    return out
+
+
+def predictor_matrix(signatures: Sequence[dict], columns: Sequence[str]) -> np.ndarray:
+    """``(models, columns)`` floats of signatures.csv rows (NaN where not measured)."""
+    return np.array([[_float(row.get(c)) for c in columns] for row in signatures], dtype=float).reshape(
+        len(signatures), len(columns))
