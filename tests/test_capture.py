@@ -332,6 +332,32 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, llama_dir, data_dir, re
     assert tree_bytes(out) == tree_bytes(reference_cache)
 
 
+def test_killed_between_splits_reads_incomplete_then_resumes(tmp_path, llama_dir, data_dir, monkeypatch):
+    """A capture stopped after its first split completed, before the next one began, must not read
+    complete (a resumed run would otherwise be skipped by every step that trusts is_complete)."""
+    import cache_store
+    from unlearn_lens.capture import capture, run
+
+    real = run.capture_split
+    started: list[str] = []
+
+    def stop_at_second_split(runner, writer, inputs, *args, **kwargs):
+        started.append(inputs.split)
+        if len(started) == 2:
+            raise KeyboardInterrupt  # the first split is complete, the second has written nothing
+        return real(runner, writer, inputs, *args, **kwargs)
+
+    out = tmp_path / "c.zarr"
+    monkeypatch.setattr(run, "capture_split", stop_at_second_split)
+    with pytest.raises(KeyboardInterrupt):
+        capture(str(llama_dir), data_dir, str(out), settings(batch_size=2, block_samples=2))
+    assert cache_store.is_complete(str(out), started[0]) and not cache_store.is_complete(str(out))
+    assert set(cache_store.list_splits(str(out))) == {"forget", "retain", "wmdp", "wmdp_cloze"}
+    monkeypatch.setattr(run, "capture_split", real)
+    states = capture(str(llama_dir), data_dir, str(out), settings(batch_size=2, block_samples=2))
+    assert states[started[0]] == "already complete" and cache_store.is_complete(str(out))
+
+
 def test_two_concurrent_shards_equal_one_process(tmp_path, llama_dir, data_dir, reference_cache):
     out = tmp_path / "c.zarr"
     processes = [run_cli(capture_args(llama_dir, data_dir, out) + ["--shard", f"{k}/2"], wait=False) for k in (1, 2)]

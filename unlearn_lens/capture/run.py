@@ -129,8 +129,12 @@ def capture(model_spec: str, data_dir: str | Path, out: str, settings: CaptureSe
     runner = BatchRunner(model, adapter, settings.dtype, letters, kept)
     kill_hook = _kill_hook()
     states: dict[str, str] = {}
+    # Every split's group exists (not complete) before any forward pass, so that a capture killed
+    # between two splits never leaves a cache that reads complete without its later splits.
+    opened = {split: open_split(writer, split_inputs, settings, kept, prov["hidden_size"], wmdp_extras)
+              for split, split_inputs in inputs.items()}
     for split, split_inputs in inputs.items():
-        split_writer, positions = open_split(writer, split_inputs, settings, kept, prov["hidden_size"], wmdp_extras)
+        split_writer, positions = opened[split]
         if split_writer.complete:
             states[split] = "already complete"
             continue
