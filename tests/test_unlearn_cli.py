@@ -86,6 +86,8 @@ def test_unlearn_all_skips_finished(neox_dir, unlearn_data_dir, tmp_path):
     (["--method", "cb_lat", "--target-layers", "1,2", "--adversary-layers", "-1,1"],
      "must lie strictly before the first target layer 1"),
     (["--method", "lat", "--adversary-layers", "3"], "--adversary-layers 3 is out of range"),
+    (["--method", "ga", "--forget-weight", "0.5"], "--forget-weight has no effect on ga"),
+    (["--method", "cb", "--forget-weight", "2"], "--forget-weight has no effect on cb"),  # the cosine variant
 ])
 def test_bad_input_one_line_error_before_training(neox_dir, unlearn_data_dir, tmp_path, extra, message):
     out = tmp_path / "bad"
@@ -103,6 +105,21 @@ def test_empty_forget_set(neox_dir, tmp_path):
     result = invoke("unlearn", "--model", neox_dir, "--data", str(data), "--outdir", str(tmp_path / "o"),
                     "--method", "ga", *FAST)
     assert result.exit_code == 2 and "empty data set" in result.output and "Traceback" not in result.output
+
+
+def test_unlearn_all_refuses_a_forget_weight_one_method_ignores(neox_dir, unlearn_data_dir, tmp_path):
+    result = invoke("unlearn-all", "--model", neox_dir, "--data", str(unlearn_data_dir), "--outdir", str(tmp_path),
+                    "--methods", "grad_diff,lat", "--forget-weight", "2", *FAST)
+    assert result.exit_code == 2 and "--forget-weight has no effect on lat" in result.output
+    assert not (tmp_path / "grad_diff").exists()
+
+
+def test_forget_weight_readers_are_the_losses_that_weigh_forget():
+    from unlearn_lens.unlearning.method_names import METHODS, reads_forget_weight
+
+    readers = {m for m in METHODS if reads_forget_weight(m, "original")}
+    assert readers == {"grad_diff", "dpo", "npo", "simnpo"}
+    assert {m for m in METHODS if reads_forget_weight(m, "rr")} == readers | {"cb", "cb_lat"}
 
 
 def test_unlearn_all_checks_every_method_first(neox_dir, unlearn_data_dir, tmp_path):

@@ -276,3 +276,20 @@ def test_stop_after_runs_the_first_steps_of_the_longer_run(models, unlearn_data_
         assert row_cut.keys() == row_full.keys()
         assert {k: v for k, v in row_cut.items() if v == v} == {k: v for k, v in row_full.items() if v == v}
     assert full.log[2]["lr"] > full.log[3]["lr"]  # the schedule is the 6-step run's
+
+
+# --- which losses read --forget-weight ---------------------------------------------------------
+
+@pytest.mark.parametrize("method,variant", [(m, "original") for m in
+                                            ("ga_simple", "ga", "grad_diff", "dpo", "npo", "simnpo", "rmu", "cb",
+                                             "lat", "cb_lat", "wt_dist", "wt_dist_reg")]
+                         + [("cb", "rr"), ("cb_lat", "rr")])
+def test_forget_weight_changes_training_exactly_where_the_cli_accepts_it(models, unlearn_data_dir, method, variant):
+    """The CLI refuses --forget-weight where reads_forget_weight says the loss has no such weight:
+    two seeded runs that differ only in it end in the same weights there, and differ elsewhere."""
+    from unlearn_lens.unlearning.method_names import reads_forget_weight
+
+    runs = [params(run(models, unlearn_data_dir, method, steps=2, cb_variant=variant, forget_weight=w).model)
+            for w in (1.0, 3.0)]
+    same = all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
+    assert same is not reads_forget_weight(method, variant)

@@ -15,6 +15,7 @@ from unlearn_lens import options
 from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.settings import TRAIN_BATCH_SIZE
 from unlearn_lens.unlearning import presets
+from unlearn_lens.unlearning.method_names import FORGET_WEIGHTED, FORGET_WEIGHTED_RR, reads_forget_weight
 from unlearn_lens.unlearning.config import (ADVERSARIES, CB_VARIANTS, LAT_DEFENDERS, LAT_NORMS, METHODS, OPTIMIZERS,
                                             RR_RETAIN_MEANS, SCHEDULERS, UnlearnConfig)
 
@@ -90,7 +91,7 @@ def _shared_options(func):
         click.option("--forget-weight", type=float, default=1.0, show_default=True,
                      help="Weight of the forget term (open-unlearning's gamma): grad_diff retain NLL - w * forget NLL; "
                           "dpo / npo / simnpo w * preference term + retain NLL; cb / cb_lat rr: scales the rerouting "
-                          "coefficient c_rr."),
+                          "coefficient c_rr. Refused by the other methods, whose losses have no such weight."),
         click.option("--beta", type=float, default=0.1, show_default=True, help="dpo / npo / simnpo inverse temperature."),
         click.option("--layer-id", type=int, default=None,
                      help="rmu / cb / lat / cb_lat target layer (default 7 as in WMDP's RMU, or the last block)."),
@@ -205,7 +206,13 @@ def _config(method: str, outdir: str, kw: dict) -> UnlearnConfig:
     """The run's config: every flag, then ``--preset``'s values for the flags not given explicitly."""
     cfg = _plain_config(method, outdir, kw)
     if method in METHODS:  # an unknown method is reported by validate()
-        cfg.apply_preset(_explicit(kw) - {"preset"})
+        explicit = _explicit(kw) - {"preset"}
+        cfg.apply_preset(explicit)
+        if "forget_weight" in explicit and not reads_forget_weight(method, cfg.cb_variant):
+            raise UserError(f"--forget-weight has no effect on {method} ({METHODS[method][1]}); it weighs the "
+                            f"forget term of {', '.join(FORGET_WEIGHTED)}, and of "
+                            f"{' / '.join(FORGET_WEIGHTED_RR)} with --cb-variant rr"
+                            + ("; grad_diff is ga with that weight" if method in ("ga", "ga_simple") else ""))
     return cfg
 
 

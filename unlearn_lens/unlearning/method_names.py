@@ -22,3 +22,14 @@ METHODS: dict[str, tuple[str, str]] = {
     "wt_dist": ("weight", "Gaussian noise on all weights, then retain fine-tuning"),
     "wt_dist_reg": ("weight", "retain NLL - lambda * RMS distance from the pretrained weights"),
 }
+
+
+#: Methods whose loss weighs its forget term by ``--forget-weight`` (cb and cb_lat only under
+#: ``--cb-variant rr``); every other method's loss has no such weight.
+FORGET_WEIGHTED = ("grad_diff", "dpo", "npo", "simnpo")
+FORGET_WEIGHTED_RR = ("cb", "cb_lat")
+
+
+def reads_forget_weight(method: str, cb_variant: str) -> bool:
+    """Whether ``method``'s loss uses ``--forget-weight`` (so that a flag it ignores is refused)."""
+    return method in FORGET_WEIGHTED or (method in FORGET_WEIGHTED_RR and cb_variant == "rr")
