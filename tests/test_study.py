@@ -158,3 +158,22 @@ def test_each_method_names_its_strength_knob_and_the_config_equals_unlearn(tmp_p
                                         "--steering-coeff", "40", "--alpha", "100", "--lr", "1e-3", "--steps", "20"])
     assert result.exit_code == 0, result.output
     assert calls == [built]
+
+
+def test_on_a_testbed_the_study_starts_from_the_testbed_demo_settings(tmp_path):
+    """On planted facts a study's rmu is the demo's testbed rmu (layer 3, c = 100, 120 steps) scaled; methods
+    the testbed has no settings for keep the WMDP-style demo's."""
+    from unlearn_lens.demo import DEMO_METHOD_SETTINGS, TESTBED_METHOD_SETTINGS
+    from unlearn_lens.study import unlearn_config
+    from unlearn_lens.testbed import create_testbed
+
+    data = tmp_path / "testbed"
+    create_testbed(data, facts=8, seed=0)
+    settings = StudySettings(model="/m/base", data=data, outdir=tmp_path, methods=("rmu", "npo"))
+    rmu = unlearn_config(settings, "rmu", 2.0)
+    expected = TESTBED_METHOD_SETTINGS["rmu"]
+    assert (rmu.layer_id, rmu.steps, rmu.alpha, rmu.update_layers) == \
+        (expected["layer_id"], expected["steps"], expected["alpha"], expected["update_layers"])
+    assert rmu.steering_coeff == 2 * expected["steering_coeff"]
+    assert unlearn_config(settings, "ga", 1.0).lr == TESTBED_METHOD_SETTINGS["ga"]["lr"]
+    assert unlearn_config(settings, "npo", 1.0).lr == DEMO_METHOD_SETTINGS["npo"]["lr"]

@@ -23,7 +23,7 @@ from unlearn_lens.core.atomic import atomic_write_text
 from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.settings import CAPTURE_MAX_SAMPLES, DEFAULT_BATCH_SIZE, DEFAULT_DEVICE, DEFAULT_MAX_LENGTH
 from unlearn_lens.demo import (COMMON_SETTINGS, DEMO_ATTACK_OPTIONS, DEMO_DEFAULT_STEPS, DEMO_EVAL_SAMPLES,
-                               DEMO_LIPSCHITZ_SETTINGS, DEMO_METHOD_SETTINGS)
+                               DEMO_LIPSCHITZ_SETTINGS, DEMO_METHOD_SETTINGS, TESTBED_METHOD_SETTINGS)
 from unlearn_lens.pipeline import ModelEntry, PipelineSettings
 
 if TYPE_CHECKING:
@@ -133,13 +133,23 @@ def training_mode(settings: StudySettings, method: str) -> str:
     return "lora" if reference is not None and reference.values.get("lora") else "full"
 
 
+def demo_settings(data: str | Path, method: str) -> dict:
+    """The demo's settings of ``method`` on this data: on a planted-facts testbed the testbed's (rmu, ga),
+    else (and for the methods the testbed has none for) the WMDP-style demo's."""
+    from unlearn_lens.testbed import is_testbed
+
+    if is_testbed(data) and method in TESTBED_METHOD_SETTINGS:
+        return dict(TESTBED_METHOD_SETTINGS[method])
+    return dict(DEMO_METHOD_SETTINGS.get(method, {"steps": DEMO_DEFAULT_STEPS}))
+
+
 def unlearn_config(settings: StudySettings, method: str, strength: float) -> UnlearnConfig:
-    """The UnlearnConfig of one model of the study: the method's demo settings (or ``preset``'s), the
-    study's common sizes, then the knob multiplied by ``strength`` and the training mode."""
+    """The UnlearnConfig of one model of the study: the method's demo settings on this data (or
+    ``preset``'s), the study's common sizes, then the knob multiplied by ``strength`` and the training mode."""
     from unlearn_lens.unlearning import presets
     from unlearn_lens.unlearning.config import UnlearnConfig
 
-    values = dict(DEMO_METHOD_SETTINGS.get(method, {"steps": DEMO_DEFAULT_STEPS}))
+    values = demo_settings(settings.data, method)
     if settings.preset != "original":
         values = {"steps": values["steps"]}
     if settings.unlearn_steps is not None:

@@ -56,7 +56,8 @@ KNOBS_HELP = "; ".join(f"{method}: {knob}" for method, knob in STRENGTH_KNOBS.it
                    "preset trains: LoRA for cb, cb_lat and lat, full otherwise; wt_dist and wt_dist_reg are always "
                    "full).")
 @click.option("--preset", default="original", show_default=True,
-              help="original: the demo's per-method settings (sized for SmolLM2 on CPU); reference or default: "
+              help="original: the demo's per-method settings (sized for SmolLM2 on CPU; on a planted-facts testbed, the "
+                   "demo's testbed settings for rmu and ga); reference or default: "
                    "`unlearn --preset` (steps, batch size, length and seed stay the demo's).")
 @click.option("--unlearn-steps", type=int, default=None, help="Training steps of every unlearning run.")
 @click.option("--attacks", "attacks_text", default="", help="Comma-separated attacks (default: every attack).")
