@@ -293,3 +293,28 @@ def test_report_section_shows_accuracies_with_intervals(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "base__to__x").mkdir()
     assert "Planted facts" not in render_report(ReportInputs(tmp_path / "other", "base", ["x"]))
+
+
+def test_printout_gives_each_attack_recovery_its_interval_and_n(tmp_path):
+    """The demo's "Best recovery ... per attack" line reads each recovery's interval and n from the columns
+    the attacks write to attacks.csv (it printed n = 0 for every attack but relearn-heldout)."""
+    import csv
+
+    from analyses.recovery import BASE_COLUMNS
+    from analyses.report.testbed import testbed_lines
+    from unlearn_lens.core.outputs import mark_complete
+
+    folder = tmp_path / "ga" / "attacks"
+    folder.mkdir(parents=True)
+    rows = [{"attack": "quantize", "setting": "int4-g32", "target": "modified", "recovery_cloze_accuracy": "0.25",
+             "recovery_cloze_accuracy_low": "0.05", "recovery_cloze_accuracy_high": "0.5", "n_cloze_accuracy": "30"},
+            {"attack": "ablate", "setting": "layer=3", "target": "modified", "recovery_cloze_accuracy": "0.1"}]
+    with open(folder / "attacks.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=BASE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    mark_complete(folder, "{}")
+    (tmp_path / "planted__to__ga").mkdir()
+    line = next(text for text in testbed_lines(tmp_path, "planted", ["ga"]) if text.startswith("Best recovery"))
+    assert "quantize 0.25 [0.05, 0.50], n = 30" in line
+    assert "ablate 0.10 (no interval in attacks.csv)" in line

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from analyses.report.html import muted, section, table
+from analyses.recovery import count_column, interval_columns, recovery_column
 from analyses.report.inputs import ReportInputs, read_json, read_rows
 from analyses.uncertainty import PER_ITEM, Estimate, metric_estimate, nan_estimate, recovery_estimate
 from unlearn_lens.core import outputs
@@ -26,10 +27,6 @@ FACT_METRICS = (("cloze_accuracy", "forget facts A"), ("retain_cloze_accuracy", 
 PLANT_METRICS = {"cloze_accuracy": "forget_facts_accuracy", "retain_cloze_accuracy": "retain_facts_accuracy"}
 #: Deeb & Roger 2024's recovery of held-out facts after retraining on the others (most methods).
 DEEB_ROGER_RECOVERY = 0.88
-#: Where attacks.csv holds a recovery's interval, once the attack writes one (``{metric}``: e.g.
-#: cloze_accuracy). The one place the readers below look for them; until the columns exist, a
-#: recovery read from attacks.csv is shown without an interval and says so.
-RECOVERY_INTERVAL_COLUMNS = ("recovery_{metric}_low", "recovery_{metric}_high", "recovery_{metric}_n")
 INTRO = ("Entities A were unlearned, entities B kept (`unlearn-lens datasets create --facts N`, `unlearn-lens plant`). "
          "Cloze accuracy on held-out questions (a template no training text contains; chance 0.25), with its 95% "
          "bootstrap interval over questions and n. Retraining on A1's texts and evaluating on A2's questions asks "
@@ -146,16 +143,15 @@ def testbed_section(inputs: ReportInputs) -> str:
 # --- the demo's printout -------------------------------------------------------------------------
 
 def attack_recovery(row: dict, metric: str = "cloze_accuracy") -> str:
-    """An attacks.csv row's recovery of ``metric`` as text, with its interval where attacks.csv has one
-    (``RECOVERY_INTERVAL_COLUMNS``)."""
+    """An attacks.csv row's recovery of ``metric`` as text, with its interval and n where attacks.csv has them."""
+    column = recovery_column(metric)
     try:
-        value = float(row.get(f"recovery_{metric}", "nan"))
+        value = float(row.get(column, "nan"))
     except ValueError:
         value = float("nan")
-    low_name, high_name, n_name = (c.format(metric=metric) for c in RECOVERY_INTERVAL_COLUMNS)
     try:
-        low, high = float(row[low_name]), float(row[high_name])
-        n = int(float(row.get(n_name) or row.get("n_eval_questions") or 0))
+        low, high = (float(row[name]) for name in interval_columns(column))
+        n = int(float(row[count_column(metric)]))
     except (KeyError, TypeError, ValueError):
         return "—" if not math.isfinite(value) else f"{value:.2f} (no interval in attacks.csv)"
     return Estimate(value, low, high, n).text()
