@@ -114,14 +114,6 @@ def test_unlearn_all_refuses_a_forget_weight_one_method_ignores(neox_dir, unlear
     assert not (tmp_path / "grad_diff").exists()
 
 
-def test_forget_weight_readers_are_the_losses_that_weigh_forget():
-    from unlearn_lens.unlearning.method_names import METHODS, reads_forget_weight
-
-    readers = {m for m in METHODS if reads_forget_weight(m, "original")}
-    assert readers == {"grad_diff", "dpo", "npo", "simnpo"}
-    assert {m for m in METHODS if reads_forget_weight(m, "rr")} == readers | {"cb", "cb_lat"}
-
-
 def test_unlearn_all_checks_every_method_first(neox_dir, unlearn_data_dir, tmp_path):
     result = invoke("unlearn-all", "--model", neox_dir, "--data", str(unlearn_data_dir), "--outdir", str(tmp_path),
                     "--methods", "ga,nope", *FAST)

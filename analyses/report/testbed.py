@@ -14,8 +14,8 @@ import html
 import math
 from pathlib import Path
 
-from analyses.report.html import muted, section, table
 from analyses.recovery import count_column, interval_columns, recovery_column
+from analyses.report.html import muted, section, table
 from analyses.report.inputs import ReportInputs, read_json, read_rows
 from analyses.uncertainty import PER_ITEM, Estimate, metric_estimate, nan_estimate, recovery_estimate
 from unlearn_lens.core import outputs

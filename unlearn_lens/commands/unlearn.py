@@ -15,9 +15,9 @@ from unlearn_lens import options
 from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.settings import TRAIN_BATCH_SIZE
 from unlearn_lens.unlearning import presets
-from unlearn_lens.unlearning.method_names import FORGET_WEIGHTED, FORGET_WEIGHTED_RR, reads_forget_weight
 from unlearn_lens.unlearning.config import (ADVERSARIES, CB_VARIANTS, LAT_DEFENDERS, LAT_NORMS, METHODS, OPTIMIZERS,
                                             RR_RETAIN_MEANS, SCHEDULERS, UnlearnConfig)
+from unlearn_lens.unlearning.method_names import FORGET_WEIGHTED, FORGET_WEIGHTED_RR, reads_forget_weight
 
 
 #: unlearn's device default: accelerate chooses (the other commands default to the CPU).
@@ -212,7 +212,7 @@ def _config(method: str, outdir: str, kw: dict) -> UnlearnConfig:
             raise UserError(f"--forget-weight has no effect on {method} ({METHODS[method][1]}); it weighs the "
                             f"forget term of {', '.join(FORGET_WEIGHTED)}, and of "
                             f"{' / '.join(FORGET_WEIGHTED_RR)} with --cb-variant rr"
-                            + ("; grad_diff is ga with that weight" if method in ("ga", "ga_simple") else ""))
+                            + ("; grad_diff is ga with that weight" if method == "ga" else ""))
     return cfg
 
 
