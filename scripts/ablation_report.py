@@ -8,7 +8,8 @@ ablate`` as the demo's pipeline would (its caches, data, dtype, batch and --max-
 ``OUT/ablation_report/NAME/attacks/`` (the demo's own ``attacks/`` folders are left as they are),
 then prints a Markdown table: the chosen layer (largest mean difference relative to the base
 residual's RMS), the layer the raw norm would have chosen, and each metric's recovery under
-``per_layer`` and ``single``, with the number of texts and questions evaluated. Costs about four
+``per_layer`` and ``single`` with its 95 % interval (— where the gap it would close is inside the noise),
+with the number of texts and questions evaluated. Costs about four
 evaluations per model (unattacked pair, then each setting on the modified model and the base).
 """
 
@@ -67,9 +68,28 @@ def run(outdir: Path, methods: list[str]) -> list[dict]:
             "relative_norm": float(directions["relative_norm"][layer]) if layer is not None else float("nan"),
             "fitted_tokens": int(directions["n_tokens"]), "fitted_texts": len(directions["fit_samples"]),
             "n_forget_texts": reference.get("n_forget_texts"), "n_questions": reference.get("n_questions"),
-            **{f"{mode}_{m}": next((float(r[f"recovery_{m}"]) for r in results if r["mode"] == mode), float("nan"))
-               for mode in ("per_layer", "single") for m in METRICS}})
+            **{f"{mode}_{m}{suffix}": value for mode in ("per_layer", "single") for m in METRICS
+               for suffix, value in zip(("", "_low", "_high"), recovery(results, mode, m))}})
     return rows
+
+
+def recovery(results: list[dict], mode: str, metric: str) -> tuple[float, float, float]:
+    """``mode``'s recovery of ``metric`` and its 95 % interval (attacks.csv); nan where there is none."""
+    from analyses.recovery import interval_columns, recovery_column
+
+    column = recovery_column(metric)
+    row = next((r for r in results if r["mode"] == mode), None)
+    if row is None:
+        return float("nan"), float("nan"), float("nan")
+    return tuple(float(row.get(name) or "nan") for name in (column, *interval_columns(column)))
+
+
+def estimate_text(row: dict, key: str) -> str:
+    """``value [low, high]`` of one recovery, or ``—`` where it is undefined (a gap inside the noise)."""
+    value, low, high = row[key], row.get(f"{key}_low", float("nan")), row.get(f"{key}_high", float("nan"))
+    if not np.isfinite(value):
+        return "—"
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]" if np.isfinite(low) and np.isfinite(high) else f"{value:.2f}"
 
 
 def table(rows: list[dict]) -> str:
@@ -81,7 +101,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         cells = [r["model"], f"{r['chosen_layer']} (of {r['layers']})", str(r["raw_norm_layer"]),
                  f"{r['relative_norm']:.3f}", f"{r['fitted_texts']} / {r['fitted_tokens']}",
-                 *[f"{r[f'per_layer_{m}']:.2f}" for m in METRICS], *[f"{r[f'single_{m}']:.2f}" for m in METRICS],
+                 *[estimate_text(r, f"per_layer_{m}") for m in METRICS],
+                 *[estimate_text(r, f"single_{m}") for m in METRICS],
                  f"{r['n_forget_texts']} / {r['n_questions']}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
