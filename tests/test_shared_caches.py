@@ -260,6 +260,18 @@ def test_http_analyze_equals_local_and_writing_is_refused(serve, local_caches, t
 
 # --- integrity: a flipped byte is named, refused, and recaptured ---------------------------------
 
+def reset_and_recapture(base, model, data_dir, clean) -> None:
+    """The documented repair: `cache verify --reset-damaged` resets forget's damaged blocks, the same
+    capture rewrites them (retain untouched), and the cache verifies and equals the clean one, byte for byte."""
+    code, stdout, _ = run_cli(["cache", "verify", str(base), "--quiet", "--reset-damaged"])
+    assert code == 2 and "reset forget: blocks " in stdout
+    code, stdout, stderr = run_cli(capture_args(model, data_dir, base))
+    assert code == 0 and "forget: complete" in stdout and "retain: already complete" in stdout, stderr
+    code, stdout, _ = run_cli(["cache", "verify", str(base), "--quiet"])
+    assert code == 0 and "OK" in stdout
+    assert tree_bytes(base) == tree_bytes(clean)
+
+
 @pytest.mark.slow
 def test_flipped_byte_named_by_verify_refused_by_analyze_and_recaptured(tmp_path, models, data_dir, local_caches):
     base = tmp_path / "base.zarr"
@@ -280,13 +292,7 @@ def test_flipped_byte_named_by_verify_refused_by_analyze_and_recaptured(tmp_path
         "--reset-damaged`, then rerun its capture command"], stderr
     assert not list((tmp_path / "out").rglob("*.csv"))  # nothing computed on it
 
-    code, stdout, _ = run_cli(["cache", "verify", str(base), "--quiet", "--reset-damaged"])
-    assert code == 2 and "reset forget: blocks " in stdout
-    code, stdout, stderr = run_cli(capture_args(models[0], data_dir, base))
-    assert code == 0 and "forget: complete" in stdout and "retain: already complete" in stdout, stderr
-    code, stdout, _ = run_cli(["cache", "verify", str(base), "--quiet"])
-    assert code == 0 and "OK" in stdout
-    assert tree_bytes(base) == tree_bytes(local_caches[0])
+    reset_and_recapture(base, models[0], data_dir, local_caches[0])
 
 
 # --- a missing chunk: named, refused, reset and recaptured (issue 25) ------------------------------
@@ -308,10 +314,4 @@ def test_missing_chunk_named_by_verify_refused_by_analyze_and_recaptured(tmp_pat
     assert stderr.startswith(f"error: {base}: chunk {key} is missing") and "--reset-damaged" in stderr
     assert not list((tmp_path / "out").rglob("*.csv"))  # nothing computed on zeros
 
-    code, stdout, _ = run_cli(["cache", "verify", str(base), "--quiet", "--reset-damaged"])
-    assert code == 2 and "reset forget: blocks " in stdout
-    code, stdout, stderr = run_cli(capture_args(models[0], data_dir, base))
-    assert code == 0 and "forget: complete" in stdout and "retain: already complete" in stdout, stderr
-    code, stdout, _ = run_cli(["cache", "verify", str(base), "--quiet"])
-    assert code == 0 and "OK" in stdout
-    assert tree_bytes(base) == tree_bytes(local_caches[0])
+    reset_and_recapture(base, models[0], data_dir, local_caches[0])
