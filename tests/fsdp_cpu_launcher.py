@@ -54,7 +54,13 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from cli import main as cli_main
 
-    cli_main(sys.argv[1:])
+    cli_main(sys.argv[1:])  # returns on success; exits non-zero on failure
+    import torch.distributed
+
+    # a finished run tears its process group down itself: left to interpreter exit, gloo's threads
+    # can abort a rank after its work is saved (pytorch/pytorch#179291)
+    if torch.distributed.is_initialized():
+        sys.exit("process group still alive after a finished run")
 
 
 if __name__ == "__main__":

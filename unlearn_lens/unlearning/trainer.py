@@ -487,6 +487,11 @@ def save_run(result: TrainResult) -> Path:
                               "cloze": "mean log-prob of each choice given the question"}}), indent=2))
         outputs.mark_complete(out, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n", RUN_MARKER)
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        # tear the process group down while every rank is still alive: left to interpreter exit,
+        # gloo's worker threads can be destroyed joinable, and a rank dies with SIGABRT after a
+        # finished run ("terminate called without an active exception")
+        accelerator.end_training()
     return out
 
 
