@@ -90,9 +90,10 @@ def test_verdicts_and_too_few_models():
 
 # --- through the output tree: write_study ----------------------------------------------------------
 
-def _tree(root, recovery_of):
+def _tree(root, recovery_of, raised=()):
     """A study's output tree as its steps write it: models.csv, per-matrix updates, activation changes,
-    the unlearning runs' eval.json and each model's attacks/headline.csv (recovery_of(update, rng))."""
+    the unlearning runs' eval.json and each model's attacks/headline.csv (recovery_of(update, rng)); the
+    models named in ``raised`` came out with a higher cloze accuracy than they went in (nothing unlearned)."""
     from analyses.recovery import HEADLINE_COLUMNS, SINGLE_SETTING
     from analyses.study.tables import DESIGN_COLUMNS
 
@@ -115,7 +116,7 @@ def _tree(root, recovery_of):
         (root / "unlearning" / name / "eval.json").write_text(json.dumps({
             "before": {"forget_nll": 3.0, "retain_nll": 3.0, "cloze_accuracy": 0.5},
             "after": {"forget_nll": 3 + rng.uniform(0, 1), "retain_nll": 3 + rng.uniform(0, .1),
-                      "cloze_accuracy": 0.5 - rng.uniform(0, .2)}}))
+                      "cloze_accuracy": 0.5 - rng.uniform(0, .2) * (-1 if name in raised else 1)}}))
         rows = [{"attack": "quantize", "metric": metric, "against": "base", "setting": "int4",
                  "selection": SINGLE_SETTING, "n_settings": 1, "recovery": recovery_of(update, rng),
                  "recovery_low": "", "recovery_high": "", "n": 40, "max_recovery": "", "max_setting": "", "note": ""}
@@ -172,3 +173,72 @@ def test_ridge_path_equals_sklearn_ridge_and_bootstrap_scores_equal_their_defini
     for index, (r2, rho) in zip(resamples, scores):
         assert r2 == pytest.approx(P.r_squared(y[index], predicted[index]))
         assert rho == pytest.approx(spearmanr(y[index], predicted[index]).statistic)
+
+
+def test_a_model_that_did_not_unlearn_the_metric_is_no_target(tmp_path):
+    """A model whose unlearning raised the accuracy divides its recovery by a gap of the wrong sign (a
+    wild value): it is left out of the target and named, and the planted finding still stands."""
+    from analyses.study.write import write_study
+
+    raised = {"m0-x0", "m3-x0"}
+    _tree(tmp_path, lambda update, rng: 10 * update + 0.02 * rng.normal(), raised)
+    recovery_path = tmp_path / "m0-x0" / "attacks" / "headline.csv"
+    rows = _csv(recovery_path)
+    for row in rows:
+        row["recovery"] = -2100.0
+    from analyses.recovery import HEADLINE_COLUMNS
+    atomic_write_csv(recovery_path, rows, HEADLINE_COLUMNS)
+    folder = write_study(tmp_path, "base")
+    signatures = {r["model"]: float(r["cloze_accuracy_change"]) for r in _csv(folder / "signatures.csv")}
+    assert {m for m, change in signatures.items() if change > 0} == raised
+    rows = {r["predictors"]: r for r in _csv(folder / "prediction.csv")}
+    assert all(r["left_out"] == "m0-x0 m3-x0" and r["n_models"] == "22" for r in rows.values())
+    predictions = _csv(folder / "predictions.csv")
+    assert not {r["model"] for r in predictions} & raised and len(predictions) == 22
+    assert rows["signatures"]["beats_mean"] == "yes" and rows["signatures"]["carried_by"].startswith("update_norm_rel")
+    summary = json.loads((folder / "summary.json").read_text())
+    assert "forget way" in summary["definitions"]["targets"]
+
+
+def test_targets_keep_models_that_unlearned_and_those_not_measured():
+    from analyses.study.tables import not_unlearned, targets
+
+    signatures = [{"model": "up", "forget_nll_change": "0.5", "cloze_accuracy_change": "-0.2"},
+                  {"model": "down", "forget_nll_change": "-0.007", "cloze_accuracy_change": "0.0"},
+                  {"model": "unmeasured", "forget_nll_change": "", "cloze_accuracy_change": "nan"}]
+    assert not_unlearned(signatures, "forget_nll") == {"down"}
+    assert not_unlearned(signatures, "cloze_accuracy") == {"down"}  # unchanged is not unlearned
+    recovery = [{"model": m, "attack": "a", "metric": metric, "against": "base", "recovery": value}
+                for m, value in (("up", "0.4"), ("down", "-2100"), ("unmeasured", "0.2"))
+                for metric in ("forget_nll", "cloze_accuracy")]
+    values, left_out = targets(recovery, ["up", "down", "unmeasured"], signatures)
+    np.testing.assert_array_equal(values["a: forget_nll vs base"], [0.4, np.nan, 0.2])
+    assert left_out == {"a: forget_nll vs base": ["down"], "a: cloze_accuracy vs base": ["down"]}
+    values, left_out = targets(recovery, ["up", "down", "unmeasured"])  # no signatures: nothing is left out
+    np.testing.assert_array_equal(values["a: forget_nll vs base"], [0.4, -2100, 0.2])
+    assert left_out["a: forget_nll vs base"] == []
+
+
+def test_the_report_says_a_negative_rho_shared_by_the_mean_is_no_signal():
+    from analyses.report.study import sentences
+
+    def rows(rho_mean):
+        common = {"target": "t", "n_models": "20", "n_methods": "7", "r2": "-0.5", "note": "", "left_out": "cb-x1"}
+        return [{**common, "predictors": "signatures", "spearman": "-0.87", "carried_by": "s (+1.00)"},
+                {**common, "predictors": "behaviour", "spearman": "0.1"},
+                {**common, "predictors": "mean", "spearman": rho_mean}]
+    said = sentences(rows("-0.92"))[0]
+    assert "no signal" in said and "ρ = -0.92" in said and "forget way: cb-x1." in said
+    assert "no signal" not in sentences(rows("0.30"))[0]
+
+
+def test_the_plot_legend_names_every_method_even_those_absent_from_the_first_panel(tmp_path, monkeypatch):
+    from analyses.study import plots
+
+    saved = {}
+    monkeypatch.setattr(plots, "atomic_save_figure", lambda figure, path: saved.setdefault("figure", figure))
+    per_model = [{"target": "t1", "model": "a1", "method": "a", "measured": 0.1, "predicted_signatures": 0.2},
+                 {"target": "t2", "model": "b1", "method": "b", "measured": 0.3, "predicted_signatures": 0.1}]
+    plots.prediction_plot(tmp_path / "p.png", per_model, [])
+    legends = saved["figure"].legends
+    assert len(legends) == 1 and [t.get_text() for t in legends[0].get_texts()] == ["a", "b"]

@@ -54,6 +54,17 @@ def prediction_rows(rows: list[dict]) -> list[dict[str, str]]:
     return out
 
 
+def _anti_ordered(signatures: dict, mean: dict) -> str:
+    """A warning where the signatures' held-out ρ is below 0 and so is the training mean's: leaving a
+    method out anti-orders a prediction that knows nothing of it (the held-out method's own values pull
+    the others' mean the other way), so a negative ρ, however small its p, is no signal."""
+    rho, rho_mean = _number(signatures, "spearman"), _number(mean, "spearman")
+    if rho is None or rho_mean is None or not (rho < 0 and rho_mean < 0):
+        return ""
+    return (f" A ρ below 0 is no signal: the training mean, blind to the held-out method, gets ρ = "
+            f"{fmt(rho_mean, 2)} (leaving a method out anti-orders any uninformed prediction).")
+
+
 def sentences(rows: list[dict]) -> list[str]:
     """One sentence per predicted target: which signatures carry the prediction, and whether it beats
     behaviour alone; one more naming the targets with too few models."""
@@ -71,7 +82,10 @@ def sentences(rows: list[dict]) -> list[str]:
                    f"{_with_interval(signatures, 'r2')} against {_with_interval(behaviour, 'r2')} from behaviour "
                    f"alone; beats behaviour: {signatures.get('beats_behaviour', '?')}, beats the mean: "
                    f"{signatures.get('beats_mean', '?')}"
-                   + (f" ({signatures['interval_note']})." if signatures.get("interval_note") else "."))
+                   + (f" ({signatures['interval_note']})." if signatures.get("interval_note") else ".")
+                   + _anti_ordered(signatures, sets.get("mean", {}))
+                   + (f" Left out, their unlearning did not move the metric the forget way: {signatures['left_out']}."
+                      if signatures.get("left_out") else ""))
     if unpredicted:
         out.append(f"Not predicted (too few models with a recovery outside the evaluation noise): "
                    f"{', '.join(unpredicted)}.")

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from matplotlib.lines import Line2D
+
 from analyses.io import atomic_save_figure
 from analyses.plotting import finite_or_nan, subplots
 
@@ -42,8 +44,10 @@ def prediction_plot(path: str | Path, per_model: Sequence[Mapping], scores: Sequ
         axis.set_ylabel(f"predicted ({predictors}, held out)", fontsize=8)
     for axis in list(axes.flat)[len(targets):]:
         axis.set_visible(False)
-    if methods:
-        axes.flat[0].legend(fontsize=6, title="method", title_fontsize=6)
+    if methods:  # one legend for the figure: a panel shows only the methods with a recovery there
+        handles = [Line2D([], [], marker="o", linestyle="", color=colours[m], label=m) for m in methods]
+        figure.legend(handles=handles, loc="lower center", ncol=min(len(methods), 8), fontsize=8, title="method",
+                      title_fontsize=8, frameon=False)
     figure.suptitle("Leave-one-method-out prediction of recovery from the signatures")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.08 / rows if methods else 0, 1, 1))
     return atomic_save_figure(figure, path)

@@ -36,6 +36,11 @@ BEHAVIOUR_PREDICTORS = BEHAVIOUR_COLUMNS
 #: Metrics whose recovery is predicted (each attack, against the base and against the control).
 TARGET_METRICS = ("cloze_accuracy", "forget_nll")
 RECOVERY_COLUMNS = (*DESIGN_COLUMNS, *[c for c in HEADLINE_COLUMNS])
+#: Per target metric, the behaviour column saying what unlearning did to it and the sign of that change
+#: when it unlearned: forget NLL up, cloze accuracy down. A model whose unlearning moved the metric the
+#: other way has nothing of it to recover: its recovery divides by a gap of the wrong sign (on SmolLM2,
+#: cb's forget NLL fell by 0.007 nats and relearning "recovered" -2100 of it), so it is no target.
+FORGET_DIRECTION = {"forget_nll": ("forget_nll_change", 1.0), "cloze_accuracy": ("cloze_accuracy_change", -1.0)}
 
 
 def study_dir(root: str | Path) -> Path:
@@ -76,16 +81,34 @@ def target_name(attack: str, metric: str, against: str) -> str:
     return f"{attack}: {metric} vs {against}"
 
 
-def targets(recovery: Sequence[dict], models: Sequence[str]) -> dict[str, np.ndarray]:
-    """``{target name: recovery per model (NaN where missing)}`` for each attack x TARGET_METRICS x target."""
+def not_unlearned(signatures: Sequence[dict], metric: str) -> set[str]:
+    """Models whose measured behavioural change of ``metric`` is not in the forget direction
+    (``FORGET_DIRECTION``; an unchanged metric included); a model without the measurement is kept."""
+    column, sign = FORGET_DIRECTION[metric]
+    return {row["model"] for row in signatures if sign * _float(row.get(column)) <= 0}
+
+
+def targets(recovery: Sequence[dict], models: Sequence[str],
+            signatures: Sequence[dict] = ()) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """``({target name: recovery per model (NaN where missing)}, {target name: models left out})`` for each
+    attack x TARGET_METRICS x target. With ``signatures``, a model that did not unlearn the target's
+    metric (``not_unlearned``) is NaN there, and named among the left out when its recovery was finite."""
     index = {m: i for i, m in enumerate(models)}
+    wrong_way = {metric: not_unlearned(signatures, metric) for metric in TARGET_METRICS}
     out: dict[str, np.ndarray] = {}
+    left_out: dict[str, list[str]] = {}
     for row in recovery:
         if row.get("metric") not in TARGET_METRICS or row.get("model") not in index:
             continue
         name = target_name(row["attack"], row["metric"], row.get("against", "base"))
-        out.setdefault(name, np.full(len(models), np.nan))[index[row["model"]]] = _float(row.get("recovery"))
-    return out
+        value = _float(row.get("recovery"))
+        dropped = left_out.setdefault(name, [])
+        if row["model"] in wrong_way[row["metric"]]:
+            if math.isfinite(value):
+                dropped.append(row["model"])
+            value = float("nan")
+        out.setdefault(name, np.full(len(models), np.nan))[index[row["model"]]] = value
+    return out, left_out
 
 
 def predictor_matrix(signatures: Sequence[dict], columns: Sequence[str]) -> np.ndarray:

@@ -31,7 +31,7 @@ PREDICTION_COLUMNS = ("target", "predictors", "n_models", "n_methods", "spearman
                       "spearman_p", "spearman_p_method", "spearman_p_holm", "r2", "r2_low", "r2_high",
                       "r2_minus_behaviour", "r2_minus_behaviour_low", "r2_minus_behaviour_high", "beats_behaviour",
                       "r2_minus_mean", "r2_minus_mean_low", "r2_minus_mean_high", "beats_mean", "alpha",
-                      "carried_by", "interval_note", "note")
+                      "carried_by", "interval_note", "left_out", "note")
 PREDICTIONS_COLUMNS = ("target", "model", "method", "measured", *(f"predicted_{p}" for p in PREDICTORS))
 
 
@@ -41,10 +41,11 @@ def predict_all(signatures: list[dict], recovery: list[dict]) -> tuple[list[dict
     methods = np.array([row["method"] for row in signatures], dtype=object)
     sig, beh = predictor_matrix(signatures, SIGNATURE_PREDICTORS), predictor_matrix(signatures, BEHAVIOUR_PREDICTORS)
     scores, per_model = [], []
-    for name, y in targets(recovery, models).items():
+    values, left_out = targets(recovery, models, signatures)
+    for name, y in values.items():
         rows, points = predict_target(TargetData(name, y, methods, sig, list(SIGNATURE_PREDICTORS), beh,
                                                  list(BEHAVIOUR_PREDICTORS), models))
-        scores += rows
+        scores += [{**row, "left_out": " ".join(left_out.get(name, []))} for row in rows]
         per_model += points
     adjusted = holm([row.get("spearman_p", float("nan")) for row in scores])
     for row, p in zip(scores, adjusted):
@@ -80,6 +81,9 @@ def write_study(root: str | Path, base: str, echo: Callable[[str], None] = lambd
             "prediction": "each method held out in turn; ridge on standardised columns (training medians for missing "
                           "values), penalty chosen by leave-one-method-out among the training methods; behaviour: the "
                           "same on the behavioural effect; mean: the training methods' mean",
+            "targets": "a model's recovery of a metric is a target only where its unlearning moved that metric the "
+                       "forget way (forget NLL up, cloze accuracy down: the sign of the behaviour columns); the "
+                       "others, where their recovery was finite, are named in left_out",
             "r2": "1 - SSE/SST of the pooled held-out predictions", "spearman_p_holm": "Holm over every row's p",
             "beats": "yes only where the interval of the R² difference lies above 0"}})
     mark_complete(folder, {"step": "study", "models": len(design), "compared": len(inputs.comparisons)})
