@@ -12,7 +12,10 @@ question's correctness, each text's NLL), every recovery carries a 95 % percenti
 interval over those items, paired across the models, and the noise floor applies: a recovery whose
 gap (base - modified, or control - modified) has an interval containing 0 is NaN with a note.
 Without per-item data (results stored before they were kept) the value is NaN only where
-``|gap| < RECOVERY_EPS`` and the interval is blank.
+``|gap| < RECOVERY_EPS`` and the interval is blank. A forget metric whose gap has the wrong sign for
+unlearning (``FORGET_DIRECTION``: the modified model's forget NLL below its target's, its accuracy
+above it) is NaN with a note as well: nothing was unlearned there, and the ratio's denominator has
+the wrong sign (on SmolLM2, cb lowered forget NLL by 0.007 nats and relearning "recovered" -2100).
 
 The *headline* recovery of an attack (``headline_rows``) is not the best of its settings on the
 data it is scored on: with several settings, the setting is chosen on one half of the evaluation
@@ -36,6 +39,10 @@ METRICS = ("letter_accuracy", "cloze_accuracy", "forget_nll", "retain_nll")
 #: float32 evaluations of the same model agree far below it, and one question out of 1e6 is 1e-6.
 #: The rule used where no per-item data exists; otherwise the noise floor of analyses.uncertainty.
 RECOVERY_EPS = 1e-6
+#: The way unlearning moves each forget metric: forget NLL up (+1), accuracies down (-1). retain_nll
+#: has none (unlearning should leave it alone), so every sign of its gap is a recovery to measure.
+FORGET_DIRECTION = {"forget_nll": 1.0, "cloze_accuracy": -1.0, "letter_accuracy": -1.0}
+WRONG_WAY_NOTE = "the gap has the wrong sign for unlearning (nothing unlearned to recover)"
 #: What a recovery is measured against: the unattacked base, or the base under the same attack.
 AGAINST = ("base", "control")
 
@@ -79,6 +86,20 @@ def recovery(attacked: float, modified: float, target: float, eps: float = RECOV
     return (values[0] - values[1]) / gap
 
 
+def wrong_way(metric: str, modified: float, target: float) -> bool:
+    """Whether ``modified`` sits on the far side of ``target`` from where unlearning moves ``metric``
+    (``FORGET_DIRECTION``): e.g. a forget NLL below the base's. Equal or non-finite values are not."""
+    return FORGET_DIRECTION.get(metric, 0.0) * (float(modified) - float(target)) < 0
+
+
+def forget_recovery(metric: str, attacked: Mapping, modified: Mapping, target: Mapping) -> Estimate:
+    """``recovery_estimate`` of paired per-item records, NaN with ``WRONG_WAY_NOTE`` where the modified
+    model sits on the wrong side of the target for ``metric`` (``wrong_way``)."""
+    if wrong_way(metric, point_value(modified), point_value(target)):
+        return nan_estimate(item_count(modified), WRONG_WAY_NOTE)
+    return recovery_estimate(attacked, modified, target)
+
+
 def _key(row: Mapping[str, Any]) -> tuple[str, str]:
     return str(row["attack"]), str(row["setting"])
 
@@ -93,13 +114,16 @@ def _paired(*records: Mapping | None) -> bool:
     return all(r is not None for r in records) and len({item_count(r) for r in records}) == 1
 
 
-def _estimate(attacked: float, modified: float, target: float, records: Sequence[Mapping | None],
+def _estimate(metric: str, attacked: float, modified: float, target: float, records: Sequence[Mapping | None],
               eps: float) -> tuple[Estimate, str]:
     """The recovery with its interval (paired per-item records: the noise floor) or, without them, the
-    ``eps`` rule; and why it is missing ("" when it is not)."""
+    ``eps`` rule, NaN where the gap has the wrong sign (``wrong_way``); and why it is missing ("" when it
+    is not)."""
     if _paired(*records):
-        estimate = recovery_estimate(*records)
+        estimate = forget_recovery(metric, *records)
         return estimate, estimate.note
+    if wrong_way(metric, modified, target):
+        return nan_estimate(0, WRONG_WAY_NOTE), WRONG_WAY_NOTE
     value = recovery(attacked, modified, target, eps)
     small = all(math.isfinite(float(v)) for v in (modified, target)) and abs(float(target) - float(modified)) < eps
     why = f"differ by less than {eps:g}, no recovery" if small else ""
@@ -137,7 +161,7 @@ def recovery_rows(results: Sequence[Mapping[str, Any]], reference: Mapping[str, 
                 if result["target"] == "modified" and against in targets:
                     target, target_items, what = targets[against]
                     records = (attacked_items, _items(ref["modified"], m), target_items)
-                    estimate, why = _estimate(row[m], float(ref["modified"][m]), target, records, eps)
+                    estimate, why = _estimate(m, row[m], float(ref["modified"][m]), target, records, eps)
                     if why:
                         row_notes.append(f"{m}: {what}: {why}")
                 row[column] = estimate.value
@@ -217,15 +241,16 @@ def headline(results: Sequence[Mapping], reference: Mapping, attack: str, metric
              eps: float = RECOVERY_EPS, seed: int = SEED) -> dict[str, Any]:
     """One ``headline.csv`` row: ``attack``'s recovery of ``metric`` against ``against``, its setting chosen
     without looking at the items it is scored on (module docstring), with its interval and n."""
-    candidates = _candidates(results, reference, attack, metric, against)
-    row: dict[str, Any] = {"attack": attack, "metric": metric, "against": against, "n_settings": len(candidates)}
+    found = _candidates(results, reference, attack, metric, against)
+    candidates = [c for c in found if not wrong_way(metric, c["modified"], c["target"])]
+    row: dict[str, Any] = {"attack": attack, "metric": metric, "against": against, "n_settings": len(found)}
     plain = [(recovery(c["attacked"], c["modified"], c["target"], eps), c["setting"]) for c in candidates]
     finite = [p for p in plain if math.isfinite(p[0])]
     best = max(finite, key=lambda p: p[0]) if finite else (float("nan"), "")
     row.update({"max_recovery": best[0], "max_setting": best[1]})
     if not candidates:
         return {**row, "setting": "", "selection": "", "recovery": float("nan"), "recovery_low": float("nan"),
-                "recovery_high": float("nan"), "n": 0, "note": "no modified row"}
+                "recovery_high": float("nan"), "n": 0, "note": WRONG_WAY_NOTE if found else "no modified row"}
     sizes = {item_count(r) for c in candidates for r in c["records"] if r is not None}
     held_out = len(candidates) > 1 and len(sizes) == 1 and all(_paired(*c["records"]) for c in candidates)
     if held_out:
@@ -237,7 +262,8 @@ def headline(results: Sequence[Mapping], reference: Mapping, attack: str, metric
     else:
         by_setting = {c["setting"]: c for c in candidates}
         chosen = by_setting.get(best[1], candidates[0]) if len(candidates) > 1 else candidates[0]
-        estimate, note = _estimate(chosen["attacked"], chosen["modified"], chosen["target"], chosen["records"], eps)
+        estimate, note = _estimate(metric, chosen["attacked"], chosen["modified"], chosen["target"],
+                                   chosen["records"], eps)
         selection = SINGLE_SETTING if len(candidates) == 1 else MAX_OVER_SETTINGS
     low, high = interval_columns("recovery")
     return {**row, "setting": chosen["setting"], "selection": selection, "recovery": estimate.value,

@@ -130,3 +130,58 @@ def test_headline_rows_cover_every_attack_metric_and_target():
     vs_control = {(r["attack"], r["metric"]): r for r in rows if r["against"] == "control"}
     assert vs_control[("p", "cloze_accuracy")]["recovery"] == 0.5  # the attacked base answers all 20
     assert vs_control[("q", "cloze_accuracy")]["note"] == "no modified row"  # q has no control row
+
+
+def test_a_forget_metric_moved_the_wrong_way_is_nan_with_a_note_not_a_ratio():
+    """Unlearning that lowered forget NLL (2.0 -> 1.0) and raised the accuracy (10 -> 20 of 20) has
+    nothing to recover: both gaps are far outside the noise, yet the plain ratio would read 3.0 and -1.0.
+    retain NLL has no forget direction, so its gap of either sign stays a recovery."""
+    reference = {"base": _evaluation([1] * 10 + [0] * 10, [2.0] * N),
+                 "modified": _evaluation([1] * N, [1.0] * N)}
+    reference["modified"]["retain_nll"] = 2.0
+    reference["modified"][PER_ITEM]["retain_nll"] = {"sum": [2.0] * N, "count": [1] * N}
+    attacked = _evaluation([1] * N, [4.0] * N)
+    attacked["retain_nll"] = 2.5
+    attacked[PER_ITEM]["retain_nll"] = {"sum": [2.5] * N, "count": [1] * N}
+    assert R.recovery(4.0, 1.0, 2.0) == 3.0 and R.recovery(0.0, 1.0, 0.5) == 2.0
+    rows, notes = R.recovery_rows([_result("s", "modified", attacked)], reference)
+    row = rows[0]
+    for metric in ("forget_nll", "cloze_accuracy", "letter_accuracy"):
+        assert math.isnan(row[f"recovery_{metric}"]) and math.isnan(row[f"recovery_{metric}_low"])
+        assert f"{metric}: base and modified: {R.WRONG_WAY_NOTE}" in row["note"]
+    assert row["recovery_retain_nll"] == pytest.approx(0.5)  # 2.0 -> 2.5 of the way back to 3.0
+    heads = {(r["metric"], r["against"]): r for r in R.headline_rows([_result("s", "modified", attacked)], reference)}
+    assert math.isnan(heads[("forget_nll", "base")]["recovery"])
+    assert heads[("forget_nll", "base")]["note"] == R.WRONG_WAY_NOTE
+    assert heads[("retain_nll", "base")]["recovery"] == pytest.approx(0.5)
+
+
+def test_headline_leaves_out_a_setting_whose_attacked_control_is_past_the_modified_model():
+    """Against the control each setting has its own target: a setting whose attacked base has a higher
+    forget NLL than the modified model (the attack broke the base more) is no candidate; the other is."""
+    reference = {"base": _evaluation([1] * N, [2.0] * N), "modified": _evaluation([0] * N, [4.0] * N)}
+    results = [_result("broken", "modified", _evaluation([0] * N, [5.0] * N)),
+               _result("broken", "control", _evaluation([1] * N, [6.0] * N)),
+               _result("mild", "modified", _evaluation([0] * N, [3.0] * N)),
+               _result("mild", "control", _evaluation([1] * N, [2.0] * N))]
+    row = R.headline(results, reference, "x", "forget_nll", "control")
+    assert (row["setting"], row["n_settings"], row["selection"]) == ("mild", 2, R.SINGLE_SETTING)
+    assert row["recovery"] == pytest.approx(0.5) and row["max_setting"] == "mild"
+    only_broken = R.headline(results[:2], reference, "x", "forget_nll", "control")
+    assert math.isnan(only_broken["recovery"]) and only_broken["note"] == R.WRONG_WAY_NOTE
+
+
+def test_the_testbed_a1_to_a2_recovery_follows_the_same_rule():
+    """relearn-heldout's A2 recovery (the report's ``heldout_estimates``): a modified model that answers
+    more of A2 than the base has nothing to recover there; one that answers less is a ratio as before."""
+    from analyses.report.testbed import heldout_estimates
+
+    def record(base_before, modified_before):
+        return {which: {"before": {"correct": before}, "after": {"correct": [1] * N}}
+                for which, before in (("base", base_before), ("modified", modified_before))}
+
+    unlearned = heldout_estimates(record([1] * N, [0] * N))
+    assert unlearned["recovery"].value == 1.0 and unlearned["recovery_vs_control"].value == 1.0
+    raised = heldout_estimates(record([1] * 5 + [0] * 15, [1] * 15 + [0] * 5))
+    assert math.isnan(raised["recovery"].value) and raised["recovery"].note == R.WRONG_WAY_NOTE
+    assert raised["recovery"].n == N

@@ -14,10 +14,10 @@ import html
 import math
 from pathlib import Path
 
-from analyses.recovery import count_column, interval_columns, recovery_column
+from analyses.recovery import count_column, forget_recovery, interval_columns, recovery_column
 from analyses.report.html import muted, section, table
 from analyses.report.inputs import ReportInputs, read_json, read_rows
-from analyses.uncertainty import PER_ITEM, Estimate, metric_estimate, nan_estimate, recovery_estimate
+from analyses.uncertainty import PER_ITEM, Estimate, metric_estimate, nan_estimate
 from unlearn_lens.core import outputs
 from unlearn_lens.core.outputs import default_name
 
@@ -63,16 +63,18 @@ def heldout_record(inputs: ReportInputs, name: str) -> dict:
 def heldout_estimates(record: dict) -> dict[str, Estimate]:
     """A2 accuracy of the base and the modified model before / after retraining on A1, and the recoveries
     ``(modified after - modified before) / (base before - modified before)`` (against the unattacked base)
-    and against the control (the base retrained the same way), paired over A2's questions."""
+    and against the control (the base retrained the same way), paired over A2's questions; NaN where the
+    modified model answers more of A2 than its target (``analyses.recovery.forget_recovery``)."""
     try:
         parts = {f"{which}_{when}": {"correct": list(record[which][when]["correct"])}
                  for which in ("base", "modified") for when in ("before", "after")}
     except (KeyError, TypeError):
         return {}
     out = {key: metric_estimate(value) for key, value in parts.items()}
-    out["recovery"] = recovery_estimate(parts["modified_after"], parts["modified_before"], parts["base_before"])
-    out["recovery_vs_control"] = recovery_estimate(parts["modified_after"], parts["modified_before"],
-                                                   parts["base_after"])
+    out["recovery"] = forget_recovery("cloze_accuracy", parts["modified_after"], parts["modified_before"],
+                                      parts["base_before"])
+    out["recovery_vs_control"] = forget_recovery("cloze_accuracy", parts["modified_after"], parts["modified_before"],
+                                                 parts["base_after"])
     return out
 
 

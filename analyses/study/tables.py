@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from analyses.recovery import FORGET_DIRECTION as UNLEARNED_SIGN
 from analyses.recovery import HEADLINE_COLUMNS
 from analyses.report.inputs import ReportInputs, read_rows
 from analyses.report.signatures import BEHAVIOUR_COLUMNS, SIGNATURE_COLUMNS, TOP_LAYERS, signature_frame
@@ -39,8 +40,10 @@ RECOVERY_COLUMNS = (*DESIGN_COLUMNS, *[c for c in HEADLINE_COLUMNS])
 #: Per target metric, the behaviour column saying what unlearning did to it and the sign of that change
 #: when it unlearned: forget NLL up, cloze accuracy down. A model whose unlearning moved the metric the
 #: other way has nothing of it to recover: its recovery divides by a gap of the wrong sign (on SmolLM2,
-#: cb's forget NLL fell by 0.007 nats and relearning "recovered" -2100 of it), so it is no target.
-FORGET_DIRECTION = {"forget_nll": ("forget_nll_change", 1.0), "cloze_accuracy": ("cloze_accuracy_change", -1.0)}
+#: cb's forget NLL fell by 0.007 nats and relearning "recovered" -2100 of it), so it is no target. The
+#: attacks' headline already reads NaN where their own evaluation data shows the wrong sign
+#: (``analyses.recovery.wrong_way``); this rule reads the unlearning run's evaluation as well.
+FORGET_DIRECTION = {m: (f"{m}_change", UNLEARNED_SIGN[m]) for m in TARGET_METRICS}
 
 
 def study_dir(root: str | Path) -> Path:
