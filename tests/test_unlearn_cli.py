@@ -55,6 +55,12 @@ def test_unlearn_writes_model_config_log_eval(neox_dir, unlearn_data_dir, tmp_pa
     for when in ("before", "after"):
         assert {"forget_nll", "retain_nll", "letter_accuracy", "cloze_accuracy"} <= set(evaluation[when])
         assert math.isfinite(evaluation[when]["forget_nll"])
+    # the run ends by saying what it did, each metric with its paired change and interval
+    from analyses.effects import change_lines
+
+    said = change_lines(evaluation["before"], evaluation["after"])
+    assert any(line.startswith("forget_nll: ") for line in said)
+    assert all(f"  {line}" in result.output for line in said)
     # finished runs are not silently redone
     again = invoke("unlearn", "--model", neox_dir, "--data", str(unlearn_data_dir), "--outdir", str(out),
                    "--method", "npo", *FAST)

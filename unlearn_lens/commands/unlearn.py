@@ -6,6 +6,7 @@ are reported in one line with exit status 2 before any model loads or training s
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import click
 
 from unlearn_lens import options
 from unlearn_lens.core.errors import UserError
+from unlearn_lens.core.outputs import UNLEARN_EVAL_JSON
 from unlearn_lens.core.settings import TRAIN_BATCH_SIZE
 from unlearn_lens.unlearning import presets
 from unlearn_lens.unlearning.config import (ADVERSARIES, CB_VARIANTS, LAT_DEFENDERS, LAT_NORMS, METHODS, OPTIMIZERS,
@@ -247,6 +249,17 @@ def _echo_main(message: str) -> None:
         click.echo(message)
 
 
+def _echo_effect(run: Path) -> None:
+    """Print what the run did to each evaluated metric (after - before, paired, 95 % interval and n)."""
+    from analyses.effects import change_lines
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    record = json.loads((run / UNLEARN_EVAL_JSON).read_text())
+    for line in change_lines(record.get("before") or {}, record.get("after") or {}):
+        _echo_main(f"  {line}")
+
+
 def _presets_epilog() -> str:
     """Every preset with what it sets and its source (``\b``: click keeps the lines as they are)."""
     return f"\b\nPresets (--preset; default {presets.DEFAULT_PRESET}):\n" + presets.describe()
@@ -271,6 +284,7 @@ def unlearn(method: str, outdir: str, no_progress: bool, **kw) -> None:
     cfg.validate()
     path = run_unlearning(cfg, progress=not no_progress)
     _echo_main(f"{method}: unlearned model written to {path / 'model'}")
+    _echo_effect(path)
 
 
 @click.command("unlearn-all", epilog=_presets_epilog())
@@ -294,3 +308,4 @@ def unlearn_all(methods: str, outdir: str, no_progress: bool, **kw) -> None:
             continue
         path = run_unlearning(cfg, progress=not no_progress)
         _echo_main(f"{cfg.method}: unlearned model written to {path / 'model'}")
+        _echo_effect(path)
