@@ -318,3 +318,30 @@ def test_printout_gives_each_attack_recovery_its_interval_and_n(tmp_path):
     line = next(text for text in testbed_lines(tmp_path, "planted", ["ga"]) if text.startswith("Best recovery"))
     assert "quantize 0.25 [0.05, 0.50], n = 30" in line
     assert "ablate 0.10 (no interval in attacks.csv)" in line
+
+
+def test_answer_nll_script_splits_each_text_nll_into_values_and_the_rest(tiny_testbed, tmp_path):
+    """scripts/answer_nll.py: per text, the value tokens' NLL plus the others' equals HF's own loss on the
+    text (its EOS left out), and the value tokens are those ``plant --loss-on answer`` reads."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from unlearn_lens.loading import load_model
+    from unlearn_lens.plant import encode_facts
+    from unlearn_lens.testing import save_tiny_model
+
+    spec = importlib.util.spec_from_file_location("answer_nll", Path(__file__).parents[1] / "scripts" / "answer_nll.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model, tokenizer = load_model(str(save_tiny_model("llama", tmp_path / "m")), dtype="float32")
+    facts = T.group_facts(T.read_entities(tiny_testbed), ("B",))
+    records = script.split_records(model.eval(), tokenizer, facts)
+    for i, (ids, answer) in enumerate(encode_facts(tokenizer, facts, "answer")):
+        text = torch.tensor([ids[:-1]])
+        with torch.no_grad():
+            whole = float(model(text, labels=text).loss) * (len(ids) - 2)
+        assert records["answer"]["sum"][i] + records["other"]["sum"][i] == pytest.approx(whole, rel=1e-5)
+        assert records["answer"]["count"][i] == sum(answer[1:-1]) > 0
+        assert records["answer"]["count"][i] + records["other"]["count"][i] == len(ids) - 2
