@@ -298,9 +298,9 @@ def estimates(result: dict) -> dict:
 
 def changes(before: dict, after: dict) -> dict:
     """``{metric: Estimate.record()}`` of after - before, paired over the same questions / texts."""
-    from analyses.uncertainty import PER_ITEM, change_estimate
+    from analyses.effects import changes as paired_changes
 
-    return {metric: change_estimate(before[PER_ITEM][metric], after[PER_ITEM][metric]).record() for metric in METRICS}
+    return {metric: change.record() for metric, change in paired_changes(before, after).items()}
 
 
 def train_facts(model, tokenizer, data: PlantData, s: PlantSettings, log: list[dict]) -> tuple[int, str]:

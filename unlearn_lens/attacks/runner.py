@@ -199,8 +199,9 @@ def write_outputs(folder: Path, settings: AttackSettings, reference: dict, echo:
             "recovery": "(attacked - modified) / (base - modified) per metric, unattacked models on the same "
                         "evaluation data, with a percentile-bootstrap interval over the evaluation items (questions "
                         "or texts) paired across the models; NaN where the gap base - modified has an interval "
-                        f"containing 0 (without per-item data: where |base - modified| < {RECOVERY_EPS:g}), and for forget "
-                        "NLL and the accuracies where the gap has the wrong sign for unlearning (nothing to recover)",
+                        f"containing 0 (without per-item data: where |base - modified| < {RECOVERY_EPS:g}), and "
+                        "for forget NLL and the accuracies where the gap has the wrong sign for unlearning (nothing "
+                        "to recover)",
             "recovery_vs_control": "(attacked - modified) / (control_attacked - modified): the base under the same "
                                    "attack is the target; NaN on control rows",
             "headline": "per attack, metric and target: with several settings, the setting with the highest "

@@ -243,9 +243,14 @@ def _plain_config(method: str, outdir: str, kw: dict) -> UnlearnConfig:
     )
 
 
+def _main_process() -> bool:
+    """Whether this is rank 0 under ``accelerate launch`` / torchrun (or the only process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _echo_main(message: str) -> None:
     """Print once under ``accelerate launch`` / torchrun (rank 0 only)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _main_process():
         click.echo(message)
 
 
@@ -253,11 +258,11 @@ def _echo_effect(run: Path) -> None:
     """Print what the run did to each evaluated metric (after - before, paired, 95 % interval and n)."""
     from analyses.effects import change_lines
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not _main_process():  # only rank 0 wrote eval.json
         return
     record = json.loads((run / UNLEARN_EVAL_JSON).read_text())
     for line in change_lines(record.get("before") or {}, record.get("after") or {}):
-        _echo_main(f"  {line}")
+        click.echo(f"  {line}")
 
 
 def _presets_epilog() -> str:
