@@ -77,7 +77,14 @@ def test_tiny_study_end_to_end_and_resume(tiny_study, monkeypatch):
     recovery = _rows(study / "recovery.csv")
     assert len(recovery) == 4 * 2 * 4 * 2  # models x attacks x metrics x (vs base, vs control)
     quantize = [r for r in recovery if r["attack"] == "quantize"]
-    assert {r["selection"] for r in quantize} == {"chosen on half A, scored on half B"}  # int8 and int4
+    # int8 and int4: chosen on half A, scored on half B, except where the tiny model's unlearning moved the
+    # metric the wrong way, which has nothing to recover (no setting chosen, no value)
+    from analyses.recovery import SELECTED_ON_HALF, WRONG_WAY_NOTE
+
+    wrong_way = [r for r in quantize if r["note"] == WRONG_WAY_NOTE]
+    assert all(r["selection"] == "" and r["recovery"] in ("", "nan") for r in wrong_way)
+    assert {r["selection"] for r in quantize if r not in wrong_way} == {SELECTED_ON_HALF}
+    assert len(wrong_way) < len(quantize)
     defined = [r for r in recovery if r["recovery"] not in ("", "nan")]
     assert defined and all(float(r["recovery_low"]) <= float(r["recovery"]) <= float(r["recovery_high"])
                            for r in defined if r["recovery_low"] not in ("", "nan"))

@@ -258,9 +258,10 @@ def _echo_effect(run: Path) -> None:
     """Print what the run did to each evaluated metric (after - before, paired, 95 % interval and n)."""
     from analyses.effects import change_lines
 
-    if not _main_process():  # only rank 0 wrote eval.json
+    path = run / UNLEARN_EVAL_JSON
+    if not _main_process() or not path.is_file():  # rank 0 wrote it; a run without one has nothing to say
         return
-    record = json.loads((run / UNLEARN_EVAL_JSON).read_text())
+    record = json.loads(path.read_text())
     for line in change_lines(record.get("before") or {}, record.get("after") or {}):
         click.echo(f"  {line}")
 
