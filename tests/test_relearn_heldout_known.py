@@ -11,11 +11,13 @@ facts can only bring A2's facts back if A2's information is still in the weights
   below the present case's.
 
 Both runs are the attack as users run it (``run_heldout``, its split and its per-item file) and are
-scored with the report's own estimates (``heldout_estimates``). Measured on the 2-core VM, n = 24
-questions about A2 each: present 0.58 [0.17, 1.00] (A2 accuracy 0.96 -> 0.46 -> 0.75); absent
--0.25 [-0.70, 0.00] (0.46 -> 0.33: retraining on A1 pulls the never-seen answers further off). Under
-ATEN_CPU_CAPABILITY=default with 2 threads the float path trains a different base (A2 0.875):
-present 0.83 [0.50, 1.18], absent -0.07 [-0.38, 0.15]; the assertions hold in both.
+scored with the report's own estimates (``heldout_estimates``). The base and the model that never saw
+A2 train 600 steps: at 300 (the first version) the base reached only 0.83 of A2 on this VM's AVX-512
+float path and the base / unlearned intervals touched. Measured on the 2-core VM (2026-12-07), n = 24
+questions about A2 each, under each ATEN_CPU_CAPABILITY (the float path changes the trained models):
+avx512 (native) present 0.77 [0.50, 1.00] (A2 accuracy 1.00 -> 0.46 -> 0.88), absent 0.00 [-0.20, 0.17]
+(0.33 -> 0.33); avx2 present 0.70 [0.37, 1.00], absent -0.13 [-0.42, 0.00]; default present
+0.53 [0.17, 0.81], absent -0.13 [-0.40, 0.00]; the assertions hold under all three.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from unlearn_lens import testbed as T
 from unlearn_lens.data import read_mcq, read_texts
 
 FACTS = 32
+BASE_STEPS = 600  # the memorised base and the model that never saw A2
 RELEARN = {"relearn_steps": 40, "relearn_lr": 3e-3, "relearn_batch_size": 4}
 
 
@@ -82,12 +85,12 @@ def memorised(tmp_path_factory):
     questions = read_mcq(data)
     texts = [_cloze_text(q) for q in questions] + read_texts(data, "forget") + read_texts(data, "retain")
     a2_texts = {_cloze_text(q) for q in questions if q.id in a2} | set(T.group_texts(entities, ("A2",)))
-    base = _train(texts, 300, root / "base")
+    base = _train(texts, BASE_STEPS, root / "base")
     return {
         "data": data, "base": base,
         "ascended": _train([], 15, root / "ascended", ascend=[_cloze_text(q) for q in questions if q.id in a],
                            start=base),
-        "never_saw_a2": _train([t for t in texts if t not in a2_texts], 300, root / "never-saw-a2"),
+        "never_saw_a2": _train([t for t in texts if t not in a2_texts], BASE_STEPS, root / "never-saw-a2"),
     }
 
 
