@@ -34,15 +34,16 @@ import numpy as np
 from analyses.uncertainty import PER_ITEM, SEED, Estimate, item_count, nan_estimate, point_value, recovery_estimate
 
 #: Metrics of every attack row (keys of ``unlearn_lens.evaluation.evaluate``).
-METRICS = ("letter_accuracy", "cloze_accuracy", "forget_nll", "retain_nll")
+METRICS = ("letter_accuracy", "cloze_accuracy", "forget_nll", "forget_value_nll", "retain_nll")
 #: Below this absolute gap (accuracies are fractions, NLLs nats/token) there is nothing to recover:
 #: float32 evaluations of the same model agree far below it, and one question out of 1e6 is 1e-6.
 #: The rule used where no per-item data exists; otherwise the noise floor of analyses.uncertainty.
 RECOVERY_EPS = 1e-6
-#: The way unlearning moves each forget metric: forget NLL up (+1), accuracies down (-1). retain_nll
-#: has none (unlearning should leave it alone), so every sign of its gap is a recovery to measure.
-FORGET_DIRECTION = {"forget_nll": 1.0, "cloze_accuracy": -1.0, "letter_accuracy": -1.0}
+#: The way unlearning moves each forget metric: forget NLL up (+1, the values' alone too), accuracies down
+#: (-1). retain_nll has none (unlearning should leave it alone), so every sign of its gap is a recovery.
+FORGET_DIRECTION = {"forget_nll": 1.0, "forget_value_nll": 1.0, "cloze_accuracy": -1.0, "letter_accuracy": -1.0}
 WRONG_WAY_NOTE = "the gap has the wrong sign for unlearning (nothing unlearned to recover)"
+NOT_MEASURED_NOTE = "not measured on this data (forget_value_nll: a planted-facts testbed only)"
 #: What a recovery is measured against: the unattacked base, or the base under the same attack.
 AGAINST = ("base", "control")
 
@@ -100,6 +101,13 @@ def forget_recovery(metric: str, attacked: Mapping, modified: Mapping, target: M
     return recovery_estimate(attacked, modified, target)
 
 
+def _value(values: Mapping, metric: str) -> float:
+    """``values[metric]`` as a float, NaN where it is missing or null (a metric this data does not measure,
+    such as ``forget_value_nll`` outside a testbed, stored as JSON null)."""
+    value = values.get(metric)
+    return float(value) if value is not None else float("nan")
+
+
 def _key(row: Mapping[str, Any]) -> tuple[str, str]:
     return str(row["attack"]), str(row["setting"])
 
@@ -145,15 +153,15 @@ def recovery_rows(results: Sequence[Mapping[str, Any]], reference: Mapping[str, 
         ref = result.get("reference") or reference
         metrics = result["metrics"]
         row: dict[str, Any] = {"attack": result["attack"], "setting": result["setting"], "target": result["target"]}
-        row.update({m: float(metrics.get(m, float("nan"))) for m in METRICS})
+        row.update({m: _value(metrics, m) for m in METRICS})
         control = controls.get(_key(result)) if result["target"] == "modified" else None
         row_notes = []
         for m in METRICS:
             attacked_items = _items(result, m)
             row[count_column(m)] = item_count(attacked_items) if attacked_items else ""
-            targets = {"base": (float(ref["base"][m]), _items(ref["base"], m), "base and modified")}
+            targets = {"base": (_value(ref["base"], m), _items(ref["base"], m), "base and modified")}
             if control is not None:
-                targets["control"] = (float(control["metrics"].get(m, float("nan"))), _items(control, m),
+                targets["control"] = (_value(control["metrics"], m), _items(control, m),
                                       "the attacked control and the modified model")
             for against in AGAINST:
                 column = recovery_column(m, against)
@@ -161,7 +169,7 @@ def recovery_rows(results: Sequence[Mapping[str, Any]], reference: Mapping[str, 
                 if result["target"] == "modified" and against in targets:
                     target, target_items, what = targets[against]
                     records = (attacked_items, _items(ref["modified"], m), target_items)
-                    estimate, why = _estimate(m, row[m], float(ref["modified"][m]), target, records, eps)
+                    estimate, why = _estimate(m, row[m], _value(ref["modified"], m), target, records, eps)
                     if why:
                         row_notes.append(f"{m}: {what}: {why}")
                 row[column] = estimate.value
@@ -225,14 +233,14 @@ def _candidates(results: Sequence[Mapping], reference: Mapping, attack: str, met
             continue
         ref = result.get("reference") or reference
         if against == "base":
-            target, target_items = float(ref["base"][metric]), _items(ref["base"], metric)
+            target, target_items = _value(ref["base"], metric), _items(ref["base"], metric)
         elif _key(result) in controls:
             control = controls[_key(result)]
-            target, target_items = float(control["metrics"].get(metric, float("nan"))), _items(control, metric)
+            target, target_items = _value(control["metrics"], metric), _items(control, metric)
         else:
             continue
-        out.append({"setting": str(result["setting"]), "attacked": float(result["metrics"].get(metric, float("nan"))),
-                    "modified": float(ref["modified"][metric]), "target": target,
+        out.append({"setting": str(result["setting"]), "attacked": _value(result["metrics"], metric),
+                    "modified": _value(ref["modified"], metric), "target": target,
                     "records": (_items(result, metric), _items(ref["modified"], metric), target_items)})
     return out
 
@@ -248,9 +256,11 @@ def headline(results: Sequence[Mapping], reference: Mapping, attack: str, metric
     finite = [p for p in plain if math.isfinite(p[0])]
     best = max(finite, key=lambda p: p[0]) if finite else (float("nan"), "")
     row.update({"max_recovery": best[0], "max_setting": best[1]})
-    if not candidates:
+    measured = [c for c in candidates if math.isfinite(c["modified"]) or c["records"][1] is not None]
+    if not measured:
+        note = "no modified row" if not found else WRONG_WAY_NOTE if not candidates else NOT_MEASURED_NOTE
         return {**row, "setting": "", "selection": "", "recovery": float("nan"), "recovery_low": float("nan"),
-                "recovery_high": float("nan"), "n": 0, "note": WRONG_WAY_NOTE if found else "no modified row"}
+                "recovery_high": float("nan"), "n": 0, "note": note}
     sizes = {item_count(r) for c in candidates for r in c["records"] if r is not None}
     held_out = len(candidates) > 1 and len(sizes) == 1 and all(_paired(*c["records"]) for c in candidates)
     if held_out:

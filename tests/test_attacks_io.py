@@ -96,8 +96,10 @@ def test_int8_erases_an_update_below_a_quarter_step(tmp_path, dw_in_steps, ident
         assert row.extra["backend"] == "torchao" and row.extra["quantized_layers"] == 21
     attacked, control = rows["modified"].metrics, rows["control"].metrics
     if identical:
-        assert attacked == control  # bit-identical quantized models: equal to the last digit
-        differing = [m for m in METRICS if reference["base"][m] != reference["modified"][m]]
+        # bit-identical quantized models: equal to the last digit (forget_value_nll: NaN in both, no testbed)
+        assert str(attacked) == str(control) and math.isnan(attacked["forget_value_nll"])
+        differing = [m for m in METRICS if math.isfinite(reference["base"][m])
+                     and reference["base"][m] != reference["modified"][m]]
         assert "forget_nll" in differing
         for metric in differing:  # recovery against the control row is exactly 1
             unattacked = reference["modified"][metric]
@@ -166,7 +168,7 @@ def test_gpt2_pair_quantizes(tmp_path):
     assert [(r.setting, r.target) for r in rows] == [("int8", "modified"), ("int8", "control"), ("int4", "modified"),
                                                      ("int4", "control")]
     assert all(r.extra["quantized_layers"] == 12 for r in rows[:2])
-    assert all(math.isfinite(v) for r in rows[:2] for v in r.metrics.values())
+    assert all(math.isfinite(v) == (m != "forget_value_nll") for r in rows[:2] for m, v in r.metrics.items())
     # group 128 divides only the MLP's output projections (input width 128): 3 layers
     assert all(r.extra["quantized_layers"] == 3 and r.extra["group_size"] == 128 for r in rows[2:])
 
@@ -253,7 +255,8 @@ def _check_rows(results, attack):
     assert [r.target for r in results] == ["modified", "control"]
     for row in results:
         assert isinstance(row, AttackResult) and row.attack == attack and row.setting.startswith("n=")
-        assert set(row.metrics) == set(METRICS) and all(math.isfinite(v) for v in row.metrics.values())
+        assert set(row.metrics) == set(METRICS)  # all measured, but the values' NLL (no testbed here)
+        assert all(math.isfinite(v) == (m != "forget_value_nll") for m, v in row.metrics.items())
         assert row.seconds > 0 and row.extra["steps"] == 2
 
 
@@ -281,7 +284,9 @@ def test_relearn_heldout_rows_split_and_reference(tmp_path, pair):
     half = dataclasses.replace(ctx.data, items=[i for i in ctx.data.items if i.id in split["eval_ids"]])
     for which in ("base", "modified"):
         expected = ctx.evaluate(*ctx.load(which), half)
-        assert results[0].reference[which] == evaluation_record(expected)  # per-item results too
+        stored, fresh = (json.dumps(r, sort_keys=True) for r in (results[0].reference[which],
+                                                                  evaluation_record(expected)))
+        assert stored == fresh  # per-item results too (as JSON text: the values' NLL, NaN here, equals NaN)
     assert results[0].reference is results[1].reference
 
 

@@ -106,6 +106,8 @@ def test_evaluate_from_data_dir(unlearn_data_dir):
     assert 0.0 <= result["letter_accuracy"] <= 1.0 and result["n_questions"] == 4
     # a random-init model of vocabulary V has NLL near log V
     assert abs(result["forget_nll"] - math.log(len(tokenizer))) < 1.0
+    # no testbed, no planted values: the values' NLL is not measured, and no per-item record claims it was
+    assert math.isnan(result["forget_value_nll"]) and "forget_value_nll" not in result["per_item"]
 
 
 def test_per_item_results_reproduce_every_metric_and_each_texts_own_nll(tiny):

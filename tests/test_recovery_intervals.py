@@ -31,7 +31,7 @@ def _evaluation(correct, nll_sums=None) -> dict:
 
 def _result(setting, target, evaluation, attack="x") -> dict:
     return {"attack": attack, "setting": setting, "target": target, "seconds": 1.0, "extra": {},
-            "metrics": {m: evaluation[m] for m in R.METRICS}, PER_ITEM: evaluation[PER_ITEM]}
+            "metrics": {m: evaluation.get(m, math.nan) for m in R.METRICS}, PER_ITEM: evaluation[PER_ITEM]}
 
 
 def test_interval_columns_are_named_in_one_place():
@@ -185,3 +185,33 @@ def test_the_testbed_a1_to_a2_recovery_follows_the_same_rule():
     raised = heldout_estimates(record([1] * 5 + [0] * 15, [1] * 15 + [0] * 5))
     assert math.isnan(raised["recovery"].value) and raised["recovery"].note == R.WRONG_WAY_NOTE
     assert raised["recovery"].n == N
+
+
+def _with_values(evaluation: dict, value_sums) -> dict:
+    """``evaluation`` with a testbed's ``forget_value_nll`` (one value token per text)."""
+    sums = list(value_sums)
+    return {**evaluation, "forget_value_nll": float(np.mean(sums)),
+            PER_ITEM: {**evaluation[PER_ITEM], "forget_value_nll": {"sum": sums, "count": [1] * len(sums)}}}
+
+
+def test_the_values_forget_nll_recovers_like_forget_nll_and_says_where_it_was_not_measured():
+    """On a testbed, ``forget_value_nll`` is a forget metric (unlearning raises it: 0.1 -> 2.1, an attack
+    back to 1.1 recovers half); where the data is no testbed it was not measured, and its headline rows say
+    so instead of reading as a recovery inside the noise."""
+    assert R.FORGET_DIRECTION["forget_value_nll"] == R.FORGET_DIRECTION["forget_nll"] == 1.0
+    reference = {"base": _with_values(_evaluation([1] * N), [0.1] * N),
+                 "modified": _with_values(_evaluation([0] * N), [2.1] * N)}
+    attacked = _with_values(_evaluation([1] * 10 + [0] * 10), [1.1] * N)
+    rows, _ = R.recovery_rows([_result("s", "modified", attacked)], reference)
+    assert rows[0]["recovery_forget_value_nll"] == pytest.approx(0.5) and rows[0]["n_forget_value_nll"] == N
+    lowered = _with_values(_evaluation([0] * N), [0.05] * N)  # unlearning that made the values likelier
+    rows, _ = R.recovery_rows([_result("s", "modified", attacked)], {**reference, "modified": lowered})
+    assert math.isnan(rows[0]["recovery_forget_value_nll"])
+    assert f"forget_value_nll: base and modified: {R.WRONG_WAY_NOTE}" in rows[0]["note"]
+
+    plain = {"base": _evaluation([1] * N), "modified": _evaluation([0] * N)}  # no testbed: no values
+    heads = {(r["metric"], r["against"]): r
+             for r in R.headline_rows([_result("s", "modified", _evaluation([1] * 10 + [0] * 10))], plain)}
+    row = heads[("forget_value_nll", "base")]
+    assert math.isnan(row["recovery"]) and (row["selection"], row["n"], row["note"]) == ("", 0, R.NOT_MEASURED_NOTE)
+    assert heads[("cloze_accuracy", "base")]["recovery"] == pytest.approx(0.5)

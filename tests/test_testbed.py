@@ -7,6 +7,7 @@ on SmolLM2 are in tests/test_demo.py.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 
@@ -122,6 +123,33 @@ def test_evaluate_reports_retain_facts_accuracy(tiny_testbed):
     assert result["per_item"]["retain_cloze_accuracy"]["correct"] == expected
     assert result["retain_cloze_accuracy"] == sum(expected) / len(expected)
     assert result["n_retain_questions"] == len(expected) == FACTS // 2 * len(T.ATTRIBUTES)
+
+
+def test_forget_value_nll_reads_the_values_alone_as_hf_loss_does(tiny_testbed):
+    """evaluate() on a testbed: ``forget_value_nll`` per forget text equals HF's own loss with every label
+    but the values' masked (-100), the values found by plant's answer rule (``encode_facts``); its mean is
+    the token-weighted mean of those, and the whole-text forget NLL is unchanged beside it."""
+    import torch
+
+    from unlearn_lens.evaluation import evaluate, nll_per_text
+    from unlearn_lens.plant import encode_facts
+    from unlearn_lens.testing import make_tiny_model
+
+    model, tokenizer = make_tiny_model("llama")
+    result = evaluate(model, tokenizer, tiny_testbed, max_length=128, batch_size=3)  # no text is cut
+    forget, spans = read_texts(tiny_testbed, "forget"), T.value_spans(tiny_testbed)
+    assert set(forget) <= set(spans) and len(spans) == FACTS * len(T.ATTRIBUTES[0].train)
+    record = result["per_item"]["forget_value_nll"]
+    for i, (ids, read) in enumerate(encode_facts(tokenizer, [(t, spans[t]) for t in forget], "answer")):
+        ids, read = ids[:-1], read[:-1]  # plant's EOS is no value
+        labels = torch.tensor([[token if on else -100 for token, on in zip(ids, read)]])
+        with torch.no_grad():
+            loss = float(model(torch.tensor([ids]), labels=labels).loss)
+        assert record["count"][i] == sum(read[1:]) >= len(T.ATTRIBUTES)  # a value is one token or more
+        assert record["sum"][i] == pytest.approx(loss * sum(read[1:]), rel=1e-5)
+    assert result["forget_value_nll"] == pytest.approx(sum(record["sum"]) / sum(record["count"]), rel=1e-6)
+    whole, count, _, _ = nll_per_text(model, tokenizer, forget, max_length=128)
+    assert result["forget_nll"] == pytest.approx(whole / count, rel=1e-6)  # batches of another size
 
 
 # --- plant -----------------------------------------------------------------------------------------
@@ -261,7 +289,7 @@ def test_report_section_shows_accuracies_with_intervals(tmp_path):
     """The testbed section: every accuracy as 'value [low, high], n = N', computed from per-item results."""
     from analyses.io import atomic_write_json
     from analyses.report import ReportInputs, render_report
-    from analyses.uncertainty import accuracy_estimate, recovery_estimate
+    from analyses.uncertainty import accuracy_estimate, change_estimate, recovery_estimate
     from unlearn_lens.core.outputs import mark_complete
 
     correct = {"planted": [1] * 9 + [0], "unlearned": [0, 0, 1, 0, 0, 0, 1, 0, 0, 0], "retrained": [1] * 8 + [0, 0]}
@@ -272,10 +300,12 @@ def test_report_section_shows_accuracies_with_intervals(tmp_path):
                   "retain_facts_accuracy": accuracy_estimate(c).record(),
                   "general_nll": {"value": 3.0, "low": 2.9, "high": 3.1, "n": 5, "note": ""}}
            for when, c in (("before", [0, 1, 0, 0]), ("after", correct["planted"]))}})
+    values = {"before": {"sum": [0.1, 0.2, 0.3], "count": [3, 3, 3]}, "after": {"sum": [3.0, 3.3, 2.7], "count": [3] * 3}}
     per_item = {"cloze_accuracy": {"correct": correct["unlearned"]},
-                "retain_cloze_accuracy": {"correct": correct["planted"]}}
+                "retain_cloze_accuracy": {"correct": correct["planted"]}, "forget_value_nll": values["after"]}
     atomic_write_json(tmp_path / "unlearning" / "ga" / "eval.json", {
-        "before": {"per_item": {"cloze_accuracy": {"correct": correct["planted"]}}},
+        "before": {"per_item": {"cloze_accuracy": {"correct": correct["planted"]},
+                                "forget_value_nll": values["before"]}},
         "after": {"cloze_accuracy": 0.2, "per_item": per_item}})
     atomic_write_json(tmp_path / "ga" / "attacks" / "heldout_per_item.json", {
         "ids": list("abcdefghij"), "base": {"before": {"correct": correct["planted"]},
@@ -289,6 +319,10 @@ def test_report_section_shows_accuracies_with_intervals(tmp_path):
     recovery = recovery_estimate({"correct": correct["retrained"]}, {"correct": correct["unlearned"]},
                                  {"correct": correct["planted"]})
     assert recovery.text() in page and re.search(r"\d\.\d\d \[\d\.\d\d, \d\.\d\d\], n = 10", recovery.text())
+    # the values' NLL before -> after unlearning (0.6 / 9 -> 9 / 9 nats per token), paired over the 3 texts
+    change = change_estimate(values["before"], values["after"])
+    assert html.escape(f"NLL of A's values (nats/token), ga: 0.067 → 1.000, change +{change.text(3)}") in page
+    assert change.n == 3 and change.low > 0
     # a study without testbed outputs has no such section
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "base__to__x").mkdir()

@@ -28,7 +28,8 @@ from unlearn_lens.core import outputs
 from unlearn_lens.core.atomic import atomic_write_text
 
 #: Bump when ``evaluation.evaluate`` changes what it computes: every stored result then misses.
-MEMO_VERSION = 3  # 2: results carry their per-item values (analyses.uncertainty.PER_ITEM); 3: retain-set questions
+MEMO_VERSION = 4  # 2: results carry their per-item values (analyses.uncertainty.PER_ITEM); 3: retain-set questions;
+# 4: a testbed's forget_value_nll
 
 
 def checkpoint_fingerprint(spec: str) -> list | None:

@@ -67,6 +67,8 @@ def run_eval(settings: EvalSettings) -> Path:
         "definitions": {
             "forget_nll": "mean next-token NLL per token over the measurement half of forget.txt "
                           "(fixed content-hash split; the other half is the relearning attack pool)",
+            "forget_value_nll": "on a planted-facts testbed, the same over the tokens of the facts' values alone "
+                                "(those overlapping a value's characters); NaN on other data",
             "retain_nll": "the same over the measurement half of retain.txt; retain_ppl = exp(retain_nll)",
             "letter_accuracy": "lm-eval wmdp_bio zero-shot: argmax of the ' A'..' D' logits after 'Answer:'",
             "cloze_accuracy": "argmax over choices of the mean log-probability of the choice's tokens",

@@ -1,7 +1,9 @@
 """Forget / retain NLL and WMDP multiple-choice accuracy (letter and cloze scoring) of one model.
 
 Where the data has questions about the retain set too (``retain_mcq.jsonl``, the planted-facts
-testbed's entities B), their cloze accuracy is reported beside (``retain_cloze_accuracy``).
+testbed's entities B), their cloze accuracy is reported beside (``retain_cloze_accuracy``); on a
+testbed, also the forget texts' NLL on the facts' values alone (``forget_value_nll``: the NLL of the
+knowledge, where ``forget_nll`` is mostly that of the templates around it).
 
 ``letter`` is lm-eval-harness's ``wmdp_bio`` zero-shot scoring: the argmax over the logits of
 " A".." D" at the last token of the letter prompt. ``cloze`` is the argmax over choices of the
@@ -14,12 +16,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from analyses.uncertainty import PER_ITEM  # per-item results, what the intervals resample
 from unlearn_lens import prompts
+from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.settings import DEFAULT_MAX_LENGTH
 
 
@@ -49,35 +52,52 @@ def _logprobs(model, ids, mask) -> torch.Tensor:
 
 @torch.no_grad()
 def nll_per_text(model, tokenizer, texts: Sequence[str], *, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 8,
-                 device=None) -> tuple[float, int, list[float], list[int]]:
+                 device=None, spans: Sequence[Sequence[tuple[int, int]]] | None = None
+                 ) -> tuple[float, int, list[float], list[int]]:
     """Summed next-token NLL and predicted tokens over ``texts``, in total and per text.
 
     Returns ``(total, count, sums, counts)``; a text of fewer than two tokens predicts nothing
     (sum 0, count 0). ``total`` is summed batch by batch, as it always was, so the mean NLL does
-    not depend on whether the per-text values are asked for.
+    not depend on whether the per-text values are asked for. With ``spans`` (per text, character
+    spans), only the predicted tokens that overlap a span count (``value_mask``).
     """
     device = _device_of(model, device)
     total, count = 0.0, 0
     sums: list[float] = []
     counts: list[int] = []
     for start in range(0, len(texts), batch_size):
-        encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-                   for text in texts[start:start + batch_size]]
-        kept = [e for e in encoded if len(e) > 1]
+        chunk = texts[start:start + batch_size]
+        encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in chunk]
+        reads = ([value_mask(tokenizer, text, text_spans, max_length)
+                  for text, text_spans in zip(chunk, spans[start:start + batch_size])]
+                 if spans is not None else [[True] * len(e) for e in encoded])
+        kept = [(e, r) for e, r in zip(encoded, reads) if len(e) > 1]
         batch_sums: list[float] = []
+        batch_counts: list[int] = []
         if kept:
-            ids, mask = _pad(kept, _pad_id(tokenizer), device)
-            logprobs = _logprobs(model, ids, mask)
-            picked = logprobs[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            valid = mask[:, 1:].bool()
+            ids, mask = _pad([e for e, _ in kept], _pad_id(tokenizer), device)
+            read, _ = _pad([[int(flag) for flag in r] for _, r in kept], 0, device)
+            picked = _logprobs(model, ids, mask)[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            valid = (mask[:, 1:] * read[:, 1:]).bool()
             total -= float(picked[valid].sum())
             count += int(valid.sum())
             batch_sums = (-picked.masked_fill(~valid, 0.0).sum(1)).tolist()
-        row = iter(batch_sums)
+            batch_counts = valid.sum(1).tolist()
+        row = iter(zip(batch_sums, batch_counts))
         for e in encoded:
-            sums.append(float(next(row)) if len(e) > 1 else 0.0)
-            counts.append(len(e) - 1 if len(e) > 1 else 0)
+            text_sum, text_count = next(row) if len(e) > 1 else (0.0, 0)
+            sums.append(float(text_sum))
+            counts.append(int(text_count))
     return total, count, sums, counts
+
+
+def value_mask(tokenizer, text: str, spans: Sequence[tuple[int, int]], max_length: int) -> list[bool]:
+    """Per token of ``text`` (encoded as ``nll_per_text`` encodes it), whether it overlaps one of the
+    character ``spans``: the tokens of a planted fact's values (the same rule as ``plant``'s answer loss)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("the value-token NLL needs a fast tokenizer (character offsets); this one is not")
+    offsets = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)["offset_mapping"]
+    return [start < stop and any(start < end and stop > begin for begin, end in spans) for start, stop in offsets]
 
 
 def nll_sums(model, tokenizer, texts: Sequence[str], **kwargs) -> tuple[float, int]:
@@ -247,17 +267,25 @@ def cloze_accuracy(model, tokenizer, items, **kwargs) -> float:
 
 def evaluate(model, tokenizer, data_dir: str | Path | None = None, *, forget_texts: Sequence[str] | None = None,
              retain_texts: Sequence[str] | None = None, mcq_items=None, retain_mcq_items=None,
+             value_spans: Mapping[str, Sequence[tuple[int, int]]] | None = None,
              max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 8, device=None) -> dict:
-    """Forget NLL, retain NLL / perplexity, letter and cloze WMDP accuracy of ``model``, and the cloze
-    accuracy on retain-set questions (``retain_cloze_accuracy``, NaN without any).
+    """Forget NLL, retain NLL / perplexity, letter and cloze WMDP accuracy of ``model``, the cloze
+    accuracy on retain-set questions (``retain_cloze_accuracy``, NaN without any), and the forget NLL
+    of the planted facts' values alone (``forget_value_nll``, NaN without ``value_spans``).
 
     Texts and questions come from the arguments, or else from ``data_dir`` (forget.txt,
-    retain.txt, wmdp_mcq.jsonl, retain_mcq.jsonl; a missing question file gives NaN accuracies).
-    Runs in eval mode without gradients and restores the model's previous mode.
+    retain.txt, wmdp_mcq.jsonl, retain_mcq.jsonl, a testbed's value spans; a missing question file
+    gives NaN accuracies). ``value_spans`` maps a forget text to its values' character spans
+    (``unlearn_lens.testbed.value_spans``): ``forget_value_nll`` reads only the forget texts it names,
+    and only their value tokens. Runs in eval mode without gradients and restores the model's mode.
     """
     from unlearn_lens import data as data_module
 
     if data_dir is not None:
+        if value_spans is None:
+            from unlearn_lens.testbed import value_spans as testbed_spans
+
+            value_spans = testbed_spans(data_dir)
         forget_texts = data_module.read_texts(data_dir, "forget") if forget_texts is None else forget_texts
         retain_texts = data_module.read_texts(data_dir, "retain") if retain_texts is None else retain_texts
         if mcq_items is None and (Path(data_dir) / data_module.FILES["wmdp"]).is_file():
@@ -274,6 +302,13 @@ def evaluate(model, tokenizer, data_dir: str | Path | None = None, *, forget_tex
             total, count, sums, counts = nll_per_text(model, tokenizer, list(texts or []), **options)
             nlls[metric] = total / count if count else float("nan")
             per_item[metric] = {"sum": sums, "count": counts}
+        facts = [(text, value_spans[text]) for text in forget_texts or [] if text in (value_spans or {})]
+        nlls["forget_value_nll"] = float("nan")
+        if facts:
+            total, count, sums, counts = nll_per_text(model, tokenizer, [text for text, _ in facts],
+                                                      spans=[spans for _, spans in facts], **options)
+            nlls["forget_value_nll"] = total / count if count else float("nan")
+            per_item["forget_value_nll"] = {"sum": sums, "count": counts}
         items = list(mcq_items or [])
         mcq_options = {"batch_size": batch_size, "device": device}
         per_item["letter_accuracy"] = {"correct": letter_correct(model, tokenizer, items, **mcq_options)}
@@ -283,6 +318,7 @@ def evaluate(model, tokenizer, data_dir: str | Path | None = None, *, forget_tex
         retain_nll = nlls["retain_nll"]
         result = {
             "forget_nll": nlls["forget_nll"],
+            "forget_value_nll": nlls["forget_value_nll"],
             "retain_nll": retain_nll,
             "retain_ppl": math.exp(retain_nll) if retain_nll == retain_nll else float("nan"),
             "letter_accuracy": _share(per_item["letter_accuracy"]["correct"]),

@@ -32,7 +32,7 @@ from unlearn_lens.core.outputs import check_model_name, default_name
 from unlearn_lens.core.settings import DEFAULT_MAX_LENGTH, DEFAULT_SEED, TRAIN_BATCH_SIZE, Compute, ModelRef
 
 #: Metrics of one evaluation, in the order of ``eval_results.csv``.
-EVAL_METRICS = ("forget_nll", "retain_nll", "retain_ppl", "letter_accuracy", "cloze_accuracy",
+EVAL_METRICS = ("forget_nll", "forget_value_nll", "retain_nll", "retain_ppl", "letter_accuracy", "cloze_accuracy",
                 "retain_cloze_accuracy", "n_forget_texts", "n_retain_texts", "n_questions", "n_retain_questions")
 CURVE_COLUMNS = ("condition", "step", "forget_nll", "retain_nll", "letter_accuracy", "cloze_accuracy")
 CONDITIONS = ("forget", "retain_control")
@@ -68,12 +68,14 @@ class EvalData:
     retain_pool: list[str]
     all_forget: list[str]
     retain_items: list = field(default_factory=list)  # questions about the retain set (retain_mcq.jsonl)
+    value_spans: dict = field(default_factory=dict)  # a testbed's text -> values' spans (forget_value_nll)
 
 
 def load_eval_data(data_dir: str | Path, max_samples: int | None = None, retain_questions: bool = False) -> EvalData:
     """Measurement texts (first ``max_samples`` of each half) and evaluation questions of ``data_dir``;
     with ``retain_questions``, also the retain-set questions (first ``max_samples``; none without the file)."""
     from unlearn_lens import data as data_module
+    from unlearn_lens.testbed import value_spans
 
     if not Path(data_dir).is_dir():
         raise UserError(f"{data_dir}: no such data directory (create one with `unlearn-lens datasets create`)")
@@ -85,7 +87,7 @@ def load_eval_data(data_dir: str | Path, max_samples: int | None = None, retain_
     cap = max_samples or None
     retain_items = data_module.read_retain_mcq(data_dir)[:cap] if retain_questions else []
     return EvalData(forget_measure[:cap], retain_measure[:cap], items[:cap], forget_pool, retain_pool, forget,
-                    retain_items)
+                    retain_items, value_spans(data_dir))
 
 
 def attack_subset(pool: Sequence[str], n: int, seed: int) -> list[str]:
@@ -180,7 +182,8 @@ def evaluate_data(model, tokenizer, data: EvalData, max_length: int, batch_size:
     from unlearn_lens.evaluation import evaluate
 
     return evaluate(model, tokenizer, forget_texts=data.forget, retain_texts=data.retain, mcq_items=data.items,
-                    retain_mcq_items=data.retain_items, max_length=max_length, batch_size=batch_size)
+                    retain_mcq_items=data.retain_items, value_spans=data.value_spans, max_length=max_length,
+                    batch_size=batch_size)
 
 
 def load_for_eval(spec: str, revision, dtype: str, device: str, trust_remote_code: bool):

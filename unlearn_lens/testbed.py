@@ -263,6 +263,14 @@ def read_entities(data_dir: str | Path) -> list[Entity]:
     return entities
 
 
+def value_spans(data_dir: str | Path) -> dict[str, list[tuple[int, int]]]:
+    """Each training text of a testbed -> the character spans of the values in it (``{}`` for other data):
+    what the evaluation's ``forget_value_nll`` reads, so it measures the facts and not their templates."""
+    if not is_testbed(data_dir):
+        return {}
+    return {text: spans for entity in read_entities(data_dir) for text, spans in entity.training_facts()}
+
+
 def group_texts(entities: Sequence[Entity], groups: Sequence[str]) -> list[str]:
     """The training texts of the entities in ``groups``."""
     return [t for e in entities if e.group in groups for t in e.training_texts()]

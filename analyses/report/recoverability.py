@@ -24,7 +24,8 @@ from unlearn_lens.core import outputs
 #: Attacks in the order the table shows them (others found in attacks.csv follow, sorted).
 ATTACK_ORDER = ("ablate", "quantize", "relearn-unrelated", "relearn-heldout")
 #: (attacks.csv metric, label) of the recoverability table.
-RECOVERABILITY_METRICS = (("cloze_accuracy", "cloze accuracy"), ("forget_nll", "forget NLL"))
+RECOVERABILITY_METRICS = (("cloze_accuracy", "cloze accuracy"), ("forget_nll", "forget NLL"),
+                          ("forget_value_nll", "forget NLL, values only"))
 INTRO = ("Recovery per attack on the modified model, (attacked − modified) / (base − modified) on the same "
          "evaluation data: 0 = nothing recovered, 1 = back to the base model (`unlearn-lens attack`: direction "
          f"ablation, int8/int4 quantization, relearning on unrelated text and on held-out facts). Each cell: the "
@@ -118,8 +119,15 @@ def target_label(attack: str, metric: str, against: str) -> str:
     return f"{attack}: {dict(RECOVERABILITY_METRICS)[metric]}" + (" vs control" if against == "control" else "")
 
 
+def _measured(row: dict | None) -> bool:
+    """Whether a headline row's metric was measured at all (a finite recovery, or items it was read on):
+    not so for ``forget_value_nll`` outside a planted-facts testbed."""
+    return row is not None and (_number(row, "recovery") is not None or (_number(row, "n") or 0) > 0)
+
+
 def recoveries(inputs: ReportInputs) -> dict[tuple[str, str, str], list[dict | None]]:
-    """``{(attack, metric, against): [headline row, per comparison]}`` for the table's metrics and targets."""
+    """``{(attack, metric, against): [headline row, per comparison]}`` for the table's metrics and targets
+    (a metric that no attack of any comparison measured is left out)."""
     per_model = [headline_rows(inputs, n) for n in inputs.comparisons]
     out = {}
     for attack in _attacks_present(per_model):
@@ -128,7 +136,8 @@ def recoveries(inputs: ReportInputs) -> dict[tuple[str, str, str], list[dict | N
                 out[(attack, metric, against)] = [
                     next((r for r in rows if r.get("attack") == attack and r.get("metric") == metric
                           and r.get("against", "base") == against), None) for rows in per_model]
-    return out
+    measured = {key[1] for key, rows in out.items() if any(_measured(row) for row in rows)}
+    return {key: rows for key, rows in out.items() if key[1] in measured}
 
 
 def recoverability_correlations(inputs: ReportInputs) -> dict:

@@ -273,6 +273,7 @@ SIGNATURE: list[SignatureRow] = [
     _before_after_row("Knowledge depth", "tuned lens cloze accuracy, best layer", "tuned_lens_best",
                       lens_best(outputs.TUNED_LENS)),
     _behaviour_row("forget_nll", "forget NLL before → after unlearning"),
+    _behaviour_row("forget_value_nll", "forget NLL of the planted values alone (testbed) before → after"),
     _behaviour_row("retain_nll", "retain NLL before → after unlearning"),
     _behaviour_row("cloze_accuracy", "WMDP cloze accuracy before → after"),
 ]

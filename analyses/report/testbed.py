@@ -17,7 +17,7 @@ from pathlib import Path
 from analyses.recovery import count_column, forget_recovery, interval_columns, recovery_column
 from analyses.report.html import muted, section, table
 from analyses.report.inputs import ReportInputs, read_json, read_rows
-from analyses.uncertainty import PER_ITEM, Estimate, metric_estimate, nan_estimate
+from analyses.uncertainty import PER_ITEM, Estimate, metric_estimate, nan_estimate, point_value
 from unlearn_lens.core import outputs
 from unlearn_lens.core.outputs import default_name
 
@@ -107,6 +107,23 @@ def knowledge_rows(inputs: ReportInputs) -> list[dict[str, str]]:
     return rows
 
 
+def value_nll_lines(inputs: ReportInputs) -> list[str]:
+    """Per unlearned model, what unlearning did to the NLL of A's values alone (``forget_value_nll``, paired
+    over the held-out forget texts): the testbed's forget NLL of the facts, not of their templates."""
+    from analyses.effects import changes
+
+    lines = []
+    for name in inputs.comparisons:
+        record = unlearn_record(inputs, name)
+        change = changes(record.get("before") or {}, record.get("after") or {}).get("forget_value_nll")
+        if change is not None:
+            values = [point_value(record[when][PER_ITEM]["forget_value_nll"]) for when in ("before", "after")]
+            noise = " (inside the noise)" if change.contains(0.0) else ""
+            lines.append(f"NLL of A's values (nats/token), {name}: {values[0]:.3f} → {values[1]:.3f}, change "
+                         f"{'+' if change.value > 0 else ''}{change.text(3)}{noise}")
+    return lines
+
+
 def heldout_rows(inputs: ReportInputs) -> list[dict[str, str]]:
     """One row per comparison with A1 -> A2 relearning results."""
     rows = []
@@ -136,6 +153,7 @@ def testbed_section(inputs: ReportInputs) -> str:
         parts.append(muted(html.escape(f"General NLL (general passages never trained on) before → after planting: "
                                        f"{general[0]} → {general[1]}; planted in {planted.get('steps')} steps "
                                        f"({planted.get('stopped')}).")))
+    parts += [muted(html.escape(line)) for line in value_nll_lines(inputs)]
     heldout = heldout_rows(inputs)
     if heldout:
         parts.append("<h3>Relearning on A1, evaluated on A2</h3>" + table(heldout, HELDOUT_COLUMNS))
@@ -187,6 +205,7 @@ def testbed_lines(root: str | Path, base: str, names: list[str]) -> list[str]:
     if planted:
         general = [_estimate(planted.get(when, {}).get("general_nll")).text() for when in ("before", "after")]
         lines.append(f"  general NLL before -> after planting: {general[0]} -> {general[1]}")
+    lines += [f"  {line}" for line in value_nll_lines(inputs)]
     for name in names:
         found = heldout_estimates(heldout_record(inputs, name))
         if found:

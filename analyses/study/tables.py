@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from analyses.recovery import FORGET_DIRECTION as UNLEARNED_SIGN
-from analyses.recovery import HEADLINE_COLUMNS
+from analyses.recovery import HEADLINE_COLUMNS, NOT_MEASURED_NOTE
 from analyses.report.inputs import ReportInputs, read_rows
 from analyses.report.signatures import BEHAVIOUR_COLUMNS, SIGNATURE_COLUMNS, TOP_LAYERS, signature_frame
 from unlearn_lens.core import outputs
@@ -35,7 +35,7 @@ SIGNATURE_PREDICTORS = tuple(c for c in SIGNATURE_COLUMNS if not c.endswith(("_b
 #: The behavioural effect of unlearning: forget / retain NLL and WMDP cloze accuracy, after - before.
 BEHAVIOUR_PREDICTORS = BEHAVIOUR_COLUMNS
 #: Metrics whose recovery is predicted (each attack, against the base and against the control).
-TARGET_METRICS = ("cloze_accuracy", "forget_nll")
+TARGET_METRICS = ("cloze_accuracy", "forget_nll", "forget_value_nll")
 RECOVERY_COLUMNS = (*DESIGN_COLUMNS, *[c for c in HEADLINE_COLUMNS])
 #: Per target metric, the behaviour column saying what unlearning did to it and the sign of that change
 #: when it unlearned: forget NLL up, cloze accuracy down. A model whose unlearning moved the metric the
@@ -95,13 +95,15 @@ def targets(recovery: Sequence[dict], models: Sequence[str],
             signatures: Sequence[dict] = ()) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
     """``({target name: recovery per model (NaN where missing)}, {target name: models left out})`` for each
     attack x TARGET_METRICS x target. With ``signatures``, a model that did not unlearn the target's
-    metric (``not_unlearned``) is NaN there, and named among the left out when its recovery was finite."""
+    metric (``not_unlearned``) is NaN there, and named among the left out when its recovery was finite. A
+    metric the attack did not measure (``forget_value_nll`` off a testbed) makes no target."""
     index = {m: i for i, m in enumerate(models)}
     wrong_way = {metric: not_unlearned(signatures, metric) for metric in TARGET_METRICS}
     out: dict[str, np.ndarray] = {}
     left_out: dict[str, list[str]] = {}
     for row in recovery:
-        if row.get("metric") not in TARGET_METRICS or row.get("model") not in index:
+        if row.get("metric") not in TARGET_METRICS or row.get("model") not in index \
+                or row.get("note") == NOT_MEASURED_NOTE:
             continue
         name = target_name(row["attack"], row["metric"], row.get("against", "base"))
         value = _float(row.get("recovery"))

@@ -184,7 +184,8 @@ class AttackContext:
 
         data = data or self.data
         return evaluate(model, tokenizer, forget_texts=data.forget, retain_texts=data.retain, mcq_items=data.items,
-                        max_length=self.settings.max_length, batch_size=self.settings.batch_size)
+                        value_spans=data.value_spans, max_length=self.settings.max_length,
+                        batch_size=self.settings.batch_size)
 
     def memoised(self, which: str, transform: dict | None, compute: Callable[[], dict], data=None,
                  what: str = "") -> tuple[dict, float]:

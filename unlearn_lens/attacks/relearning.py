@@ -214,7 +214,7 @@ def _finetune_and_evaluate(ctx: AttackContext, which: str, texts: Sequence[str],
         if reference and data is not None and (data.forget, data.retain) == (ctx.data.forget, ctx.data.retain):
             # the same texts as the unattacked reference: its NLLs are this evaluation's; score the questions only
             questions = ctx.evaluate(model, tokenizer, dataclasses.replace(data, forget=[], retain=[]))
-            nlls = ("forget_nll", "retain_nll")
+            nlls = ("forget_nll", "forget_value_nll", "retain_nll")
             per_item = {**(questions.get(PER_ITEM) or {}),
                         **{m: v for m, v in (reference.get(PER_ITEM) or {}).items() if m in nlls}}
             return {**questions, **{m: reference[m] for m in (*nlls, "retain_ppl")},

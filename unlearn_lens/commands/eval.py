@@ -22,8 +22,9 @@ def eval_command(model_spec, revision, trust_remote_code, data_dir, outdir, name
 
     Writes OUT/<name>/evaluation/eval_results.csv (one row per metric: metric,value),
     summary.json and the completion marker. The prompts are the lenses' (no chat template), so
-    this agrees with the logit lens at the last layer. Warns when evaluation questions appear in
-    forget.txt.
+    this agrees with the logit lens at the last layer. On a planted-facts testbed it also reads
+    forget_value_nll, the forget NLL of the facts' value tokens alone. Warns when evaluation
+    questions appear in forget.txt.
     """
     from unlearn_lens.core.settings import Compute, ModelRef
     from unlearn_lens.eval_run import EvalSettings, run_eval

@@ -48,6 +48,7 @@ class RunData:
     mcq: list
     data_hash: str
     retain_mcq: list = field(default_factory=list)  # retain-set questions (retain_mcq.jsonl), where the data has them
+    value_spans: dict = field(default_factory=dict)  # a testbed's text -> values' spans (forget_value_nll)
 
 
 @dataclass
@@ -90,6 +91,7 @@ def _data_hash(data_dir: Path) -> str:
 def load_run_data(cfg: UnlearnConfig) -> RunData:
     """Read and split the texts; ``UserError`` for a missing or empty split."""
     from unlearn_lens import data as data_module
+    from unlearn_lens import testbed
 
     data_dir = Path(cfg.data)
     if not data_dir.is_dir():
@@ -104,7 +106,7 @@ def load_run_data(cfg: UnlearnConfig) -> RunData:
     if mcq:
         data_module.warn_if_contaminated(forget_train + retain_train, mcq)
     return RunData(forget_train, forget_eval, retain_train, retain_eval, mcq, _data_hash(data_dir),
-                   data_module.read_retain_mcq(data_dir))
+                   data_module.read_retain_mcq(data_dir), testbed.value_spans(data_dir))
 
 
 def _stream(texts: list[str], length: int, seed: int) -> list[str]:
@@ -305,7 +307,8 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
     eval_options = {"max_length": cfg.max_length, "batch_size": cfg.eval_batch_size, "device": accelerator.device}
 
     eval_before = evaluate(model, tokenizer, forget_texts=data.forget_eval, retain_texts=data.retain_eval,
-                           mcq_items=data.mcq, retain_mcq_items=data.retain_mcq, **eval_options)
+                           mcq_items=data.mcq, retain_mcq_items=data.retain_mcq,
+                           value_spans=data.value_spans, **eval_options)
 
     resolved: dict[str, Any] = {"total_steps": total_steps, "run_steps": run_steps, "world_size": world,
                                 "distributed_type": str(accelerator.distributed_type.value),
@@ -402,7 +405,8 @@ def train(cfg: UnlearnConfig, *, progress: bool = True) -> TrainResult:
             run.log(row, step=step + 1)
 
     eval_after = evaluate(prepared, tokenizer, forget_texts=data.forget_eval, retain_texts=data.retain_eval,
-                          mcq_items=data.mcq, retain_mcq_items=data.retain_mcq, **eval_options)
+                          mcq_items=data.mcq, retain_mcq_items=data.retain_mcq,
+                          value_spans=data.value_spans, **eval_options)
     tokenizer.padding_side = padding_side  # the saved tokenizer keeps the base model's setting
     if run is not None:
         run.summary.update({f"after/{k}": v for k, v in eval_after.items()})
