@@ -7,7 +7,7 @@ n and a 95 % interval, whether forget NLL went up and retain NLL stayed put.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from analyses.uncertainty import PER_ITEM, Estimate, change_estimate, point_value
 
@@ -19,11 +19,14 @@ def changes(before: Mapping, after: Mapping) -> dict[str, Estimate]:
             if metric in theirs and ours[metric] and theirs[metric]}
 
 
-def change_lines(before: Mapping, after: Mapping) -> list[str]:
-    """One line per metric: ``forget_nll: 2.310 -> 2.850, change +0.540 [0.410, 0.660], n = 40``, and
-    ``(inside the noise)`` where the change's interval contains 0."""
+def change_lines(before: Mapping, after: Mapping, metrics: Sequence[str] | None = None) -> list[str]:
+    """One line per metric (every one measured, or those of ``metrics`` that were):
+    ``forget_nll: 2.310 -> 2.850, change +0.540 [0.410, 0.660], n = 40``, and ``(inside the noise)``
+    where the change's interval contains 0."""
     lines = []
     for metric, change in changes(before, after).items():
+        if metrics is not None and metric not in metrics:
+            continue
         old, new = (point_value(record[PER_ITEM][metric]) for record in (before, after))
         sign = "+" if change.value > 0 else ""
         noise = " (inside the noise)" if change.contains(0.0) else ""

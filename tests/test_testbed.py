@@ -321,7 +321,7 @@ def test_report_section_shows_accuracies_with_intervals(tmp_path):
     assert recovery.text() in page and re.search(r"\d\.\d\d \[\d\.\d\d, \d\.\d\d\], n = 10", recovery.text())
     # the values' NLL before -> after unlearning (0.6 / 9 -> 9 / 9 nats per token), paired over the 3 texts
     change = change_estimate(values["before"], values["after"])
-    assert html.escape(f"NLL of A's values (nats/token), ga: 0.067 → 1.000, change +{change.text(3)}") in page
+    assert html.escape(f"ga: forget_value_nll: 0.067 -> 1.000, change +{change.text(3)}") in page
     assert change.n == 3 and change.low > 0
     # a study without testbed outputs has no such section
     (tmp_path / "other").mkdir()

@@ -17,7 +17,7 @@ from pathlib import Path
 from analyses.recovery import count_column, forget_recovery, interval_columns, recovery_column
 from analyses.report.html import muted, section, table
 from analyses.report.inputs import ReportInputs, read_json, read_rows
-from analyses.uncertainty import PER_ITEM, Estimate, metric_estimate, nan_estimate, point_value
+from analyses.uncertainty import PER_ITEM, Estimate, metric_estimate, nan_estimate
 from unlearn_lens.core import outputs
 from unlearn_lens.core.outputs import default_name
 
@@ -107,21 +107,20 @@ def knowledge_rows(inputs: ReportInputs) -> list[dict[str, str]]:
     return rows
 
 
+VALUE_NLL_INTRO = "NLL of A's values alone (nats per value token), before -> after unlearning:"
+
+
 def value_nll_lines(inputs: ReportInputs) -> list[str]:
     """Per unlearned model, what unlearning did to the NLL of A's values alone (``forget_value_nll``, paired
     over the held-out forget texts): the testbed's forget NLL of the facts, not of their templates."""
-    from analyses.effects import changes
+    from analyses.effects import change_lines
 
     lines = []
     for name in inputs.comparisons:
         record = unlearn_record(inputs, name)
-        change = changes(record.get("before") or {}, record.get("after") or {}).get("forget_value_nll")
-        if change is not None:
-            values = [point_value(record[when][PER_ITEM]["forget_value_nll"]) for when in ("before", "after")]
-            noise = " (inside the noise)" if change.contains(0.0) else ""
-            lines.append(f"NLL of A's values (nats/token), {name}: {values[0]:.3f} → {values[1]:.3f}, change "
-                         f"{'+' if change.value > 0 else ''}{change.text(3)}{noise}")
-    return lines
+        found = change_lines(record.get("before") or {}, record.get("after") or {}, ("forget_value_nll",))
+        lines += [f"{name}: {line}" for line in found]
+    return [VALUE_NLL_INTRO, *lines] if lines else []
 
 
 def heldout_rows(inputs: ReportInputs) -> list[dict[str, str]]:
