@@ -53,6 +53,17 @@ def _few_threads():
         pass
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``long`` (most of an hour on a 2-core CPU, minutes on a GPU) run only where
+    ``UNLEARN_LENS_LONG_TESTS=1`` asks for them."""
+    if os.environ.get("UNLEARN_LENS_LONG_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="a long run: set UNLEARN_LENS_LONG_TESTS=1 to run it")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", params=FAMILIES)
 def family(request) -> str:
     return request.param

@@ -201,3 +201,55 @@ def test_cb_rr_reference_preset_on_smollm2_holds_retain_but_does_not_reroute(smo
     # measured (8 steps; the same with --rr-retain-mean tokens): step-1 gradient norm 1.8e-8, forget
     # -0.0001, retain +0.0011 nats, 1 - mean ReLU(cos) <= 7e-7 at every step
     assert abs(forget_rise) < 0.01 and abs(retain_rise) < 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+@pytest.mark.long
+def test_lat_reference_preset_in_full_raises_the_forgotten_values_nll(smollm2_dir, tmp_path):
+    """The issue's proof for lat, in the only form measured to hold: the whole reference run (200 steps;
+    4 adversary iterations of the reference's 16, to fit a CPU) on the planted-facts testbed raises the
+    NLL of the forgotten facts' *values* (``forget_value_nll``), while retain NLL stays within bound.
+
+    Short runs do not: 24 steps moved A's value NLL by 0.000 [-0.001, 0.001] (n = 60), and the whole-text
+    forget NLL falls in any run (-4.59 nats after 200 steps), because planting with the loss on the
+    values left the templates' tokens far above the unplanted model's and every retain term repairs them
+    (README, "The planted-facts testbed"). Measured (one 2-core CPU, 2 threads, 2552 s): A's values
+    +0.166 [0.114, 0.223], B's values +0.109 [0.072, 0.151], retain NLL 5.45 -> 2.37. Skipped unless
+    UNLEARN_LENS_LONG_TESTS=1 (3818 s here with UNLEARN_LENS_TEST_THREADS=2, passed, 2026-12-07)."""
+    from analyses.uncertainty import PER_ITEM, change_estimate
+    from unlearn_lens.core.settings import ModelRef
+    from unlearn_lens.evaluation import evaluate
+    from unlearn_lens.loading import load_model
+    from unlearn_lens.plant import PlantSettings, run_plant
+    from unlearn_lens.testbed import create_testbed, group_texts, read_entities, value_spans
+    from unlearn_lens.unlearning.config import UnlearnConfig
+    from unlearn_lens.unlearning.trainer import train
+
+    data = tmp_path / "data"
+    create_testbed(data, facts=40, seed=0)  # the study's testbed
+    planted = run_plant(PlantSettings(model=ModelRef(str(smollm2_dir)), data=str(data), outdir=str(tmp_path / "planted"),
+                                      progress=False)) / "model"
+    entities, spans = read_entities(data), value_spans(data)
+    texts = {"A": group_texts(entities, ("A1", "A2")), "B": group_texts(entities, ("B",))}
+
+    def values_nll(model, tokenizer) -> dict:
+        return {group: evaluate(model, tokenizer, forget_texts=members, retain_texts=[], value_spans=spans,
+                                max_length=64)[PER_ITEM]["forget_value_nll"] for group, members in texts.items()}
+
+    base, tokenizer = load_model(str(planted))
+    before = values_nll(base, tokenizer)
+    del base
+    given = {"lat_steps": 4, "max_length": 64, "eval_every": 1000}
+    cfg = UnlearnConfig(model=str(planted), data=str(data), outdir=str(tmp_path / "out"), method="lat",
+                        preset="reference", **given)
+    cfg.apply_preset(set(given))
+    result = train(cfg, progress=False)
+    assert (cfg.lr, cfg.lora_r, cfg.adversary_layers, result.resolved["total_steps"]) == (5e-5, 64, [7], 200)
+    after = values_nll(result.model, tokenizer)
+    forgotten, kept = (change_estimate(before[g], after[g]) for g in ("A", "B"))
+    assert forgotten.n == 60 and forgotten.low > 0.05  # measured +0.166 [0.114, 0.223]
+    assert kept.high < 0.3  # measured +0.109 [0.072, 0.151]
+    retain_change = result.eval_after["retain_nll"] - result.eval_before["retain_nll"]
+    assert retain_change < 0.1  # measured -3.08: the templates repaired, general text not harmed
+    assert result.eval_after["retain_cloze_accuracy"] >= 0.85  # B's facts kept (0.967 -> 0.933)
