@@ -93,11 +93,13 @@ def nll_per_text(model, tokenizer, texts: Sequence[str], *, max_length: int = DE
 
 def value_mask(tokenizer, text: str, spans: Sequence[tuple[int, int]], max_length: int) -> list[bool]:
     """Per token of ``text`` (encoded as ``nll_per_text`` encodes it), whether it overlaps one of the
-    character ``spans``: the tokens of a planted fact's values (the same rule as ``plant``'s answer loss)."""
+    character ``spans``: the tokens of a planted fact's values (``testbed.in_spans``, ``plant``'s answer rule)."""
+    from unlearn_lens.testbed import in_spans
+
     if not getattr(tokenizer, "is_fast", False):
         raise UserError("the value-token NLL needs a fast tokenizer (character offsets); this one is not")
-    offsets = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)["offset_mapping"]
-    return [start < stop and any(start < end and stop > begin for begin, end in spans) for start, stop in offsets]
+    return in_spans(tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
+                    ["offset_mapping"], spans)
 
 
 def nll_sums(model, tokenizer, texts: Sequence[str], **kwargs) -> tuple[float, int]:

@@ -39,6 +39,7 @@ from unlearn_lens.core import outputs
 from unlearn_lens.core.errors import UserError
 from unlearn_lens.core.limits import at_least_message
 from unlearn_lens.core.settings import DEFAULT_SEED, SHORT_MAX_LENGTH, Compute, ModelRef
+from unlearn_lens.testbed import in_spans
 
 PLANT_JSON = outputs.PLANT_JSON
 TRAIN_LOG = "train_log.csv"
@@ -213,9 +214,7 @@ def encode_facts(tokenizer, facts: Sequence[tuple[str, list[tuple[int, int]]]], 
         return encoded
     out = []
     for (ids, read), (text, spans) in zip(encoded, facts):
-        offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
-        answer = [any(start < end_value and end > start_value for start_value, end_value in spans)
-                  for start, end in offsets]
+        answer = in_spans(tokenizer(text, return_offsets_mapping=True)["offset_mapping"], spans)
         out.append((ids, answer + read[len(answer):]))  # the EOS stays read
     return out
 

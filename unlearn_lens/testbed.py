@@ -263,6 +263,12 @@ def read_entities(data_dir: str | Path) -> list[Entity]:
     return entities
 
 
+def in_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per token (its character ``offsets``), whether it overlaps one of the character ``spans``: the rule by
+    which `plant` reads its answer loss and the evaluation its ``forget_value_nll``."""
+    return [any(start < end and stop > begin for begin, end in spans) for start, stop in offsets]
+
+
 def value_spans(data_dir: str | Path) -> dict[str, list[tuple[int, int]]]:
     """Each training text of a testbed -> the character spans of the values in it (``{}`` for other data):
     what the evaluation's ``forget_value_nll`` reads, so it measures the facts and not their templates."""
