@@ -152,6 +152,23 @@ def test_forget_value_nll_reads_the_values_alone_as_hf_loss_does(tiny_testbed):
     assert result["forget_nll"] == pytest.approx(whole / count, rel=1e-6)  # batches of another size
 
 
+def test_a_slow_tokenizer_leaves_the_values_nll_unmeasured_not_the_evaluation_failed(tiny_testbed, monkeypatch):
+    """Without character offsets (a slow tokenizer) no value token can be found: ``forget_value_nll`` is NaN
+    and every other metric is still read; asked for directly, the value mask says why in one line."""
+    import math
+
+    from unlearn_lens.evaluation import evaluate, value_mask
+    from unlearn_lens.testing import make_tiny_model
+
+    model, tokenizer = make_tiny_model("llama")
+    monkeypatch.setattr(type(tokenizer), "is_fast", property(lambda self: False))
+    result = evaluate(model, tokenizer, tiny_testbed, max_length=128, batch_size=4)
+    assert math.isnan(result["forget_value_nll"]) and "forget_value_nll" not in result["per_item"]
+    assert math.isfinite(result["forget_nll"]) and result["n_questions"] > 0
+    with pytest.raises(UserError, match="fast tokenizer"):
+        value_mask(tokenizer, "Ana plays the harp.", [(14, 18)], 32)
+
+
 # --- plant -----------------------------------------------------------------------------------------
 
 PLANT_ARGS = ["--max-steps", "3", "--eval-every", "2", "--rows", "4", "--general-rows", "1", "--seq-len", "32",
